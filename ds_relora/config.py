@@ -1,0 +1,158 @@
+"""The run configuration: model/ReLoRA/training settings, separate from the DeepSpeed JSON
+and from the launcher settings.
+
+Three layers, kept apart on purpose:
+
+* ``RunConfig`` (this file): what is trained and how (model, method, ReLoRA, optimizer, data,
+  schedule, checkpoints). Read by every worker.
+* the DeepSpeed runtime JSON (``deepspeed.config``, a file from ``ds_configs/``): ZeRO stage,
+  precision, offload, comms logging. Batch sizes are *not* set there: they are injected from
+  ``train`` (one source of truth) and a conflicting value in the JSON is an error.
+* ``LaunchConfig`` (``launch:`` section): how processes are started (launcher, hosts, GPUs per
+  node, master address). Read only by the parent ``ds-relora train`` process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from .config_base import apply_overrides, doc, from_dict, to_dict
+from .errors import ConfigError
+
+Method = Literal["full", "lora", "relora", "control"]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    preset: Optional[str] = doc("tiny", "LLaMA-shaped preset (tiny, 9m, 20m, 35m, 60m, 130m, 250m, 350m, 1.3b, 3b, 7b); null when name_or_path is set")
+    name_or_path: Optional[str] = doc(None, "HF hub name or local folder of a causal-LM config/checkpoint to continue pre-training from, instead of a preset")
+    from_pretrained: bool = doc(False, "with name_or_path: load its weights (true) or only its config with fresh weights (false)")
+    max_position_embeddings: Optional[int] = doc(None, "model context length; default: data.seq_len")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc("auto", "attention kernel: auto = flash-attn if installed and on a GPU, else PyTorch SDPA")
+    init_std: float = doc(0.02, "std of the normal init of linear and embedding weights")
+
+
+@dataclasses.dataclass
+class ReLoRAConfig:
+    rank: int = doc(128, "adapter rank r")
+    alpha: float = doc(32.0, "adapter scale numerator: s = alpha / rank")
+    dropout: float = doc(0.1, "dropout on the adapter input only")
+    target_modules: list[str] = doc(help="regexes matched (re.search) against module names; matching nn.Linear layers get adapters", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    freeze_modules: list[str] = doc(help="regexes of further parameter names to freeze (embeddings, norms and lm_head train full-rank by default)", factory=list)
+    reset_every: int = doc(1000, "steps between merge-and-reinit (the cycle length C)")
+    restart_warmup_steps: int = doc(50, "steps of linear LR re-warm-up after each reset")
+    warm_start_steps: int = doc(0, "full-rank steps before switching to ReLoRA inside the same run (method relora/lora)")
+    warm_start_from: Optional[str] = doc(None, "checkpoint folder (step-N) of a full-rank run to start ReLoRA from")
+    optimizer_reset: Literal["magnitude", "random", "full", "none"] = doc("magnitude", "how the adapters' Adam moments are reset at each merge")
+    prune_ratio: float = doc(0.99, "fraction of each adapter's moments pruned by the optimizer reset, in [0, 1)")
+    lr: Optional[float] = doc(None, "peak LR of the ReLoRA phase (paper: ~2x the full-rank LR); default optim.lr")
+    jagged_schedule: bool = doc(True, "restart the LR from 0 at every reset (false: plain cosine, ablation)")
+    keep_base_fp32: bool = doc(False, "keep frozen W in fp32 under bf16 (merges do not round); uses DeepSpeed torch_autocast instead of bf16 params")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = doc(1e-3, "peak learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: list[float] = doc(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    eps: float = doc(1e-8, "AdamW epsilon")
+    warmup_steps: int = doc(100, "linear LR warm-up at the start of training")
+    min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of the peak LR")
+    grad_clip: float = doc(1.0, "gradient-norm clip (0 disables)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = doc("data/stdlib", "folder written by `ds-relora prepare-data` (token shards + tokenizer)")
+    seq_len: int = doc(256, "tokens per training sequence")
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    source: str = doc("stdlib", "corpus: 'stdlib' (embedded default), local .jsonl/.txt/.parquet file/folder/glob, or hf:NAME[:CONFIG] for an HF dataset (streamed)")
+    text_field: str = doc("text", "field holding the document text in jsonl/parquet/HF rows")
+    split: str = doc("train", "split of an HF dataset")
+    tokenizer: Optional[str] = doc(None, "HF tokenizer name or path; null trains a byte-level BPE on the corpus")
+    vocab_size: int = doc(4096, "vocabulary size of the trained BPE tokenizer")
+    max_documents: Optional[int] = doc(None, "stop after this many documents (null: all)")
+    max_tokens: Optional[int] = doc(None, "stop after this many tokens (null: all)")
+    val_fraction: float = doc(0.02, "fraction of documents held out for validation")
+    shard_tokens: int = doc(50_000_000, "tokens per shard file")
+    seed: int = doc(0, "seed of the train/validation split")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    method: Method = doc("relora", "full (full-rank), lora (adapters, never merged), relora, control (smaller full-rank model with ReLoRA's trainable params)")
+    total_steps: int = doc(1000, "optimizer steps in the whole run, warm start included")
+    micro_batch_size: int = doc(8, "sequences per rank per micro-step")
+    global_batch_size: Optional[int] = doc(None, "sequences per optimizer step over all ranks; default micro_batch_size x world size (gradient accumulation = global / (micro x world))")
+    seed: int = doc(0, "seed of model init, data order and adapter re-inits")
+    eval_every: int = doc(200, "steps between validation evaluations (0: only at the end)")
+    eval_batches: int = doc(20, "micro-batches per rank in one validation pass")
+    save_every: int = doc(500, "steps between checkpoints (0: only at the end)")
+    keep_last: int = doc(2, "checkpoints to keep (0 keeps all)")
+    log_every: int = doc(1, "steps between progress-bar refreshes")
+    run_dir: str = doc("runs/default", "output folder: metrics.jsonl, checkpoints/, resolved config")
+    resume: Optional[str] = doc(None, "'auto' (latest valid checkpoint in run_dir), a step-N folder, or null")
+    tensorboard: bool = doc(False, "also log scalars to TensorBoard (run_dir/tb)")
+    wandb_project: Optional[str] = doc(None, "also log to this W&B project")
+    activation_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+
+
+@dataclasses.dataclass
+class DeepSpeedSection:
+    config: str = doc("ds_configs/zero2.json", "DeepSpeed runtime JSON (ZeRO stage, precision, offload); batch sizes come from `train`")
+    overrides: dict = doc(help="keys merged into the JSON (nested dicts), e.g. {zero_optimization: {stage: 3}}", factory=dict)
+
+
+@dataclasses.dataclass
+class LaunchConfig:
+    launcher: Literal["local", "deepspeed", "mpi", "slurm", "none"] = doc("local", "local: `deepspeed --num_gpus` on this node; deepspeed: multi-node through a hostfile; mpi: mpirun + mpi4py discovery; slurm: srun with ranks from SLURM variables; none: run in this process (1 rank)")
+    num_gpus: int = doc(1, "processes per node (GPUs per node; on CPU, ranks per node)")
+    num_nodes: int = doc(1, "nodes in the job")
+    hostfile: Optional[str] = doc(None, "hostfile ('host slots=N' lines) for multi-node launches")
+    master_addr: Optional[str] = doc(None, "address of rank 0 (default: first host)")
+    master_port: int = doc(29500, "TCP port of the rendezvous on the master")
+    no_ssh: bool = doc(False, "start the launcher on each node yourself (with node_rank) instead of pdsh/ssh")
+    node_rank: int = doc(0, "this node's rank in no_ssh mode")
+    mpi_flavor: Literal["auto", "openmpi", "mpich"] = doc("auto", "MPI implementation for launcher=mpi")
+    extra_args: list[str] = doc(help="extra arguments passed verbatim to the launcher", factory=list)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = doc(help="model shape", factory=ModelConfig)
+    relora: ReLoRAConfig = doc(help="adapter and reset settings", factory=ReLoRAConfig)
+    optim: OptimConfig = doc(help="optimizer and LR schedule", factory=OptimConfig)
+    data: DataConfig = doc(help="prepared training data", factory=DataConfig)
+    prepare: PrepareConfig = doc(help="`ds-relora prepare-data` settings", factory=PrepareConfig)
+    train: TrainConfig = doc(help="loop, batch, eval and checkpoint settings", factory=TrainConfig)
+    deepspeed: DeepSpeedSection = doc(help="DeepSpeed runtime layer", factory=DeepSpeedSection)
+    launch: LaunchConfig = doc(help="launcher layer (parent process only)", factory=LaunchConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist: pass an existing YAML file (see recipes/ or ds_relora/recipes/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {p} is not valid YAML ({first}): fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, train:, ...)")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

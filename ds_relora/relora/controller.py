@@ -1,0 +1,40 @@
+"""Fires merge-and-reinit from the LR scheduler's own step count.
+
+DeepSpeed does not step the scheduler on a step it skipped for overflow, while its global step
+counter still advances; driving resets from the scheduler keeps every reset at the bottom of its
+LR saw-tooth. No state of its own: after a checkpoint load it reads the restored scheduler.
+"""
+
+from __future__ import annotations
+
+from .merge import merge_and_reinit
+
+
+class ReLoRAController:
+    def __init__(self, engine, modules, *, merge_at, offset: int, seed: int,
+                 optimizer_reset: str, prune_ratio: float):
+        self.engine = engine
+        self.modules = modules
+        self.merge_at = set(merge_at)
+        self.offset = offset
+        self.seed = seed
+        self.optimizer_reset = optimizer_reset
+        self.prune_ratio = prune_ratio
+        self.seen_epoch = engine.lr_scheduler.last_epoch
+
+    def last_update_step(self) -> int:
+        """Global index of the latest optimizer update (its LR was schedule(index))."""
+        return self.offset + self.engine.lr_scheduler.last_epoch - 1
+
+    def after_step(self) -> dict | None:
+        """Call after every ``engine.step()``; merges when the update just taken was at a merge point."""
+        epoch = self.engine.lr_scheduler.last_epoch
+        if epoch == self.seen_epoch:
+            return None
+        self.seen_epoch = epoch
+        step = self.last_update_step()
+        if step not in self.merge_at:
+            return None
+        stats = merge_and_reinit(self.engine, self.modules, seed=self.seed, step=step,
+                                 optimizer_reset=self.optimizer_reset, prune_ratio=self.prune_ratio)
+        return {"event": "merge", "step": step, **stats}

@@ -1,0 +1,103 @@
+"""The ReLoRA linear layer and the wrapper that puts it into a model.
+
+``y = W x + b + s * B(A(dropout(x)))`` with ``s = alpha / r``; W (and b) frozen, A (r x in)
+Kaiming-uniform, B (out x r) zero, so a freshly wrapped or re-initialised layer computes
+exactly ``W x + b``. (The reference code initialised A = B = 0, which gives no adapter gradient
+for the whole first cycle.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def kaiming_uniform_A(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """``kaiming_uniform_(a=sqrt(5))`` for an (r, in) matrix: U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+class ReLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank adapter. Keeps the base's parameter names
+    (``weight``, ``bias``) so a wrapped model's state dict is the plain model's plus
+    ``lora_A``/``lora_B``."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank = rank
+        self.scale = alpha / rank
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(kaiming_uniform_A((rank, self.in_features), generator).to(device, dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
+
+
+def relora_modules(model: nn.Module) -> list[tuple[str, ReLoRALinear]]:
+    """Every ReLoRA layer of ``model`` in a fixed order (the same on every rank)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ReLoRALinear)]
+
+
+def wrap_model(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    freeze_modules: list[str] = (),
+    seed: int = 0,
+) -> list[tuple[str, ReLoRALinear]]:
+    """Replace every ``nn.Linear`` whose name matches a target regex by a ReLoRA layer, in place.
+
+    Other parameters stay trainable full-rank unless their name matches ``freeze_modules``.
+    """
+    if rank < 1:
+        raise ConfigError(f"relora.rank={rank} must be at least 1")
+    patterns = [re.compile(t) for t in target_modules]
+    targets = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and any(p.search(name) for p in patterns)
+    ]
+    if not targets:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
+        raise ConfigError(
+            f"no module matches relora.target_modules={list(target_modules)}: the model's linear "
+            f"layers are named like {linears}; set relora.target_modules to regexes of those names"
+        )
+    for name, mod in targets:
+        limit = min(mod.in_features, mod.out_features)
+        if rank > limit:
+            raise ConfigError(
+                f"relora.rank={rank} exceeds min(in, out)={limit} of layer '{name}' "
+                f"({mod.out_features}x{mod.in_features}): set relora.rank to at most {limit}"
+            )
+    generator = torch.Generator().manual_seed(seed)
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ReLoRALinear(mod, rank, alpha, dropout, generator))
+    freeze = [re.compile(f) for f in freeze_modules]
+    for pname, param in model.named_parameters():
+        if any(f.search(pname) for f in freeze):
+            param.requires_grad_(False)
+    return relora_modules(model)

@@ -1,0 +1,145 @@
+"""Reading and writing the optimizer's copy of a trainable parameter under every ZeRO stage.
+
+DeepSpeed keeps a separate fp32 master (and the Adam moments) for every trainable parameter on
+ZeRO 1, 2 and 3, even in fp32, and on stage 0 with bf16/fp16; after each ``step()`` it copies
+the master back over the module tensor. A re-init written only to the module is therefore undone
+one step later. These helpers reach the master and the moments per *whole* parameter, whatever
+the stage, so that callers never see DeepSpeed's flat partitions:
+
+* ``get_*`` are collective on ZeRO 1/2/3 (all-reduce / all-gather): call them on every rank in
+  the same order.
+* ``set_*`` take the *full* value and must be called on every rank with the same value; each rank
+  writes only its own fragment.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def is_zero3_param(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """The logical shape (ZeRO-3 params have an empty ``data`` outside a gather)."""
+    return tuple(p.ds_shape) if is_zero3_param(p) else tuple(p.shape)
+
+
+def _uses_hp_mapping(p) -> bool:
+    # ZeRO 1/2 and BF16_Optimizer link every trainable param to its flat fp32 fragment.
+    return hasattr(p, "_hp_mapping")
+
+
+def _stage0_master(engine, p) -> torch.Tensor | None:
+    """The fp32 copy of ``p`` under stage 0 with fp16/bf16 (FP16_[Unfused]Optimizer), else None."""
+    opt = engine.optimizer
+    lp_groups = getattr(opt, "fp16_groups", None)
+    hp_groups = getattr(opt, "fp32_groups", None)
+    if lp_groups is None or hp_groups is None:
+        return None
+    for lp_group, hp_group in zip(lp_groups, hp_groups):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is p:
+                return hp
+    raise RuntimeError("parameter not found in the fp16 optimizer's groups")
+
+
+def _z3_local_slice(p, value: torch.Tensor) -> torch.Tensor:
+    """This rank's padded slice ``[r*P, (r+1)*P)`` of the flattened full value."""
+    part = p.ds_tensor.numel()
+    rank = dist.get_rank(group=p.ds_process_group)
+    flat = value.detach().reshape(-1).to(torch.float32)
+    out = torch.zeros(part, dtype=torch.float32, device=p.ds_tensor.device)
+    start = rank * part
+    end = min(start + part, flat.numel())
+    if end > start:
+        out[: end - start].copy_(flat[start:end])
+    return out
+
+
+def ensure_state_linked(engine) -> None:
+    """Link ZeRO-1/2 fragments to their Adam state where DeepSpeed left them unlinked.
+
+    DeepSpeed links them once, lazily, right after the *first param group's* first step (so
+    groups 2+ stay unlinked for good) and does not re-link after ``load_checkpoint``."""
+    opt = engine.optimizer
+    if not hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        return
+    params = [p for g in getattr(opt, "bit16_groups", getattr(opt, "bf16_groups", [])) for p in g]
+    stale = any(
+        getattr(p, "_hp_mapping", None) is not None and not p._hp_mapping.optim_fragment for p in params
+    )
+    if stale and any(len(s) for s in opt.optimizer.state.values()):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def get_master(engine, p) -> torch.Tensor:
+    """Full fp32 master value of trainable ``p`` (collective on ZeRO 1/2/3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if is_zero3_param(p) or _uses_hp_mapping(p):
+        return safe_get_full_fp32_param(p).reshape(full_shape(p)).float()
+    hp = _stage0_master(engine, p)
+    return (hp if hp is not None else p).detach().float().clone().reshape(full_shape(p))
+
+
+def set_master(engine, p, value: torch.Tensor) -> None:
+    """Write the full fp32 ``value`` into ``p``'s master copy (same value on every rank)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    value = value.detach().to(torch.float32)
+    if is_zero3_param(p):
+        # The full setter crashes on the last rank when numel % world_size != 0; the local,
+        # padded setter does not.
+        safe_set_local_fp32_param(p, _z3_local_slice(p, value))
+    elif _uses_hp_mapping(p):
+        safe_set_full_fp32_param(p, value)
+    else:
+        hp = _stage0_master(engine, p)
+        target = hp if hp is not None else p
+        target.data.copy_(value.reshape(target.shape).to(target.dtype))
+
+
+def _stage0_state(engine, p) -> dict:
+    hp = _stage0_master(engine, p)
+    if hp is not None:
+        return engine.optimizer.optimizer.state.get(hp, {})
+    return engine.optimizer.state.get(p, {})
+
+
+def get_moment(engine, p, key: str) -> torch.Tensor | None:
+    """Full fp32 Adam moment ``key`` of ``p``; None before the first optimizer step."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if is_zero3_param(p):
+        opt = p._z3_optimizer
+        if not any(key in s for s in opt.optimizer.state.values()):
+            return None
+        return safe_get_full_optimizer_state(p, key).reshape(full_shape(p)).float()
+    if _uses_hp_mapping(p):
+        ensure_state_linked(engine)
+        if not any(key in s for s in engine.optimizer.optimizer.state.values()):
+            return None
+        return safe_get_full_optimizer_state(p, key).reshape(full_shape(p)).float()
+    state = _stage0_state(engine, p)
+    return state[key].detach().float().clone() if key in state else None
+
+
+def set_moment(engine, p, key: str, value: torch.Tensor) -> None:
+    """Write the full fp32 Adam moment ``key`` of ``p`` (same value on every rank)."""
+    from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
+
+    value = value.detach().to(torch.float32)
+    if is_zero3_param(p):
+        safe_set_local_optimizer_state(p, _z3_local_slice(p, value), key)
+    elif _uses_hp_mapping(p):
+        ensure_state_linked(engine)
+        safe_set_full_optimizer_state(p, value, key)
+    else:
+        state = _stage0_state(engine, p)
+        state[key].copy_(value.reshape(state[key].shape).to(state[key].dtype))

@@ -1,0 +1,61 @@
+"""Reading consolidated weights from a checkpoint folder or an exported HF model folder.
+
+A training checkpoint ``step-N/`` holds ``model_fp32.safetensors``: every parameter of the
+training model by its HF name, in fp32, adapters (``*.lora_A``, ``*.lora_B``) included, and
+``meta.json`` with ``lora_scale`` (alpha / r). An exported model folder holds HF's
+``model.safetensors`` (adapters already merged).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+CONSOLIDATED = "model_fp32.safetensors"
+META = "meta.json"
+
+
+def read_meta(folder: str | Path) -> dict:
+    path = Path(folder) / META
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {META}: it is not a complete ds_relora checkpoint (pick another step-N folder)")
+    return json.loads(path.read_text())
+
+
+def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Fold every ``X.lora_B @ X.lora_A`` (times ``scale``) into ``X.weight``; drop the adapters."""
+    merged = {}
+    for name, tensor in state.items():
+        if name.endswith(".lora_A") or name.endswith(".lora_B"):
+            continue
+        if name.endswith(".weight") and name[: -len(".weight")] + ".lora_A" in state:
+            prefix = name[: -len(".weight")]
+            a = state[prefix + ".lora_A"].double()
+            b = state[prefix + ".lora_B"].double()
+            tensor = (tensor.double() + scale * (b @ a)).to(tensor.dtype)
+        merged[name] = tensor
+    return merged
+
+
+def read_effective_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The weights the model computes with (adapters merged), from a checkpoint or an export."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / CONSOLIDATED).is_file():
+        scale = read_meta(folder).get("lora_scale") or 0.0
+        return merge_adapters(load_file(str(folder / CONSOLIDATED)), scale)
+    exported = sorted(folder.glob("model*.safetensors"))
+    if exported:
+        state: dict[str, torch.Tensor] = {}
+        for f in exported:
+            state.update(load_file(str(f)))
+        return state
+    raise CheckpointError(
+        f"{folder} holds neither {CONSOLIDATED} (a ds_relora checkpoint) nor model*.safetensors (an export): "
+        "point at a checkpoints/step-N folder or an exported model folder"
+    )
