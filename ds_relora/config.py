@@ -98,6 +98,7 @@ class TrainConfig:
     keep_last: int = doc(2, "checkpoints to keep (0 keeps all)")
     log_every: int = doc(1, "steps between progress-bar refreshes")
     run_dir: str = doc("runs/default", "output folder: metrics.jsonl, checkpoints/, resolved config")
+    stop_after_steps: Optional[int] = doc(None, "checkpoint and exit once this global step is reached (fits a job time limit; continue with resume: auto)")
     resume: Optional[str] = doc(None, "'auto' (latest valid checkpoint in run_dir), a step-N folder, or null")
     tensorboard: bool = doc(False, "also log scalars to TensorBoard (run_dir/tb)")
     wandb_project: Optional[str] = doc(None, "also log to this W&B project")

@@ -1,0 +1,197 @@
+"""``ds-relora``: prepare-data, train, eval, export, spectrum, estimate-memory, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def resolve_config_path(name: str | None) -> str | None:
+    """A config by path, or a shipped recipe by bare name (``quickstart``)."""
+    if name is None or Path(name).is_file():
+        return name
+    recipe = RECIPES / (name if name.endswith(".yaml") else name + ".yaml")
+    return str(recipe) if recipe.is_file() else name
+
+
+def _load(args):
+    from .config import load_config
+
+    overrides = [s for group in (args.set or []) for s in group]
+    return load_config(resolve_config_path(args.config), overrides)
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare_data
+
+    cfg = _load(args)
+    prepare_data(cfg.prepare, args.out or cfg.data.path)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.checkpoint import write_atomic
+    from .config import dump_config
+    from .launch import build_launch, exec_plan
+    from .train.plan import plan_run
+
+    cfg = _load(args)
+    if args.resume:
+        cfg.train.resume = args.resume
+    world = cfg.launch.num_nodes * cfg.launch.num_gpus
+    plan_run(cfg, world)  # every check that needs no worker, before any worker starts
+    run_dir = Path(cfg.train.run_dir)
+    resolved = run_dir / "config.yaml"
+    launch = build_launch(cfg.launch, ["--config", str(resolved)], strict=not args.dry_run)
+    if args.dry_run:
+        print(launch.describe())
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(resolved, dump_config(cfg))
+    if launch.in_process:
+        os.environ.update(launch.env)
+        from .worker import main as worker_main
+
+        return worker_main(["--config", str(resolved)])
+    return exec_plan(launch)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_model, load_any_model
+    from .weights import META
+
+    folder = Path(args.path)
+    data, seq_len = args.data, args.seq_len
+    if (folder / META).is_file():
+        meta = json.loads((folder / META).read_text())
+        data = data or meta.get("data_path")
+        seq_len = seq_len or meta.get("seq_len")
+    if not data or not seq_len:
+        raise UserError("eval of an exported model needs --data <prepared folder> and --seq-len N")
+    result = evaluate_model(load_any_model(folder), data, int(seq_len), args.batch_size, args.max_batches)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    out = export_model(args.checkpoint, args.out, args.dtype)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def cmd_spectrum(args) -> int:
+    from .spectrum import compute_spectrum, count_small, format_report, plot_spectrum
+
+    spectra = compute_spectrum(Path(args.before), Path(args.after))
+    print(format_report(spectra, count_small(spectra, args.threshold), args.threshold))
+    if args.plot:
+        plot_spectrum(spectra, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .memory_estimate import estimate_memory, format_table
+
+    est = estimate_memory(args.preset, args.method, args.rank, args.zero_stage, args.gpus, args.micro_batch,
+                          args.seq_len, vocab_size=args.vocab_size, precision=args.precision,
+                          keep_base_fp32=args.keep_base_fp32, activation_checkpointing=args.activation_checkpointing,
+                          offload_optimizer=args.offload_optimizer, offload_params=args.offload_params)
+    print(format_table(est))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import RunConfig, dump_config
+    from .config_base import field_docs
+
+    if args.explain:
+        import dataclasses
+
+        for section in dataclasses.fields(RunConfig):
+            cls = section.default_factory().__class__
+            print(f"{section.name}:  # {section.metadata.get('doc', '')}")
+            for name, text in field_docs(cls).items():
+                print(f"  {name}: {text}")
+        return 0
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def _config_args(p) -> None:
+    p.add_argument("--config", help="run config YAML, or a shipped recipe name (e.g. quickstart)")
+    p.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE", help="override, e.g. train.total_steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ds-relora", description="ReLoRA pre-training on DeepSpeed")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare-data", help="tokenize a corpus into packed token shards")
+    _config_args(p)
+    p.add_argument("--out", help="output folder (default: data.path)")
+    p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("train", help="launch training (validates everything first)")
+    _config_args(p)
+    p.add_argument("--resume", help="'auto' or a checkpoint folder")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the launch commands only")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="validation loss/perplexity of a checkpoint or exported model")
+    p.add_argument("path", help="checkpoints/step-N folder or exported model folder")
+    p.add_argument("--data", help="prepared data folder (default: the checkpoint's)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int)
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="write a merged HF model (safetensors) from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("spectrum", help="singular values of the learned update between two checkpoints")
+    p.add_argument("before")
+    p.add_argument("after")
+    p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--plot", help="PNG file for the spectra")
+    p.set_defaults(fn=cmd_spectrum)
+    p = sub.add_parser("estimate-memory", help="analytic per-GPU memory planner")
+    p.add_argument("--preset", default="1.3b")
+    p.add_argument("--method", default="relora", choices=["full", "relora", "lora"])
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--keep-base-fp32", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--offload-params", action="store_true")
+    p.set_defaults(fn=cmd_estimate)
+    p = sub.add_parser("config", help="print the resolved config, or every field's help (--explain)")
+    _config_args(p)
+    p.add_argument("--explain", action="store_true")
+    p.set_defaults(fn=cmd_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

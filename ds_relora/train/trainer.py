@@ -1,0 +1,261 @@
+"""The training loop: full-rank warm start, ReLoRA phase, eval, checkpoints and exact resume.
+
+One ``Trainer`` per rank. A run has up to two phases that share one global step counter and
+one LR schedule: ``full`` (full-rank) and ``adapters`` (ReLoRA or LoRA). Switching phase inside a
+run checkpoints the full-rank model, gathers its weights and rebuilds the DeepSpeed engine
+around the wrapped model with a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, dump_config
+from ..config_base import to_dict
+from ..data import DistributedBatchIterator, PackedDataset, validation_batches
+from ..errors import CheckpointError
+from ..models import build_model, describe_params, human
+from ..relora import JaggedCosine, merge_points, wrap_model
+from ..relora.controller import ReLoRAController
+from ..weights import read_meta
+from .checkpoint import gather_full_state, load_checkpoint, load_consolidated, resolve_resume, save_checkpoint
+from .ds_config import zero_stage
+from .engine import build_engine
+from .metrics import MetricsLogger
+from .plan import plan_run
+
+FORMAT_VERSION = 1
+
+
+def _all_reduce_mean(value: torch.Tensor, world: int) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value)
+    return value.item() / world
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.plan = plan_run(cfg, self.world)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.seq_len = cfg.data.seq_len
+        self.tokens_per_step = self.plan.global_batch * self.seq_len
+        self.train_data = PackedDataset(cfg.data.path, "train", self.seq_len)
+        self.val_data = PackedDataset(cfg.data.path, "validation", self.seq_len)
+        val = validation_batches(self.val_data, self.plan.micro_batch, cfg.train.eval_batches, self.rank, self.world)
+        # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
+        count = torch.tensor(len(val))
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        self.val_batches = val[: int(count)]
+        self.tokenizer_dir = Path(cfg.data.path) / "tokenizer"
+        self.engine = None
+        self.controller = None
+        self.modules = []
+        self.tokens_seen = 0
+
+    # ----------------------------------------------------------------------------- phases
+    def _phase_lr_and_schedule(self, phase: str, offset: int) -> tuple[float, JaggedCosine]:
+        cfg, o, r = self.cfg, self.cfg.optim, self.cfg.relora
+        restart_every, restart_warmup = None, 0
+        if phase == "adapters":
+            if self.plan.merges and r.jagged_schedule:
+                restart_every, restart_warmup = r.reset_every, r.restart_warmup_steps
+            elif self.relora_start > 0 and r.jagged_schedule:
+                # LoRA after a warm start: one ramp for the fresh optimizer, no further restarts.
+                restart_every, restart_warmup = cfg.train.total_steps + 1, r.restart_warmup_steps
+        lr = (r.lr or o.lr) if phase == "adapters" else o.lr
+        schedule = JaggedCosine(cfg.train.total_steps, o.warmup_steps, o.min_lr_ratio, restart_every=restart_every,
+                                restart_warmup_steps=restart_warmup, cycle_start=self.relora_start, offset=offset)
+        return lr, schedule
+
+    def _build_phase(self, phase: str, offset: int, init_state: dict | None) -> None:
+        cfg = self.cfg
+        if self.engine is not None:
+            if hasattr(self.engine, "destroy"):
+                self.engine.destroy()
+            self.engine = None
+            gc.collect()
+        if cfg.model.name_or_path and cfg.model.from_pretrained and init_state is None:
+            from transformers import AutoModelForCausalLM
+
+            torch.manual_seed(cfg.train.seed)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, torch_dtype=torch.float32,
+                                                         attn_implementation=self.plan.hf_config._attn_implementation)
+        else:
+            model = build_model(self.plan.hf_config, cfg.train.seed)
+        if init_state is not None:
+            missing, unexpected = model.load_state_dict(init_state, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"warm-start weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                    "use a checkpoint of the same model shape"
+                )
+        self.modules = []
+        if phase == "adapters":
+            r = cfg.relora
+            self.modules = wrap_model(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout,
+                                      target_modules=r.target_modules, freeze_modules=r.freeze_modules,
+                                      seed=cfg.train.seed + 1)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.params = describe_params(model)
+        lr, schedule = self._phase_lr_and_schedule(phase, offset)
+        o = cfg.optim
+        self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps,
+                                   weight_decay=o.weight_decay, schedule=schedule)
+        self.phase, self.phase_offset = phase, offset
+        self.controller = None
+        if phase == "adapters" and self.plan.merges:
+            self.controller = ReLoRAController(
+                self.engine, self.modules, seed=cfg.train.seed, offset=offset,
+                merge_at=merge_points(cfg.train.total_steps, cfg.relora.reset_every, self.relora_start),
+                optimizer_reset=cfg.relora.optimizer_reset, prune_ratio=cfg.relora.prune_ratio)
+
+    @property
+    def step(self) -> int:
+        """Optimizer updates completed so far (global, over both phases)."""
+        return self.phase_offset + self.engine.lr_scheduler.last_epoch
+
+    # ----------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, batches=None) -> float:
+        batches = self.val_batches if batches is None else batches
+        self.engine.eval()
+        total = torch.zeros(())
+        for b in batches:
+            b = b.to(self.engine.device)
+            total += self.engine(input_ids=b, labels=b).loss.float().cpu()
+        self.engine.train()
+        return _all_reduce_mean(total / max(1, len(batches)), self.world)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict:
+        adapters = self.phase == "adapters"
+        return {
+            "format_version": FORMAT_VERSION, "step": self.step, "phase": self.phase,
+            "phase_offset": self.phase_offset, "relora_start": self.relora_start,
+            "method": self.cfg.train.method, "world_size": self.world,
+            "zero_stage": zero_stage(self.plan.ds_config),
+            "lora_scale": self.cfg.relora.alpha / self.cfg.relora.rank if adapters else None,
+            "consumed_samples": self.iterator.state_dict()["consumed_samples"],
+            "tokens_seen": self.tokens_seen, "seq_len": self.seq_len, "global_batch": self.plan.global_batch,
+            "data_path": self.cfg.data.path, "params": self.params,
+        }
+
+    def save(self) -> Path:
+        client = {"ds_relora": {"data": self.iterator.state_dict(), "tokens_seen": self.tokens_seen}}
+        folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(), client_state=client,
+                                 config_yaml=dump_config(self.cfg), hf_config=self.plan.hf_config,
+                                 tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
+        self.metrics.event("checkpoint", self.step, path=str(folder))
+        return folder
+
+    # ----------------------------------------------------------------------------- run
+    def _start(self) -> None:
+        cfg = self.cfg
+        resume = resolve_resume(cfg.train.resume, self.run_dir)
+        self.relora_start = self.plan.relora_start
+        consumed, phase, offset, init_state = 0, "full", 0, None
+        if resume is not None:
+            meta = read_meta(resume)
+            self.relora_start = meta.get("relora_start", self.relora_start)
+            phase, offset = meta["phase"], meta["phase_offset"]
+        elif cfg.relora.warm_start_from and self.plan.adapters:
+            source = Path(cfg.relora.warm_start_from)
+            meta = read_meta(source)
+            if meta.get("phase") != "full":
+                raise CheckpointError(f"relora.warm_start_from={source} is not a full-rank checkpoint: use one from a method=full run")
+            init_state = load_consolidated(source)
+            self.relora_start = phase_offset = meta["step"]
+            phase, offset, consumed = "adapters", phase_offset, meta["consumed_samples"]
+            self.tokens_seen = meta.get("tokens_seen", 0)
+        elif self.plan.adapters and self.relora_start == 0:
+            phase = "adapters"
+        self.iterator = DistributedBatchIterator(self.train_data, self.plan.micro_batch, self.plan.grad_accum,
+                                                 self.rank, self.world, cfg.train.seed, consumed)
+        self._build_phase(phase, offset, init_state)
+        self.resumed_at = None
+        if resume is not None:
+            client = load_checkpoint(self.engine, resume, self.world)["ds_relora"]
+            self.iterator.load_state_dict(client["data"])
+            self.tokens_seen = client["tokens_seen"]
+            self.resumed_at = self.step
+
+    def _switch_to_adapters(self) -> None:
+        if self.resumed_at != self.step:
+            self.save()
+        probe = self.val_batches[:1]
+        before = self.evaluate(probe)
+        state = gather_full_state(self.engine)
+        self._build_phase("adapters", self.step, state)
+        after = self.evaluate(probe)
+        self.metrics.event("switch", self.step, to=self.cfg.train.method, probe_loss_before=before,
+                           probe_loss_after=after, params=self.params)
+        self.metrics.info(f"step {self.step}: switched to {self.cfg.train.method} "
+                          f"(trainable {human(self.params['trainable'])} of {human(self.params['total'])})")
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._start()
+        total = cfg.train.total_steps
+        self.metrics = MetricsLogger(self.run_dir, self.rank, total, self.step, tensorboard=cfg.train.tensorboard,
+                                     wandb_project=cfg.train.wandb_project, config=to_dict(cfg))
+        self.metrics.info(f"{cfg.train.method}: {human(self.params['total'])} params, "
+                          f"{human(self.params['trainable'])} trainable, {self.world} rank(s), "
+                          f"ZeRO-{zero_stage(self.plan.ds_config)}, global batch {self.plan.global_batch} x {self.seq_len}")
+        last_eval = None
+        device = self.engine.device
+        while self.step < total:
+            if self.phase == "full" and self.plan.adapters and self.step >= self.relora_start:
+                self._switch_to_adapters()
+                device = self.engine.device
+            started = time.perf_counter()
+            loss_sum = torch.zeros(())
+            batches = self.iterator.next_step()
+            for mb in batches:
+                mb = mb.to(device)
+                loss = self.engine(input_ids=mb, labels=mb).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.detach().float().cpu()
+            event = self.controller.after_step() if self.controller else None
+            loss_value = _all_reduce_mean(loss_sum / len(batches), self.world)
+            elapsed = time.perf_counter() - started
+            self.tokens_seen += self.tokens_per_step
+            norm = self.engine.get_global_grad_norm()
+            self.metrics.step({
+                "step": self.step, "loss": loss_value, "lr": self.engine.get_lr()[0],
+                "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / elapsed,
+                "step_time": elapsed, "grad_norm": float(norm) if norm is not None else None,
+            })
+            if event:
+                fields = {k: v for k, v in event.items() if k not in ("event", "step")}
+                self.metrics.event(event["event"], self.step, lr_index=event["step"], **fields)
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
+                last_eval = self._eval_event()
+            if cfg.train.stop_after_steps and self.step >= cfg.train.stop_after_steps and self.step < total:
+                self.save()
+                self.metrics.info(f"step {self.step}: stopped as asked (train.stop_after_steps); resume with resume=auto")
+                self.metrics.close()
+                return {"step": self.step, "eval_loss": last_eval, "stopped": True}
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < total:
+                self.save()
+        last_eval = self._eval_event()
+        if self.resumed_at != self.step:
+            self.save()
+        self.metrics.close()
+        return {"step": self.step, "eval_loss": last_eval}
+
+    def _eval_event(self) -> float:
+        loss = self.evaluate()
+        self.metrics.event("eval", self.step, loss=loss, perplexity=math.exp(min(loss, 50.0)))
+        self.metrics.info(f"step {self.step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
+        return loss
