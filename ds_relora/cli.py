@@ -40,6 +40,7 @@ def cmd_train(args) -> int:
     from .train.checkpoint import write_atomic
     from .config import dump_config
     from .launch import build_launch, exec_plan
+    from .train.checkpoint import resolve_resume
     from .train.plan import plan_run
 
     cfg = _load(args)
@@ -48,6 +49,7 @@ def cmd_train(args) -> int:
     world = cfg.launch.num_nodes * cfg.launch.num_gpus
     plan_run(cfg, world)  # every check that needs no worker, before any worker starts
     run_dir = Path(cfg.train.run_dir)
+    resolve_resume(cfg.train.resume, run_dir)
     resolved = run_dir / "config.yaml"
     launch = build_launch(cfg.launch, ["--config", str(resolved)], strict=not args.dry_run)
     if args.dry_run:

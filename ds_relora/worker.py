@@ -29,7 +29,10 @@ def init_distributed() -> None:
 
     timeout = datetime.timedelta(seconds=float(os.environ.get("DS_RELORA_DIST_TIMEOUT", "600")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False, timeout=timeout)
+    # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT from this argument, not the env.
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False, timeout=timeout,
+                               distributed_port=port)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 

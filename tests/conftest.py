@@ -20,3 +20,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """A small prepared corpus (stdlib sources, trained BPE) shared by the whole session."""
+    from ds_relora.config import PrepareConfig
+    from ds_relora.data import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    prepare_data(PrepareConfig(source="stdlib", max_documents=120, vocab_size=512, val_fraction=0.1), out,
+                 log=lambda _m: None)
+    return out

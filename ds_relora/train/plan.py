@@ -116,6 +116,14 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     ds = build_ds_config(cfg, world_size)
     meta = _read_data_meta(cfg.data.path)
     hf = build_hf_config(cfg, meta)
+    if adapters:
+        dims = [getattr(hf, k, None) for k in ("hidden_size", "intermediate_size")]
+        limit = min(d for d in dims if d) if any(dims) else None
+        if limit is not None and cfg.relora.rank > limit:
+            raise ConfigError(
+                f"relora.rank={cfg.relora.rank} exceeds the smallest wrapped dimension ({limit}) of this model: "
+                f"set relora.rank to at most {limit}"
+            )
     seq_tokens = int(meta["num_tokens"]["train"])
     samples = seq_tokens // cfg.data.seq_len
     if samples < global_batch:

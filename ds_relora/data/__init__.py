@@ -1,0 +1,22 @@
+"""Data pipeline: corpus -> tokenizer -> packed token shards, and the training-side readers.
+
+``prepare_data`` writes a prepared folder once; ``PackedDataset``,
+``DistributedBatchIterator`` and ``validation_batches`` read it in every training worker.
+"""
+
+from .corpus import open_documents
+from .dataset import DistributedBatchIterator, PackedDataset, read_meta, validation_batches
+from .prepare import prepare_data
+from .tokenizer import EOS_TOKEN, load_tokenizer, train_bpe
+
+__all__ = [
+    "EOS_TOKEN",
+    "DistributedBatchIterator",
+    "PackedDataset",
+    "load_tokenizer",
+    "open_documents",
+    "prepare_data",
+    "read_meta",
+    "train_bpe",
+    "validation_batches",
+]

@@ -1,0 +1,427 @@
+"""Launch layer: command building per launcher, SLURM parsing, every LaunchError, the shell
+launchers (bash -n, shellcheck, DRY_RUN=1). Fast: nothing trains, executables are fakes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ds_relora import launch as L
+from ds_relora.config import LaunchConfig
+from ds_relora.errors import LaunchError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "launchers").glob("*.sh")) + sorted((ROOT / "launchers").glob("*.sbatch"))
+ARGS = ["--config", "runs/x/resolved.yaml"]
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fakebin(tmp_path, monkeypatch):
+    """A PATH holding only fake deepspeed/pdsh/srun/mpirun; mpirun's --version is $FAKE_MPI."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("deepspeed", "pdsh", "srun"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "mpirun").write_text('#!/bin/sh\necho "$FAKE_MPI"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(L, "VENV_BIN", str(empty))
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_MPI": "mpirun (Open MPI) 5.0.3"}
+
+
+@pytest.fixture
+def hostfile(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("# two 'nodes' that both resolve\nlocalhost slots=2\n127.0.0.1 slots=2  # comment\n")
+    return str(path)
+
+
+def cfg(**kw) -> LaunchConfig:
+    kw.setdefault("master_port", _free_port())
+    return LaunchConfig(**kw)
+
+
+def names(cmd):
+    return [os.path.basename(cmd[0])] + cmd[1:]
+
+
+def one_line_error(fn, *args, match: str, **kw) -> str:
+    with pytest.raises(LaunchError, match=match) as exc:
+        fn(*args, **kw)
+    msg = str(exc.value)
+    assert "\n" not in msg and ": " in msg, msg  # one line: problem, then the fix
+    return msg
+
+
+# ---------------------------------------------------------------- command building
+
+def test_local(fakebin):
+    c = cfg(num_gpus=4, extra_args=["--log_level", "warning"])
+    plan = L.build_launch(c, ARGS, fakebin)
+    assert names(plan.commands[0]) == ["deepspeed", "--num_gpus", "4", "--master_port", str(c.master_port),
+                                       "--log_level", "warning", "--module", "ds_relora.worker", *ARGS]
+    assert plan.world_size == 4 and plan.env == {} and not plan.in_process
+
+
+def test_local_honours_cuda_visible_devices(fakebin):
+    plan = L.build_launch(cfg(num_gpus=2), ARGS, {**fakebin, "CUDA_VISIBLE_DEVICES": "2,3"})
+    assert "--num_gpus" not in plan.commands[0]
+    one_line_error(L.build_launch, cfg(num_gpus=4), ARGS, {**fakebin, "CUDA_VISIBLE_DEVICES": "2,3"}, match="CUDA_VISIBLE_DEVICES")
+
+
+def test_deepspeed_pdsh(fakebin, hostfile):
+    c = cfg(launcher="deepspeed", num_nodes=2, num_gpus=2, hostfile=hostfile)
+    plan = L.build_launch(c, ARGS, fakebin)
+    assert names(plan.commands[0]) == ["deepspeed", "--hostfile", hostfile, "--master_addr", "localhost", "--master_port",
+                                       str(c.master_port), "--launcher", "pdsh", "--module", "ds_relora.worker", *ARGS]
+    assert plan.world_size == 4 and plan.wait_for_master is None
+
+
+def test_deepspeed_no_ssh(fakebin, hostfile):
+    c = cfg(launcher="deepspeed", num_nodes=2, num_gpus=2, hostfile=hostfile, no_ssh=True, node_rank=1, master_addr="127.0.0.1")
+    os.remove(fakebin["PATH"].split(":")[0] + "/pdsh")  # no_ssh needs no pdsh
+    cmd = L.build_launch(c, ARGS, {**fakebin, "PATH": fakebin["PATH"].split(":")[0]}).commands[0]
+    i = cmd.index("--no_ssh")
+    assert cmd[i:i + 3] == ["--no_ssh", "--node_rank", "1"] and cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+    assert L.build_launch(c, ARGS, fakebin).wait_for_master == ("127.0.0.1", c.master_port)
+    assert L.build_launch(dataclasses.replace(c, node_rank=0), ARGS, fakebin).wait_for_master is None
+
+
+def test_deepspeed_pdsh_warns_about_dropped_env(fakebin, hostfile):
+    c = cfg(launcher="deepspeed", num_nodes=2, num_gpus=2, hostfile=hostfile)
+    plan = L.build_launch(c, ARGS, {**fakebin, "HF_HOME": "/x"}, strict=False)
+    assert any("HF_HOME" in w and ".deepspeed_env" in w for w in plan.warnings)
+    one_line_error(L.build_launch, c, ["--config", "a;rm -rf b"], fakebin, match="shell characters")
+
+
+def test_mpi_openmpi(fakebin, hostfile):
+    c = cfg(launcher="mpi", num_nodes=2, num_gpus=2, hostfile=hostfile)
+    plan = L.build_launch(c, ARGS, {**fakebin, "NCCL_DEBUG": "INFO"})
+    cmd = names(plan.commands[0])
+    assert plan.launcher == "mpi (openmpi)" and plan.world_size == 4
+    assert cmd[:5] == ["mpirun", "-np", "4", "--hostfile", hostfile]
+    assert ["--map-by", "ppr:2:node"] == cmd[5:7]
+    assert f"MASTER_PORT={c.master_port}" in cmd and cmd[cmd.index("NCCL_DEBUG") - 1] == "-x"
+    assert cmd[-5:] == [sys.executable, "-u", "-m", "ds_relora.worker", *ARGS][-5:]
+
+
+def test_mpi_mpich(fakebin, hostfile):
+    env = {**fakebin, "FAKE_MPI": "HYDRA build details:\n    Version: 4.2.0"}
+    c = cfg(launcher="mpi", num_nodes=2, num_gpus=2, hostfile=hostfile, master_addr="127.0.0.1")
+    cmd = names(L.build_launch(c, ARGS, env).commands[0])
+    assert cmd[:7] == ["mpirun", "-np", "4", "-ppn", "2", "-hosts", "localhost,127.0.0.1"]
+    assert ["-genv", "MASTER_PORT", str(c.master_port), "-genv", "MASTER_ADDR", "127.0.0.1"] == cmd[7:13]
+
+
+def test_mpi_single_node_and_flavor_detection(fakebin):
+    cmd = L.build_launch(cfg(launcher="mpi", num_gpus=2, mpi_flavor="mpich"), ARGS, fakebin).commands[0]
+    assert names(cmd)[:5] == ["mpirun", "-np", "2", "-ppn", "2"] and "-hosts" not in cmd
+    assert L.detect_mpi_flavor("mpirun", fakebin) == "openmpi"
+    one_line_error(L.detect_mpi_flavor, "mpirun", {**fakebin, "FAKE_MPI": "something else 1.0"}, match="mpi_flavor")
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent))
+    if mpirun:  # the venv's MPICH wheel
+        assert L.detect_mpi_flavor(mpirun, os.environ) == "mpich"
+
+
+def test_slurm_srun_mode(fakebin):
+    env = {**fakebin, **SLURM}
+    plan = L.build_launch(cfg(launcher="slurm", num_nodes=2, num_gpus=4, master_port=29500), ARGS, env, strict=False)
+    cmd = names(plan.commands[0])
+    assert cmd[:8] == ["srun", "--nodes", "2", "--ntasks", "8", "--ntasks-per-node", "4", "--kill-on-bad-exit=1"]
+    assert cmd[8:14] == [sys.executable, "-m", "ds_relora.launch", "slurm-exec", "--", sys.executable]
+    assert plan.env == {"MASTER_ADDR": "node01", "MASTER_PORT": str(L.slurm_port("4242"))} and plan.world_size == 8
+    assert plan.hostfile_text is None
+
+
+def test_slurm_hostfile_mode(fakebin, tmp_path):
+    hf = str(tmp_path / "hf")
+    c = cfg(launcher="slurm", num_nodes=2, num_gpus=8, hostfile=hf, master_addr="127.0.0.1")
+    plan = L.build_launch(c, ARGS, {**fakebin, **SLURM})
+    assert plan.hostfile_text == "node01 slots=8\nnode02 slots=8\n" and plan.hostfile_path == hf
+    assert not Path(hf).exists()  # written only by exec_plan, never by a dry run
+    assert names(plan.commands[0])[:8] == ["deepspeed", "--hostfile", hf, "--master_addr", "127.0.0.1", "--master_port", str(c.master_port), "--launcher"]
+
+
+def test_slurm_no_ssh_mode(fakebin):
+    plan = L.build_launch(cfg(launcher="slurm", num_nodes=2, num_gpus=8, no_ssh=True), ARGS, {**fakebin, **SLURM}, strict=False)
+    cmd = plan.commands[0]
+    assert names(cmd)[:6] == ["srun", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node"]
+    assert cmd[cmd.index("--node_rank") + 1] == "$SLURM_NODEID" and "--no_ssh" in cmd and "slurm-node" in cmd
+    assert plan.hostfile_path.endswith("hostfile.slurm-4242") and "node02 slots=8" in plan.hostfile_text
+    assert "'$SLURM_NODEID'" in plan.describe()
+
+
+def test_none_runs_in_process(fakebin):
+    plan = L.build_launch(cfg(launcher="none"), ARGS, fakebin)
+    assert plan.in_process and plan.env["WORLD_SIZE"] == "1" and plan.env["RANK"] == "0"
+    assert plan.commands[0][-4:] == ["-m", "ds_relora.worker", *ARGS]
+    with pytest.raises(ValueError):
+        L.exec_plan(plan)
+
+
+def test_describe_is_shell_quoted(fakebin):
+    plan = L.build_launch(cfg(num_gpus=1), ["--config", "my runs/a.yaml"], fakebin)
+    assert plan.describe().splitlines()[-1].endswith("--config 'my runs/a.yaml'")
+
+
+def test_main_dry_run_reads_config(tmp_path, fakebin, monkeypatch):
+    yml = tmp_path / "run.yaml"
+    yml.write_text("launch:\n  launcher: deepspeed\n  num_nodes: 2\n  hostfile: does/not/exist\n")
+    one_line_error(L.main_dry_run, str(yml), env=fakebin, match="does not exist")
+    text = L.main_dry_run(str(yml), ["launch.launcher=local", "launch.num_nodes=1", "launch.hostfile=null", "launch.num_gpus=3"], env=fakebin)
+    assert "--num_gpus 3" in text and "--config runs/default/config.yaml" in text
+
+
+# ---------------------------------------------------------------- SLURM parsing
+
+@pytest.mark.parametrize("expr,hosts", [
+    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
+    ("node[01-02]", ["node01", "node02"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("a,b.example.org", ["a", "b.example.org"]),
+    ("rack[1-2]-n[1,3]", ["rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"]),
+    ("solo", ["solo"]),
+])
+def test_expand_nodelist(expr, hosts):
+    assert L.expand_nodelist(expr) == hosts
+
+
+@pytest.mark.parametrize("expr", ["", "a,,b", "gpu[01-03", "gpu01]", "gpu[03-01]", "gpu[a-c]", "gpu[]", "g[[1]]", ",a"])
+def test_expand_nodelist_errors(expr):
+    one_line_error(L.expand_nodelist, expr, match="nodelist")
+
+
+def test_slurm_env():
+    env = {**SLURM, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
+    assert L.slurm_env(env) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "node01",
+                                "MASTER_PORT": str(L.slurm_port("4242"))}
+    assert 1024 <= L.slurm_port("4242") <= 65535 and L.slurm_port("4242") != L.slurm_port("4243")
+    got = L.slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "31000"})
+    assert got["MASTER_ADDR"] == "10.0.0.1" and got["MASTER_PORT"] == "31000"
+    one_line_error(L.slurm_env, {k: v for k, v in env.items() if k != "SLURM_PROCID"}, match="SLURM_PROCID is not set")
+    one_line_error(L.slurm_env, {**env, "SLURM_LOCALID": "x"}, match="not a number")
+
+
+def _run_helper(args, env, **kw):
+    full = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-m", "ds_relora.launch", *args], env=full, capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_slurm_task_wrappers():
+    probe = [sys.executable, "-c", "import os,sys; print(sys.argv[1:], *(os.environ[k] for k in ('RANK','LOCAL_RANK','WORLD_SIZE','MASTER_ADDR','MASTER_PORT')))"]
+    env = {**SLURM, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
+    res = _run_helper(["slurm-exec", "--", *probe, "a"], env)
+    assert res.stdout.split() == ["['a']", "3", "1", "4", "node01", str(L.slurm_port("4242"))], res.stderr
+    res = _run_helper(["slurm-node", "--master-addr", "127.0.0.1", "--master-port", "1", "--", "echo", "--node_rank", "$SLURM_NODEID"], {"SLURM_NODEID": "0"})
+    assert res.stdout.strip() == "--node_rank 0", res.stderr
+
+
+# ---------------------------------------------------------------- hostfiles
+
+def test_write_and_parse_hostfile(tmp_path):
+    path = tmp_path / "sub" / "hf"
+    assert L.write_hostfile(["a", "b"], 8, path) == "a slots=8\nb slots=8\n"
+    assert L.parse_hostfile(path) == {"a": 8, "b": 8}
+    one_line_error(L.write_hostfile, ["a", "a"], 8, path, match="duplicates")
+    one_line_error(L.write_hostfile, [], 8, path, match="no hosts")
+    res = _run_helper(["hostfile", "g[1-2]", "--slots", "4"], {})
+    assert res.stdout == "g1 slots=4\ng2 slots=4\n"
+
+
+@pytest.mark.parametrize("content,match", [
+    ("a slots=2\nb\n", "line 2 'b' is malformed"),
+    ("a slots=two\n", "malformed"),
+    ("a slots=0\n", "malformed"),
+    ("a slots=2\na slots=2\n", "lists host a twice"),
+    ("# only a comment\n\n", "lists no hosts"),
+])
+def test_hostfile_errors(tmp_path, content, match):
+    path = tmp_path / "hf"
+    path.write_text(content)
+    one_line_error(L.parse_hostfile, path, match=match)
+
+
+def test_hostfile_missing_or_unreadable(tmp_path):
+    one_line_error(L.parse_hostfile, tmp_path / "nope", match="does not exist")
+    bad = tmp_path / "binary"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    one_line_error(L.parse_hostfile, bad, match="unreadable")
+
+
+# ---------------------------------------------------------------- every other LaunchError
+
+def test_world_size_mismatches(fakebin, hostfile):
+    one_line_error(L.build_launch, cfg(launcher="deepspeed", num_nodes=3, num_gpus=2, hostfile=hostfile), ARGS, fakebin,
+                   match="num_nodes=3 but hostfile .* lists 2 hosts")
+    one_line_error(L.build_launch, cfg(launcher="deepspeed", num_nodes=2, num_gpus=8, hostfile=hostfile), ARGS, fakebin,
+                   match="slots=2 but launch.num_gpus=8")
+    one_line_error(L.build_launch, cfg(launcher="deepspeed", num_nodes=2, num_gpus=2), ARGS, fakebin, match="needs launch.hostfile")
+    one_line_error(L.build_launch, cfg(launcher="mpi", num_nodes=2, num_gpus=2), ARGS, fakebin, match="needs launch.hostfile")
+    one_line_error(L.build_launch, cfg(num_nodes=2), ARGS, fakebin, match="launcher=local runs on one node")
+    one_line_error(L.build_launch, cfg(launcher="none", num_gpus=2), ARGS, fakebin, match="launcher=none")
+    one_line_error(L.build_launch, cfg(num_gpus=0), ARGS, fakebin, match=">= 1")
+
+
+def test_slurm_errors(fakebin):
+    one_line_error(L.build_launch, cfg(launcher="slurm"), ARGS, fakebin, match="needs a SLURM allocation")
+    one_line_error(L.build_launch, cfg(launcher="slurm", num_nodes=3), ARGS, {**fakebin, **SLURM}, match="allocation has 2 nodes")
+    one_line_error(L.build_launch, cfg(launcher="slurm", num_nodes=2, num_gpus=8), ARGS, {**fakebin, **SLURM, "SLURM_GPUS_ON_NODE": "4"},
+                   match="SLURM gives 4 GPUs per node")
+
+
+@pytest.mark.parametrize("node_rank", [2, -1])
+def test_node_rank_out_of_range(fakebin, hostfile, node_rank):
+    c = cfg(launcher="deepspeed", num_nodes=2, num_gpus=2, hostfile=hostfile, no_ssh=True, node_rank=node_rank)
+    one_line_error(L.build_launch, c, ARGS, fakebin, match="node_rank=.* out of range")
+
+
+@pytest.mark.parametrize("launcher,exe,hint", [
+    ("local", "deepspeed", "pip install deepspeed"),
+    ("deepspeed", "pdsh", "apt-get install pdsh"),
+    ("mpi", "mpirun", "openmpi-bin"),
+    ("slurm", "srun", "SLURM"),
+])
+def test_missing_executable(fakebin, hostfile, tmp_path, launcher, exe, hint):
+    os.remove(fakebin["PATH"].split(":")[0] + "/" + exe)
+    env = {**fakebin, "PATH": fakebin["PATH"].split(":")[0], **SLURM}
+    multi = launcher in ("deepspeed",)
+    c = cfg(launcher=launcher, num_nodes=2 if multi or launcher == "slurm" else 1, num_gpus=2,
+            hostfile=hostfile if multi else None, master_addr="127.0.0.1", mpi_flavor="openmpi")
+    msg = one_line_error(L.build_launch, c, ARGS, env, match=f"'{exe}' executable not found")
+    assert hint in msg
+    assert any(exe in w for w in L.build_launch(c, ARGS, env, strict=False).warnings)
+
+
+@pytest.mark.parametrize("port", [80, 0, 70000])
+def test_invalid_port(fakebin, port):
+    one_line_error(L.build_launch, LaunchConfig(master_port=port), ARGS, fakebin, match="not a usable port")
+
+
+def test_busy_port(fakebin):
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        one_line_error(L.build_launch, LaunchConfig(master_port=port), ARGS, fakebin, match="already in use")
+
+
+def test_master_addr_does_not_resolve(fakebin, hostfile):
+    c = cfg(launcher="deepspeed", num_nodes=2, num_gpus=2, hostfile=hostfile, master_addr="no-such-host.invalid")
+    one_line_error(L.build_launch, c, ARGS, fakebin, match="does not resolve")
+    assert any("does not resolve" in w for w in L.build_launch(c, ARGS, fakebin, strict=False).warnings)
+
+
+def test_check_master_reachable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        L.check_master_reachable("127.0.0.1", s.getsockname()[1], timeout=2)
+    port = _free_port()  # nothing listens: refused until the deadline, then a one-line error
+    t0 = time.monotonic()
+    msg = one_line_error(L.check_master_reachable, "127.0.0.1", port, timeout=1.0, match="cannot reach master")
+    assert time.monotonic() - t0 < 5 and f"127.0.0.1:{port}" in msg and "check --master_addr/firewall" in msg
+    one_line_error(L.check_master_reachable, "no-such-host.invalid", port, timeout=1.0, match="does not resolve")
+
+
+def test_cli_error_is_one_line_exit_2():
+    res = _run_helper(["hostfile", "gpu[01-", "--slots", "2"], {})
+    assert res.returncode == 2 and res.stderr.startswith("error: nodelist") and res.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- shell launchers
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    res = subprocess.run(["shellcheck", *map(str, SCRIPTS), str(ROOT / "docker" / "entrypoint.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def _dry(script, args, env, tmp_path):
+    full = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "DRY_RUN": "1", **env}
+    res = subprocess.run(["bash", str(ROOT / "launchers" / script), *args], env=full, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.fixture
+def run_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  micro_batch_size: 2\n")
+    return str(path)
+
+
+def test_dry_run_multinode_deepspeed(tmp_path, hostfile, run_yaml):
+    out = _dry("multinode_deepspeed.sh", [run_yaml, hostfile], {"MASTER_PORT": "29601"}, tmp_path)
+    assert f"deepspeed --hostfile {hostfile} --master_addr localhost --master_port 29601 --launcher pdsh --module ds_relora.worker --config runs/default/config.yaml" in out
+    out = _dry("multinode_deepspeed.sh", [run_yaml, hostfile], {"NO_SSH": "1", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1"}, tmp_path)
+    assert "--no_ssh --node_rank 1" in out and "waits until master 127.0.0.1" in out
+
+
+def test_dry_run_mpirun(tmp_path, hostfile, run_yaml):
+    out = _dry("mpirun.sh", [run_yaml], {"HOSTFILE": hostfile, "MPI_FLAVOR": "openmpi", "NCCL_DEBUG": "INFO"}, tmp_path)
+    assert f"mpirun -np 4 --hostfile {hostfile} --map-by ppr:2:node --bind-to none" in out and "-x NCCL_DEBUG" in out
+    out = _dry("mpirun.sh", [run_yaml], {"HOSTFILE": hostfile, "MPI_FLAVOR": "mpich"}, tmp_path)
+    assert "mpirun -np 4 -ppn 2 -hosts localhost,127.0.0.1 -genv MASTER_PORT 29500" in out
+
+
+@pytest.mark.parametrize("mode", ["hostfile", "no_ssh", "srun"])
+def test_dry_run_sbatch(tmp_path, run_yaml, mode):
+    env = {**SLURM, "MODE": mode, "GPUS_PER_NODE": "4"}
+    out = _dry("slurm_deepspeed.sbatch", [run_yaml], env, tmp_path)
+    port = L.slurm_port("4242")
+    if mode == "srun":
+        assert "srun --nodes 2 --ntasks 8 --ntasks-per-node 4" in out and "slurm-exec" in out and "export MASTER_ADDR=node01" in out
+        return
+    assert f"#   node01 slots=4\n#   node02 slots=4" in out and f"hostfile {tmp_path}/hostfile.slurm-4242" in out
+    if mode == "hostfile":
+        assert f"deepspeed --hostfile {tmp_path}/hostfile.slurm-4242 --master_addr node01 --master_port {port} --launcher pdsh" in out
+    else:
+        assert "srun --nodes 2 --ntasks 2 --ntasks-per-node 1" in out and "--no_ssh --node_rank '$SLURM_NODEID'" in out
+    assert not (tmp_path / "hostfile.slurm-4242").exists()
+
+
+def test_dry_run_make_hostfile(tmp_path):
+    out = _dry("make_hostfile.sh", [str(tmp_path / "hf"), "8"], {"SLURM_JOB_NODELIST": "gpu[01-02]"}, tmp_path)
+    assert out.endswith("gpu01 slots=8\ngpu02 slots=8\n") and not (tmp_path / "hf").exists()
+    full = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    subprocess.run(["bash", str(ROOT / "launchers/make_hostfile.sh"), str(tmp_path / "hf"), "2", "a,b"], env=full, check=True, timeout=60)
+    assert L.parse_hostfile(tmp_path / "hf") == {"a": 2, "b": 2}
+
+
+def test_exec_plan_writes_hostfile_then_execs(tmp_path):
+    hf = tmp_path / "shared" / "hf"
+    code = ("from ds_relora import launch as L; "
+            f"L.exec_plan(L.LaunchPlan('x', [['sh', '-c', 'cat \"$0\"; echo $FOO', {str(hf)!r}]], env={{'FOO': 'bar'}}, "
+            f"hostfile_text='a slots=2\\n', hostfile_path={str(hf)!r}))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.stdout == "a slots=2\nbar\n", res.stderr
+
+
+def test_exec_plan_stops_when_master_unreachable(monkeypatch):
+    monkeypatch.setenv("DS_RELORA_MASTER_WAIT", "0.5")
+    plan = L.LaunchPlan("deepspeed", [["false"]], wait_for_master=("127.0.0.1", _free_port()))
+    one_line_error(L.exec_plan, plan, match="cannot reach master")

@@ -1,0 +1,260 @@
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ds_relora.errors import ConfigError
+from ds_relora.memory_estimate import (activation_bytes, estimate_memory, format_table, model_state_bytes,
+                                       relative_error)
+from ds_relora.models import Shape
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 1.3B (h 2048, f 5461, 24 layers, vocab 32000) by hand:
+#   wrapped linears 24 * (4*2048^2 + 3*2048*5461)            = 1,207,910,400
+#   embeddings + head + norms 2*32000*2048 + 49*2048         =   131,172,352
+#   adapters r=128: 24 * 128 * (4*(2048+2048) + 3*(2048+5461)) = 119,534,592
+FULL_13B = 1_339_082_752
+FROZEN_13B = 1_207_910_400
+TRAINABLE_13B = 131_172_352 + 119_534_592
+
+
+def test_param_counts_13b():
+    full = estimate_memory("1.3b", "full", 0, 0, 1, 1, 512)
+    assert (full.total_params, full.trainable_params, full.frozen_params) == (FULL_13B, FULL_13B, 0)
+    rel = estimate_memory("1.3b", "relora", 128, 0, 1, 1, 512)
+    assert rel.trainable_params == TRAINABLE_13B
+    assert rel.frozen_params == FROZEN_13B
+    assert rel.total_params == FROZEN_13B + TRAINABLE_13B
+
+
+def test_full_vs_relora_bytes_stage0_bf16():
+    full = estimate_memory("1.3b", "full", 0, 0, 1, 1, 512)
+    assert full.weights + full.grads + full.master + full.adam == 16 * FULL_13B == 21_425_324_032
+    rel = estimate_memory("1.3b", "relora", 128, 0, 1, 1, 512)
+    # 2 bytes per frozen param + 16 per trainable param
+    assert rel.weights + rel.grads + rel.master + rel.adam == 2 * FROZEN_13B + 16 * TRAINABLE_13B == 6_427_131_904
+    assert (rel.weights, rel.grads, rel.master, rel.adam) == (
+        2 * (FROZEN_13B + TRAINABLE_13B), 2 * TRAINABLE_13B, 4 * TRAINABLE_13B, 8 * TRAINABLE_13B)
+
+
+def test_13b_relora_zero2_on_8_gpus_by_hand():
+    est = estimate_memory("1.3b", "relora", 128, 2, 8, 1, 512)
+    part = 31_338_368  # ceil(250,706,944 / 8)
+    assert (est.weights, est.grads, est.master, est.adam) == (2 * 1_458_617_344, 2 * part, 4 * part, 8 * part)
+
+
+def test_activation_formula_13b_by_hand():
+    # per layer per token: 8h + 16h + 8f + 4*heads + 8 = 16384 + 32768 + 43688 + 128 + 8 = 92,976
+    # once per token: 4h + 4 + 4h + 4V + 16 = 144,404
+    est = estimate_memory("1.3b", "full", 0, 0, 1, 1, 512)
+    assert est.activations == 512 * (24 * 92_976 + 144_404) == 1_216_423_936
+    assert est.total == est.weights + est.grads + est.master + est.adam + est.activations
+
+
+@pytest.mark.parametrize("method", ["full", "relora"])
+def test_zero_division_per_stage(method):
+    n = 8
+    base = estimate_memory("350m", method, 64, 0, n, 2, 256)
+    t = base.trainable_params
+    p = base.total_params
+    ceil = lambda x: -(-x // n)  # noqa: E731
+    expect = {
+        0: (2 * p, 2 * t, 4 * t, 8 * t),
+        1: (2 * p, 2 * ceil(t), 4 * ceil(t), 8 * ceil(t)),
+        2: (2 * p, 2 * ceil(t), 4 * ceil(t), 8 * ceil(t)),
+        3: (2 * ceil(p), 2 * ceil(t), 4 * ceil(t), 8 * ceil(t)),
+    }
+    for stage, parts in expect.items():
+        est = estimate_memory("350m", method, 64, stage, n, 2, 256)
+        assert (est.weights, est.grads, est.master, est.adam) == parts, stage
+        assert est.activations == base.activations
+    # with gradient accumulation ZeRO-1 holds the full gradients between micro-steps
+    assert estimate_memory("350m", method, 64, 1, n, 2, 256, grad_accum_steps=4).grads == 2 * t
+    assert estimate_memory("350m", method, 64, 2, n, 2, 256, grad_accum_steps=4).grads == 2 * ceil(t)
+
+
+def test_control_is_a_smaller_full_rank_model():
+    rel = estimate_memory("350m", "relora", 128, 2, 4, 1, 256)
+    ctl = estimate_memory("350m", "control", 128, 2, 4, 1, 256)
+    assert ctl.frozen_params == 0
+    assert ctl.trainable_params <= rel.trainable_params
+    assert ctl.trainable_params > 0.8 * rel.trainable_params
+    assert "control" in ctl.setting
+
+
+def test_fp32_and_keep_base_fp32():
+    p, t = 1000, 100
+    assert model_state_bytes(p, t, 0, 2, "fp32") == {"weights": 4000, "grads": 400, "master": 0, "adam": 800, "cpu": 0}
+    for stage in (1, 2, 3):
+        got = model_state_bytes(p, t, stage, 2, "fp32")
+        assert got["master"] == 200 and got["adam"] == 400
+    # keep_base_fp32 runs DeepSpeed torch_autocast: every param, frozen or not, stays fp32
+    for stage in range(4):
+        assert model_state_bytes(p, t, stage, 2, "bf16", keep_base_fp32=True) == model_state_bytes(p, t, stage, 2, "fp32")
+    frozen_fp32 = estimate_memory("60m", "relora", 32, 2, 2, 1, 128, keep_base_fp32=True)
+    plain = estimate_memory("60m", "relora", 32, 2, 2, 1, 128)
+    assert frozen_fp32.weights == 2 * plain.weights
+
+
+def test_offload():
+    on = model_state_bytes(1000, 100, 2, 2, offload_optimizer=True)
+    assert (on["master"], on["adam"], on["grads"]) == (0, 0, 0)
+    assert on["cpu"] == 200 + 400 + 200  # master, Adam, fp32 gradient partition
+    z3 = model_state_bytes(1000, 100, 3, 2, offload_optimizer=True, offload_params=True)
+    assert z3["weights"] == 0 and z3["cpu"] == 200 + 400 + 100 + 1000
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(method="qlora"), "method"),
+    (dict(rank=0), "rank"),
+    (dict(zero_stage=4), "zero_stage"),
+    (dict(num_gpus=0), "num_gpus"),
+    (dict(precision="fp16"), "precision"),
+    (dict(precision="fp32", keep_base_fp32=True), "keep_base_fp32"),
+    (dict(zero_stage=0, offload_optimizer=True), "offload_optimizer"),
+    (dict(zero_stage=2, offload_params=True), "offload_params"),
+    (dict(preset="1b"), "preset"),
+])
+def test_user_errors(kwargs, words):
+    args = dict(preset="60m", method="relora", rank=16, zero_stage=2, num_gpus=2, micro_batch=1, seq_len=64)
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=words) as info:
+        estimate_memory(**args)
+    assert "\n" not in str(info.value)
+
+
+def test_activation_options_and_table():
+    kw = dict(preset="130m", rank=64, zero_stage=1, num_gpus=2, micro_batch=4, seq_len=256)
+    full = estimate_memory(method="full", **kw)
+    rel = estimate_memory(method="relora", **kw)
+    ckpt = estimate_memory(method="relora", activation_checkpointing=True, **kw)
+    eager = estimate_memory(method="full", attn_implementation="eager", **kw)
+    assert ckpt.activations < full.activations < rel.activations < eager.activations + rel.activations
+    assert eager.activations > full.activations
+    nodrop = estimate_memory(method="relora", lora_dropout=0.0, **kw)
+    assert nodrop.activations == full.activations + 4 * 256 * 12 * 7 * 2 * 64
+    by_shape = estimate_memory(Shape(768, 2048, 12, 12), "full", 0, 1, 2, 4, 256)
+    assert dataclasses.replace(by_shape, setting="") == dataclasses.replace(full, setting="")
+    table = format_table(rel)
+    for word in ("lp weights", "gradients", "fp32 master", "Adam moments", "activations (approx.)", "total per GPU"):
+        assert word in table
+
+
+class _LoRA(nn.Module):
+    def __init__(self, lin: nn.Linear, r: int, p: float):
+        super().__init__()
+        self.weight = lin.weight
+        self.weight.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(r, lin.in_features, dtype=lin.weight.dtype))
+        self.B = nn.Parameter(torch.zeros(lin.out_features, r, dtype=lin.weight.dtype))
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight) + self.drop(x) @ self.A.t() @ self.B.t() * 0.25
+
+
+def _saved_bytes(shape: Shape, vocab: int, batch: int, seq: int, dtype, rank: int) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.heads, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype).train()
+    if rank:
+        for module in list(model.modules()):
+            for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                if isinstance(getattr(module, kind, None), nn.Linear):
+                    setattr(module, kind, _LoRA(getattr(module, kind), rank, 0.1))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, vocab, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(v for k, v in saved.items() if k not in params)
+
+
+@pytest.mark.parametrize("method, precision", [("full", "bf16"), ("relora", "bf16"), ("full", "fp32")])
+def test_activation_formula_matches_saved_tensors(method, precision):
+    shape, vocab, batch, seq, rank = Shape(128, 344, 2, 4), 500, 2, 64, 8
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    measured = _saved_bytes(shape, vocab, batch, seq, dtype, rank if method == "relora" else 0)
+    # CPU dropout keeps its mask as a float tensor of the activation dtype (CUDA: 1-byte bool)
+    mask = 2 if precision == "bf16" else 4
+    formula = activation_bytes(shape, method, rank, batch, seq, vocab, precision, mask_bytes=mask)
+    assert relative_error(formula, measured) < 0.03, (formula, measured)
+
+
+# ---------------------------------------------------------------------------------------------
+# Live engines: 2 CPU ranks, every ZeRO stage, compared with model_state_bytes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_workers(script: Path, args: list[str], world_size: int = 2, timeout: float = 120.0) -> list[str]:
+    """Start ``world_size`` ranks of ``script`` with env-var rendezvous; return their logs."""
+    port = _free_port()
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(world_size)]
+    deadline = time.monotonic() + timeout
+    logs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            logs.append(out)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"{script.name} ranks did not finish within {timeout:.0f} s")
+    for r, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {r} exited with {proc.returncode}:\n{log[-3000:]}"
+    return logs
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mem") / "results.json"
+    launch_workers(REPO / "tests" / "workers" / "mem_worker.py", [str(out)])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+def test_engine_model_states_match_analytic(engine_results):
+    assert len(engine_results) >= 12
+    for case in engine_results:
+        exp = case["expected"]
+        elt = 2 if case["precision"] == "bf16" else 4
+        label = f"{case['precision']} ZeRO-{case['stage']} GAS {case['gas']} ({case['wrapper']})"
+        for rank, got in enumerate(case["measured_per_rank"]):
+            where = f"{label} rank {rank}: {got} vs {exp}"
+            for key in ("weights", "master", "adam"):
+                assert relative_error(got[key], exp[key]) < 0.005, where
+            # ZeRO-1/2 size the gradient partition by the whole params that touch it
+            assert 0.995 * exp["grads"] <= got["grads"] <= exp["grads"] + 2 * elt * case["largest_trainable"], where
+            assert relative_error(got["total"], exp["total"]) < 0.02, where
+            assert got["weights_gathered"] == 0 and got["other"] < 1024, where
+            assert got["host"] == got["total"], where  # a CPU run: everything is host memory
