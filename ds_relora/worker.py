@@ -27,6 +27,13 @@ def init_distributed() -> None:
     import deepspeed
     import torch
 
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # On CPU DeepSpeed JIT-loads a shared-memory op (used only by inference_all_reduce) at init,
+        # behind a lock file in ~/.cache/torch_extensions: a rank killed while holding it makes every
+        # later start wait forever. Training needs only gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     timeout = datetime.timedelta(seconds=float(os.environ.get("DS_RELORA_DIST_TIMEOUT", "600")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT from this argument, not the env.

@@ -43,21 +43,24 @@ def run_workers(args: list[str], nprocs: int, *, timeout: float = 300, env: dict
                                       cwd=str(cwd or REPO)))
     deadline = time.time() + timeout
     failed = None
-    while any(p.poll() is None for p in procs):
-        if time.time() > deadline:
-            failed = f"timeout after {timeout}s"
-            break
-        bad = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-        if bad:
-            # Give the others a moment to notice, then stop them: no hangs.
-            time.sleep(2)
-            failed = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.time() > deadline:
+                failed = f"timeout after {timeout}s"
+                break
+            bad = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if bad:
+                # Give the others a moment to notice, then stop them: no hangs.
+                time.sleep(2)
+                failed = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
+                break
+            time.sleep(0.2)
+    finally:
+        # Also when pytest-timeout or Ctrl-C interrupts us: never leave ranks behind.
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     outs = []
     for log in logs:
         log.seek(0)

@@ -27,6 +27,16 @@ def method_runs(prepared_data, tmp_path_factory):
             cfg = tiny_run_config(prepared_data, run_dir, stage, train={"method": method, "total_steps": 24},
                                   relora={"warm_start_steps": 0})
             runs[(method, stage)] = (write_config(root / f"{method}-z{stage}.yaml", cfg), run_dir)
+    # Runs after full-z2 in the same launch: ReLoRA from its final full-rank checkpoint (step 24).
+    run_dir = root / "relora-from-full"
+    cfg = tiny_run_config(prepared_data, run_dir, 2, train={"total_steps": 40}, relora={
+        "warm_start_steps": 0, "warm_start_from": str(root / "full-z2" / "checkpoints" / "step-24")})
+    runs[("warm_start_from", 2)] = (write_config(root / "relora-from-full.yaml", cfg), run_dir)
+    # bf16 forced on CPU with keep_base_fp32: DeepSpeed torch_autocast, W stays fp32.
+    run_dir = root / "relora-fp32-base"
+    cfg = tiny_run_config(prepared_data, run_dir, 2, train={"total_steps": 24}, relora={
+        "warm_start_steps": 0, "keep_base_fp32": True}, deepspeed={"overrides": {"bf16": {"enabled": True}}})
+    runs[("keep_base_fp32", 2)] = (write_config(root / "relora-fp32-base.yaml", cfg), run_dir)
     run_workers([WORKER, *[str(c) for c, _ in runs.values()]], 2, timeout=600)
     return {key: read_metrics(run_dir) for key, (_, run_dir) in runs.items()}
 
@@ -41,6 +51,23 @@ def test_each_method_trains_under_each_stage(method_runs, method, stage):
     merges = [e["lr_index"] for e in events if e["event"] == "merge"]
     assert merges == ([8, 16] if method == "relora" else [])
     assert any(e["event"] == "eval" and math.isfinite(e["loss"]) for e in events)
+
+
+def test_relora_from_a_full_rank_checkpoint(method_runs):
+    full_losses, _ = method_runs[("full", 2)]
+    losses, events = method_runs[("warm_start_from", 2)]
+    assert sorted(losses) == list(range(25, 41)), "continues the full-rank run's step count"
+    assert [e["lr_index"] for e in events if e["event"] == "merge"] == [32]
+    # Same weights, fresh optimizer at LR ~0: the first ReLoRA loss continues the full-rank curve.
+    assert abs(losses[25] - full_losses[24]) < 0.5
+    assert losses[25] < full_losses[1] - 0.5, "must start from the trained weights, not from scratch"
+
+
+def test_keep_base_fp32_trains_with_autocast(method_runs):
+    losses, events = method_runs[("keep_base_fp32", 2)]
+    curve = [losses[s] for s in sorted(losses)]
+    assert _mean(curve[-4:]) < _mean(curve[:4]) - 0.3
+    assert [e["lr_index"] for e in events if e["event"] == "merge"] == [8, 16]
 
 
 def test_stages_agree_on_the_same_run(method_runs):
@@ -82,6 +109,9 @@ def test_resume_mid_cycle_is_bit_identical(resume_runs, stage):
     evals = lambda ev: [(e["step"], e["loss"]) for e in ev if e["event"] == "eval"]  # noqa: E731
     assert evals(events_a) == evals(events_b)
     assert (cut / "checkpoints" / "step-21" / "meta.json").is_file()
+    # keep_last=2: older checkpoints are deleted, the newest two stay.
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step-*")) == ["step-21", "step-32"]
+    assert sorted(p.name for p in (whole / "checkpoints").glob("step-*")) == ["step-16", "step-32"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])

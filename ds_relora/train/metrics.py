@@ -15,6 +15,9 @@ class MetricsLogger:
                  tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
         self.active = rank == 0
         self.total = total_steps
+        self.first_step = start_step
+        self.started = time.time()
+        self.plain_every = max(1, total_steps // 20)
         self.bar = None
         self.tb = None
         self.wandb = None
@@ -43,10 +46,18 @@ class MetricsLogger:
             return
         record = {"type": "step", "time": time.time(), **record}
         self._write(record)
-        if self.bar is not None:
-            self.bar.update(record["step"] + 1 - self.bar.n)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        elif record["step"] % self.plain_every == 0 or record["step"] == self.total:
+            # No terminal (a log file, a batch job): a plain line every ~5% of the run instead.
+            elapsed = time.time() - self.started
+            done = record["step"] - self.first_step
+            eta = elapsed / done * (self.total - record["step"]) if done else 0.0
+            print(f"step {record['step']}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                  f"tok/s {record['tokens_per_s']:.0f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                  file=sys.stderr, flush=True)
         for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
             if record.get(key) is not None:
                 self._scalar(f"train/{key}", record[key], record["step"])

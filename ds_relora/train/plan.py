@@ -82,9 +82,19 @@ def check_relora(cfg: RunConfig) -> tuple[bool, bool, int]:
     if r.warm_start_steps and r.warm_start_from:
         raise ConfigError("set only one of relora.warm_start_steps and relora.warm_start_from")
     start = r.warm_start_steps
+    if r.warm_start_from:
+        from ..weights import read_meta
+
+        meta = read_meta(r.warm_start_from)
+        if meta.get("phase") != "full":
+            raise ConfigError(
+                f"relora.warm_start_from={r.warm_start_from} is not a full-rank checkpoint: use one from a method=full run"
+            )
+        start = int(meta["step"])
     if start < 0 or start >= total:
         raise ConfigError(
-            f"relora.warm_start_steps={start} must be in [0, total_steps={total}): the run needs a ReLoRA phase"
+            f"the ReLoRA phase would start at step {start} (relora.warm_start_steps or the warm_start_from "
+            f"checkpoint's step), not before train.total_steps={total}: raise total_steps"
         )
     if method == "relora":
         phase = total - start

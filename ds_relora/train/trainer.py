@@ -170,9 +170,7 @@ class Trainer:
             phase, offset = meta["phase"], meta["phase_offset"]
         elif cfg.relora.warm_start_from and self.plan.adapters:
             source = Path(cfg.relora.warm_start_from)
-            meta = read_meta(source)
-            if meta.get("phase") != "full":
-                raise CheckpointError(f"relora.warm_start_from={source} is not a full-rank checkpoint: use one from a method=full run")
+            meta = read_meta(source)  # plan_run checked it is a full-rank checkpoint
             init_state = load_consolidated(source)
             self.relora_start = phase_offset = meta["step"]
             phase, offset, consumed = "adapters", phase_offset, meta["consumed_samples"]

@@ -102,7 +102,9 @@ def run_case(prec: str, stage: int, gas: int) -> dict:
 
 
 def main() -> None:
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    from ds_relora.worker import init_distributed
+
+    init_distributed()
     deepspeed.utils.logger.setLevel("ERROR")
     results = []
     cases = CASES

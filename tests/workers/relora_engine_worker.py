@@ -22,6 +22,7 @@ from ds_relora.relora.layer import kaiming_uniform_A
 from ds_relora.relora.optim_reset import reset_generator
 from ds_relora.relora.zero_state import full_shape, get_master, get_moment, set_moment
 from ds_relora.train.engine import build_engine
+from ds_relora.worker import init_distributed
 
 # Odd sizes so that ZeRO-1/2 flat partitions cut through params and ZeRO-3 partitions are uneven.
 SHAPE = Shape(hidden=40, intermediate=75, layers=2, heads=4)
@@ -176,7 +177,7 @@ def main():
     ap.add_argument("--bf16", type=int, default=0)
     ap.add_argument("--persist", type=int, default=None)
     args, _ = ap.parse_known_args()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     fn = run_checks if args.mode == "checks" else run_losses
     for stage in [int(s) for s in args.stages.split(",")]:
