@@ -91,10 +91,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_spectrum(args) -> int:
-    from .spectrum import compute_spectrum, count_small, format_report, plot_spectrum
+    from .spectrum import compute_spectrum, format_report, plot_spectrum
 
     spectra = compute_spectrum(Path(args.before), Path(args.after))
-    print(format_report(spectra, count_small(spectra, args.threshold), args.threshold))
+    print(format_report(spectra, args.threshold))
     if args.plot:
         plot_spectrum(spectra, args.plot)
         print(f"plot: {args.plot}")

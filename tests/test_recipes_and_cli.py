@@ -166,3 +166,28 @@ def test_config_explain_documents_every_field():
         for f in dataclasses.fields(section.default_factory()):
             assert f.metadata.get("doc"), f"{section.name}.{f.name} has no help text"
             assert f"  {f.name}: " in text
+
+
+def test_spectrum_and_estimate_memory_commands(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 12, generator=g)
+    low_rank = torch.randn(16, 2, generator=g) @ torch.randn(2, 12, generator=g)
+    for name, weight in (("before", w), ("after", w + low_rank)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"model.layers.0.mlp.up_proj.weight": weight.contiguous()}, str(folder / "model_fp32.safetensors"))
+        (folder / "meta.json").write_text(json.dumps({"lora_scale": None, "step": 1}))
+    plot = tmp_path / "s.png"
+    rc, err = _cli("spectrum", str(tmp_path / "before"), str(tmp_path / "after"), "--plot", str(plot))
+    out = capsys.readouterr().out
+    assert rc == 0, err
+    row = [ln for ln in out.splitlines() if ln.startswith("| up_proj")][0]
+    # rank-2 update of a 16x12 matrix: 12 singular values, 10 of them ~0
+    assert row.split("|")[3].strip() == "12" and row.split("|")[4].strip() == "10"
+    assert plot.stat().st_size > 1000
+    rc, err = _cli("estimate-memory", "--preset", "1.3b", "--method", "relora", "--zero-stage", "2", "--gpus", "8")
+    assert rc == 0, err
+    assert "250,706,944 trainable" in capsys.readouterr().out

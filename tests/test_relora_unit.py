@@ -131,3 +131,23 @@ def test_keep_mask_random_and_full():
     assert not keep_mask(score, "full", 0.5).any()
     big = torch.rand(2**24 + 10)  # beyond torch.quantile's limit
     assert int((~keep_mask(big, "magnitude", 0.99)).sum()) == int(0.99 * big.numel())
+
+
+def test_controller_merges_once_per_scheduler_step(monkeypatch):
+    """A step DeepSpeed skipped (overflow) leaves the scheduler where it was: no second merge."""
+    from types import SimpleNamespace
+
+    from ds_relora.relora import controller as ctl_mod
+
+    calls = []
+    monkeypatch.setattr(ctl_mod, "merge_and_reinit", lambda engine, modules, **kw: calls.append(kw["step"]) or {})
+    engine = SimpleNamespace(lr_scheduler=SimpleNamespace(last_epoch=0))
+    ctl = ctl_mod.ReLoRAController(engine, [], merge_at=[4, 8], offset=0, seed=0, optimizer_reset="magnitude",
+                                   prune_ratio=0.9)
+    epochs = [1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 9]  # 5 and 9 repeat: skipped steps
+    events = []
+    for e in epochs:
+        engine.lr_scheduler.last_epoch = e
+        events.append(ctl.after_step())
+    assert calls == [4, 8]
+    assert [ev["step"] for ev in events if ev] == [4, 8]
