@@ -15,7 +15,6 @@ and every compared run uses the same per-rank thread count, so the float math is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -135,55 +133,19 @@ def run(procs: list, name: str, cmd: list[str], env: dict, logdir: Path, timeout
     return p
 
 
-def one_line_error(p: Proc, *fragments: str) -> str:
-    """The launch failed with exit 2 and exactly one stderr line: ``error: <problem>: <fix>``."""
-    lines = p.stderr.strip().splitlines()
-    assert p.p.returncode == 2 and len(lines) == 1, p.log()
-    line = lines[0]
-    assert line.startswith("error: ") and ": " in line[len("error: "):], line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
-
-
 # ---------------------------------------------------------------- environment
 
-def _extensions_dir() -> Path:
-    """A torch-extensions build cache of our own, one per virtual environment.
-
-    DeepSpeed's gloo backend on the CPU accelerator JIT-builds its shm comm op on every rank at
-    init (~40 s the first time, then cached). In the shared default cache
-    (~/.cache/torch_extensions/py311_cpu) any other environment with other include paths
-    triggers a rebuild, and a build killed half-way leaves a ``lock`` file that makes every
-    later rank wait forever. Both were seen on this machine; this cache sees neither.
-    """
-    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"ds_relora_launch_tests_torch_ext_{key}"
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
+    """The ranks' environment: CPU accelerator, one thread per rank, no inherited rank variables,
+    the venv's bin/ (deepspeed, mpirun, hydra_pmi_proxy) first on PATH and tests/workers importable."""
     base = {k: v for k, v in os.environ.items() if k not in FOREIGN and not k.startswith(FOREIGN_PREFIXES)}
-    ext = _extensions_dir()
     base.update({
         "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(ext), "DS_RELORA_MASTER_WAIT": "60",
+        "HF_DATASETS_OFFLINE": "1", "DS_RELORA_MASTER_WAIT": "60",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKERS), str(REPO), os.environ.get("PYTHONPATH")])),
     })
-    op = ext / "deepspeed_shm_comm"
-    lock = op / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > 900:
-        lock.unlink(missing_ok=True)  # a build never takes 15 min: left by a killed build
-    if lock.exists() or not (op / "deepspeed_shm_comm.so").exists():
-        # Build once before the timed launches (a first build on 2 busy cores takes ~40-60 s).
-        cmd = [sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"]
-        try:
-            subprocess.run(cmd, env=base, timeout=400, check=True, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"building DeepSpeed's shm comm op in {op} took > 400 s; if {lock} is stale, delete it")
-        except subprocess.CalledProcessError as exc:
-            pytest.fail(f"building DeepSpeed's shm comm op failed:\n{exc.stderr[-3000:]}")
     return base
 
 
@@ -406,56 +368,65 @@ def test_comms_logging_config_records_gradient_allreduce(config_runs):
 # ---------------------------------------------------------------- launch errors: one line, no hang
 
 MASTER_WAIT = 5
+NO_SSH = {"launcher": "deepspeed", "no_ssh": True, "master_addr": "127.0.0.1", "num_nodes": 2, "num_gpus": 1}
 
 
-@pytest.fixture(scope="module")
-def error_runs(prepared_data, root, env, procs):
-    """Every broken launch at once (each is one short `ds-relora train`), so they cost one start."""
-    hf2 = root / "hostfile-2x1"
-    hf2.write_text("node0 slots=1\nnode1 slots=1\n")
-    hf_slots = root / "hostfile-2x2"
-    hf_slots.write_text("node0 slots=2\nnode1 slots=2\n")
-    dead_port = free_port()  # nothing listens there
-    ds = {"launcher": "deepspeed", "no_ssh": True, "master_addr": "127.0.0.1", "num_nodes": 2, "num_gpus": 1}
-    cases = {
-        "unreachable_master": ({**ds, "hostfile": str(hf2), "node_rank": 1, "master_port": dead_port}, {"DS_RELORA_MASTER_WAIT": str(MASTER_WAIT)}),
-        "slots_vs_num_gpus": ({**ds, "hostfile": str(hf_slots), "node_rank": 0, "master_port": free_port()}, {}),
-        "hosts_vs_num_nodes": ({**ds, "hostfile": str(hf2), "num_nodes": 3, "node_rank": 0, "master_port": free_port()}, {}),
-        "missing_hostfile": ({**ds, "hostfile": str(root / "no-such-hostfile"), "node_rank": 0, "master_port": free_port()}, {}),
-        "no_hostfile": ({**ds, "node_rank": 0, "master_port": free_port()}, {}),
-    }
-    started = {}
-    for name, (launch, extra) in cases.items():
-        cfg, run_dir = train_config(prepared_data, root / "errors", name, launch)
-        started[name] = (start(procs, f"error-{name}", [*DS_RELORA, "train", "--config", str(cfg)], {**env, **extra},
-                               root / "logs"), run_dir)
-    deadline = time.time() + 90
-    for p, _ in started.values():
-        p.wait(deadline)
-    return started, dead_port
+def one_line_error(rc: int, stdout: str, stderr: str, *fragments: str) -> str:
+    """Exit status 2 and exactly one stderr line ``error: <problem>: <fix>``, nothing on stdout."""
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and stdout == "", (rc, stdout, stderr)
+    line = lines[0]
+    assert line.startswith("error: ") and ": " in line[len("error: "):], line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
 
 
-def test_unreachable_master_fails_after_the_configured_wait(error_runs):
-    started, port = error_runs
-    p, run_dir = started["unreachable_master"]
-    one_line_error(p, f"cannot reach master 127.0.0.1:{port}", "master_addr")
+def test_unreachable_master_fails_after_the_configured_wait(prepared_data, root, env, procs):
+    """Node 1 of a --no_ssh launch whose master port has nothing listening: exec_plan's
+    check_master_reachable retries for DS_RELORA_MASTER_WAIT seconds, then one error line."""
+    hostfile = root / "hostfile-2x1"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()  # nothing listens there
+    launch = {**NO_SSH, "hostfile": str(hostfile), "node_rank": 1, "master_port": port}
+    cfg, run_dir = train_config(prepared_data, root / "errors", "unreachable-master", launch)
+    p = run(procs, "unreachable-master", [*DS_RELORA, "train", "--config", str(cfg)],
+            {**env, "DS_RELORA_MASTER_WAIT": str(MASTER_WAIT)}, root / "logs", timeout=90)
+    line = one_line_error(p.p.returncode, p.stdout, p.stderr, f"cannot reach master 127.0.0.1:{port}", "master_addr")
     took = p.ended - p.started
     # It retried the refused connection for the whole wait (rank 0 may still be importing torch),
-    # then stopped: DS_RELORA_MASTER_WAIT=5 honoured, not the 120 s default, no rendezvous hang.
-    assert MASTER_WAIT <= took < MASTER_WAIT + 40, took
-    assert p.stdout == "" and not (run_dir / "metrics.jsonl").exists()  # the deepspeed launcher never ran
+    # then stopped: DS_RELORA_MASTER_WAIT honoured (not the 120 s default), no rendezvous hang.
+    assert MASTER_WAIT <= took < MASTER_WAIT + 40, (took, line)
+    assert not (run_dir / "metrics.jsonl").exists()  # the deepspeed launcher never ran
 
 
-@pytest.mark.parametrize("case, fragments", [
-    ("slots_vs_num_gpus", ("slots=2", "launch.num_gpus=1", "make them equal")),
-    ("hosts_vs_num_nodes", ("launch.num_nodes=3", "lists 2 hosts", "set launch.num_nodes=2")),
-    ("missing_hostfile", ("no-such-hostfile does not exist", "make_hostfile.sh", "launch.hostfile")),
-    ("no_hostfile", ("needs launch.hostfile", "make_hostfile.sh")),
+@pytest.mark.parametrize("case, launch, fragments", [
+    ("slots-vs-num-gpus", {"hostfile": "2x2", "node_rank": 0}, ("slots=2", "launch.num_gpus=1", "make them equal")),
+    ("hosts-vs-num-nodes", {"hostfile": "2x1", "num_nodes": 3, "node_rank": 0},
+     ("launch.num_nodes=3", "lists 2 hosts", "set launch.num_nodes=2")),
+    ("missing-hostfile", {"hostfile": "absent", "node_rank": 1}, ("does not exist", "make_hostfile.sh", "launch.hostfile")),
+    ("no-hostfile", {"node_rank": 0}, ("needs launch.hostfile", "make_hostfile.sh")),
 ])
-def test_bad_launch_fails_before_anything_starts(error_runs, case, fragments):
-    p, run_dir = error_runs[0][case]
-    one_line_error(p, *fragments)
-    assert p.stdout == "" and not (run_dir / "config.yaml").exists()  # nothing written, nothing started
+def test_bad_launch_fails_before_anything_starts(prepared_data, root, capsys, case, launch, fragments):
+    """World size (hostfile slots vs num_nodes x num_gpus) and hostfile mistakes are found by
+    build_launch, before the run_dir is written or any process starts: ``ds-relora train`` runs
+    in this process (cli.main, as the console script calls it)."""
+    from ds_relora.cli import main
+
+    hostfiles = {"2x1": "node0 slots=1\nnode1 slots=1\n", "2x2": "node0 slots=2\nnode1 slots=2\n"}
+    launch = {**NO_SSH, "master_port": free_port(), **launch}
+    if "hostfile" in launch:
+        path = root / "errors" / f"hostfile-{case}"
+        if launch["hostfile"] in hostfiles:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(hostfiles[launch["hostfile"]])
+        launch["hostfile"] = str(path)
+    cfg, run_dir = train_config(prepared_data, root / "errors", case, launch)
+    capsys.readouterr()
+    rc = main(["train", "--config", str(cfg)])
+    captured = capsys.readouterr()
+    one_line_error(rc, captured.out, captured.err, *fragments)
+    assert not run_dir.exists()  # nothing written, nothing started
 
 
 # ---------------------------------------------------------------- a rank that dies
@@ -470,37 +441,52 @@ def _die_env(env: dict, mark: Path, rank: int = 1) -> dict:
 
 def test_dying_rank_stops_the_deepspeed_launch(prepared_data, root, env, procs):
     """launcher=local (the real deepspeed launcher, 2 ranks) running tests/workers/launch_die_worker.py
-    instead of ds_relora.worker: rank 1 exits with 3 after step 5 while rank 0 is in a collective."""
-    cfg, run_dir = train_config(prepared_data, root, "die-deepspeed", {"launcher": "local", "num_gpus": 2, "master_port": free_port()})
+    instead of ds_relora.worker: rank 1 exits with 3 after step 5 while rank 0 goes on to the next
+    collective."""
+    launch = {"launcher": "local", "num_gpus": 2, "master_port": free_port()}
+    cfg, run_dir = train_config(prepared_data, root, "die-deepspeed", launch)
     mark = root / "die-deepspeed.mark"
-    p = run(procs, "die-deepspeed", [*SWAP, "launch_die_worker", "train", "--config", str(cfg)], _die_env(env, mark), root / "logs")
+    cmd = [*SWAP, "launch_die_worker", "train", "--config", str(cfg)]
+    p = run(procs, "die-deepspeed", cmd, _die_env(env, mark), root / "logs")
     out = p.stdout + p.stderr
     assert "'-m', 'launch_die_worker'" in out and "dist_world_size=2" in out, p.log()
     assert mark.is_file(), p.log()  # it really died where asked, after training started
     assert p.p.returncode != 0, p.log()
     assert p.ended - float(mark.read_text()) < 60, p.log()
-    assert "exits with return code" in out  # deepspeed's launch.py saw it and killed the rest
-    assert max(step_lines(run_dir)) < STEPS and not (run_dir / "checkpoints" / f"step-{STEPS}").exists()
+    assert "exits with return code" in out  # deepspeed's launch.py saw it and stopped the rest
+    assert max(step_lines(run_dir)) == DIE_AT and not (run_dir / "checkpoints" / f"step-{STEPS}").exists()
+
+
+@pytest.fixture(scope="module")
+def plain_env_deaths(prepared_data, root, env, procs):
+    """No launcher watching (srun/torchrun-style env vars), rank 1 dies in one group and rank 0
+    (the TCPStore host) in another; both 2-rank groups run at the same time."""
+    groups = {}
+    for dying in (0, 1):
+        cfg, run_dir = train_config(prepared_data, root, f"die-env-{dying}", {"launcher": "none"})
+        mark = root / f"die-env-{dying}.mark"
+        port, ranks = free_port(), []
+        for rank in range(2):
+            renv = {**_die_env(env, mark, dying), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                    "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            cmd = [sys.executable, "-m", "launch_die_worker", "--config", str(cfg)]
+            ranks.append(start(procs, f"die-env-{dying}-rank{rank}", cmd, renv, root / "logs"))
+        groups[dying] = (ranks, mark, run_dir)
+    deadline = time.time() + TRAIN_TIMEOUT
+    for ranks, _, _ in groups.values():
+        for r in ranks:
+            r.wait(deadline)
+    return groups
 
 
 @pytest.mark.parametrize("dying", [1, 0])
-def test_dying_rank_stops_a_plain_env_launch(prepared_data, root, env, procs, dying):
-    """No launcher watching (srun/torchrun-style env vars): the surviving rank must notice on its
-    own (gloo sees the closed connection) and exit non-zero, not wait for the 600 s PG timeout."""
-    cfg, run_dir = train_config(prepared_data, root, f"die-env-{dying}", {"launcher": "none"})
-    mark = root / f"die-env-{dying}.mark"
-    port, ranks = free_port(), []
-    for rank in range(2):
-        renv = {**_die_env(env, mark, dying), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        ranks.append(start(procs, f"die-env-{dying}-rank{rank}", [sys.executable, "-m", "launch_die_worker", "--config", str(cfg)],
-                           renv, root / "logs"))
-    deadline = time.time() + TRAIN_TIMEOUT
-    rcs = [r.wait(deadline) for r in ranks]
+def test_dying_rank_stops_a_plain_env_launch(plain_env_deaths, dying):
+    """The survivor must notice on its own (gloo sees the closed connection) and exit non-zero,
+    not sit in the collective until the 600 s process-group timeout."""
+    ranks, mark, run_dir = plain_env_deaths[dying]
     logs = "\n".join(r.log() for r in ranks)
     assert mark.is_file(), logs
-    died = float(mark.read_text())
-    survivor = ranks[1 - dying]
-    assert rcs[dying] == 3, logs
-    assert rcs[1 - dying] != 0 and survivor.ended - died < 60, logs
+    died, survivor = float(mark.read_text()), ranks[1 - dying]
+    assert ranks[dying].p.returncode == 3, logs
+    assert survivor.p.returncode != 0 and survivor.ended - died < 60, logs
     assert max(step_lines(run_dir)) == DIE_AT  # rank 0 logged up to the death, nothing after

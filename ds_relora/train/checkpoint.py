@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A per-process temp name: several nodes may write the same file on a shared filesystem.
+    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
     mode = "wb" if isinstance(data, bytes) else "w"
     with open(tmp, mode) as f:
         f.write(data)
