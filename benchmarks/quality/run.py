@@ -42,7 +42,7 @@ from benchmarks.common import REPO, bench_env, load_average, machine_info, md_ta
 # relora_no_warm), each picked on the same short budget from the same 4-point grid.
 SCALES = {
     "cpu": dict(preset="9m", seq_len=256, micro=8, steps=800, warmup=40, warm_start=200, rank=16, alpha=32,
-                eval_every=100, eval_batches=40, lr_full=2e-3, lr_relora=8e-3, lr_scratch=8e-3),
+                eval_every=100, eval_batches=40, lr_full=2e-3, lr_relora=8e-3, lr_scratch=2e-3),
     "cpu-long": dict(preset="20m", seq_len=256, micro=16, steps=1500, warmup=75, warm_start=375, rank=32,
                      alpha=32, eval_every=150, eval_batches=40, lr_full=2e-3, lr_relora=4e-3, lr_scratch=4e-3),
     "gpu": dict(preset="130m", seq_len=512, micro=32, steps=8000, warmup=400, warm_start=2000, rank=128,
