@@ -69,6 +69,10 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_model, load_any_model
     from .weights import META
 
+    if args.tasks:
+        from .study.lm_eval import cmd_eval_tasks
+
+        return cmd_eval_tasks(args)
     folder = Path(args.path)
     data, seq_len = args.data, args.seq_len
     if (folder / META).is_file():
@@ -135,6 +139,9 @@ def _config_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .study.cli import add_study_commands
+    from .study.lm_eval import add_task_args
+
     ap = argparse.ArgumentParser(prog="ds-relora", description="ReLoRA pre-training on DeepSpeed")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-data", help="tokenize a corpus into packed token shards")
@@ -152,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int)
+    add_task_args(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("export", help="write a merged HF model (safetensors) from a checkpoint")
     p.add_argument("checkpoint")
@@ -183,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--explain", action="store_true")
     p.set_defaults(fn=cmd_config)
+    add_study_commands(sub)
     return ap
 
 
