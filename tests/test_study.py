@@ -298,3 +298,27 @@ def test_lm_eval_on_a_local_task_shows_in_compare(swept, tmp_path):
     rows = {r["name"]: r for r in csv.DictReader((tmp_path / "cmp" / "runs.csv").open())}
     assert float(rows["relora"]["toy_choice/acc"]) == acc and rows["full_seed0"]["toy_choice/acc"] == ""
     assert "toy_choice/acc" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_power_law_fit_and_defensive_records(tmp_path):
+    from ds_relora.study.compare import read_records
+    from ds_relora.study.plots import fit_power_law
+
+    rows = [{"method": "full", "variant": "", "total_params": n, "final_val_loss": 3.0 * n ** -0.1}
+            for n in (1e6, 4e6, 1.6e7)]
+    rows.append({"method": "relora", "variant": "", "total_params": 1e6, "final_val_loss": 4.0})  # one size: no fit
+    fits = fit_power_law(rows)
+    assert set(fits) == {"full"} and fits["full"]["points"] == 3
+    assert math.isclose(fits["full"]["exponent"], -0.1, rel_tol=1e-9)
+    assert math.isclose(fits["full"]["coefficient"], 3.0, rel_tol=1e-9)
+
+    # A run killed after step 3 (checkpoint at 2) and resumed: steps 3 and the eval at 3 appear
+    # twice, the file ends in a cut line; the later records win, unknown keys are ignored.
+    lines = [{"type": "step", "step": 1, "loss": 5.0}, {"type": "step", "step": 2, "loss": 4.0},
+             {"type": "step", "step": 3, "loss": 9.9}, {"type": "event", "event": "eval", "step": 3, "loss": 9.9},
+             {"type": "step", "step": 3, "loss": 3.0, "new_field": 1},
+             {"type": "event", "event": "eval", "step": 3, "loss": 3.5}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "step", "st')
+    steps, events = read_records(path)
+    assert sorted(steps) == [1, 2, 3] and steps[3]["loss"] == 3.0 and events["eval"][3]["loss"] == 3.5

@@ -53,7 +53,7 @@ class RunSummary:
     wall_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
     peak_mem_mb: Optional[float] = None
-    merges: int = 0
+    merges: Optional[int] = None
     evals: list = dataclasses.field(default_factory=list)      # (step, tokens, loss)
     lrs: list = dataclasses.field(default_factory=list)        # (step, lr)
     merge_steps: list = dataclasses.field(default_factory=list)
@@ -146,7 +146,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
         s.final_val_ppl = ppl if ppl is not None else math.exp(min(s.final_val_loss, 50.0))
     s.lrs = [(r["step"], r["lr"]) for r in ordered if _num(r.get("lr")) is not None]
     s.merge_steps = sorted(events.get("merge", {}))
-    s.merges = len(s.merge_steps)
+    s.merges = len(s.merge_steps) if (ordered or events) else None
     every = [*ordered, *(e for kind in events.values() for e in kind.values())]
     s.peak_mem_mb = _peak_mem(every)
     params = _latest_meta(run_dir).get("params")
@@ -234,8 +234,8 @@ def _fmt(v, digits: int = 4) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        if v.is_integer() and abs(v) >= 1:
-            return f"{int(v):,}"
+        if v == 0 or abs(v) >= 1000 or (v.is_integer() and abs(v) >= 1):
+            return f"{v:,.0f}"
         return f"{v:.{digits}g}" if abs(v) >= 1e-3 else f"{v:.3e}"
     if isinstance(v, int):
         return f"{v:,}"
