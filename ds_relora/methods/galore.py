@@ -109,8 +109,9 @@ class GaLoreLinear(nn.Module):
 
     def delta_rows(self, values: dict[str, torch.Tensor], row0: int, row1: int) -> torch.Tensor:
         """Rows of ``s P C`` / ``s C Q`` from the full fp32 C (its master) and the projector."""
-        c = values["galore_C"].float()
-        proj = values.get("galore_proj", self.galore_proj).float()
+        c = values["galore_C"]
+        work = torch.promote_types(c.dtype, torch.float32)
+        c, proj = c.to(work), values.get("galore_proj", self.galore_proj).to(work)
         if self.side == "left":
             return self.scale * (proj[row0:row1] @ c)
         return self.scale * (c[row0:row1] @ proj)
@@ -121,8 +122,9 @@ class GaLoreLinear(nn.Module):
     @torch.no_grad()
     def update_projection_local(self, grad: torch.Tensor) -> None:
         """Single-process projector update: ``W0 += s P C`` (fp32), C = 0, projector from ``grad``."""
-        delta = self.delta_rows({"galore_C": self.galore_C.detach()}, 0, self.out_features)
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        work = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = self.delta_rows({"galore_C": self.galore_C.detach().to(work)}, 0, self.out_features)
+        self.weight.copy_((self.weight.to(work) + delta).to(self.weight.dtype))
         self.galore_C.zero_()
         self.galore_proj.copy_(projector(grad, self.rank).to(self.galore_proj.dtype))
 

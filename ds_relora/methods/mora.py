@@ -217,8 +217,9 @@ class MoRALinear(nn.Module):
     @torch.no_grad()
     def merge_local(self, switch: bool = True) -> None:
         """Single-process ReMoRA merge: ``W += ΔW(M)`` in fp32, M = 0, next grouping."""
-        delta = self.delta_rows({"mora_M": self.mora_M.detach().float()}, 0, self.out_features)
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        work = torch.promote_types(self.weight.dtype, torch.float32)  # at least fp32, fp64 stays fp64
+        delta = self.delta_rows({"mora_M": self.mora_M.detach().to(work)}, 0, self.out_features)
+        self.weight.copy_((self.weight.to(work) + delta).to(self.weight.dtype))
         self.mora_M.zero_()
         if switch:
             self.switch_pattern()
