@@ -304,3 +304,40 @@ def test_galore_eps_and_bad_rank():
     assert gl.adam_eps(1, 1e-6, 0.999, 0.25) == pytest.approx(0.25e-6 / math.sqrt(1e-3))
     with pytest.raises(ConfigError, match=r"galore\.rank=9 does not fit layer 'l3' \(8x20\): set galore\.rank between 1 and 8"):
         gl.GaLoreLinear(nn.Linear(20, 8), 9, SCALE, "l3")
+
+
+def test_registered_methods_validate_wrap_and_fold():
+    from types import SimpleNamespace
+
+    from ds_relora.methods import METHODS, MergeableLayer
+
+    assert {"mora", "remora", "galore"} <= set(METHODS)
+    cfg = SimpleNamespace(optim=SimpleNamespace(weight_decay=0.0),
+                          mora=mora.MoRAConfig(rank=1, compression="rope", target_modules=["l[12]"]),
+                          galore=gl.GaLoreConfig(rank=RANK, update_proj_gap=GAP, scale=SCALE, target_modules=["l"]))
+    torch.manual_seed(0)
+    model = Net()
+    layers = get_method("remora").wrap(model, cfg, seed=3)
+    assert [n for n, _ in layers] == ["l1", "l2"] and all(isinstance(m, MergeableLayer) for _, m in layers)
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.mora_M.normal_()
+    x = torch.randn(4, 12)
+    plain = Net()
+    plain.load_state_dict(get_method("remora").fold(model.state_dict(), {"mora_compression": "rope"}))
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
+
+    galore_model = Net()
+    get_method("galore").wrap(galore_model, cfg, seed=0)
+    groups = get_method("galore").param_groups(galore_model, cfg)
+    assert [g["eps_scale"] for g in groups] == [1.0, SCALE] and len(groups[1]["params"]) == 3
+    for bad, match in ((dict(update_proj_gap=0), r"galore\.update_proj_gap=0 must be at least 1"),
+                       (dict(proj_type="full"), r"galore\.proj_type='full' is not supported")):
+        with pytest.raises(ConfigError, match=match):
+            get_method("galore").validate(SimpleNamespace(optim=cfg.optim, galore=gl.GaLoreConfig(**bad)), 3)
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay=0\.1 cannot be honoured .*set optim\.weight_decay=0"):
+        get_method("galore").validate(SimpleNamespace(optim=SimpleNamespace(weight_decay=0.1)), 0)
+    with pytest.raises(ConfigError, match=r"mora\.compression='x' is unknown"):
+        get_method("mora").validate(SimpleNamespace(mora=mora.MoRAConfig(compression="x")), 2)
+    with pytest.raises(ConfigError, match=r"mora\.rank=64 gives r̂=.*layer 'l1'"):
+        get_method("mora").wrap(Net(), SimpleNamespace(mora=mora.MoRAConfig(rank=64, target_modules=["l1"])), 0)

@@ -241,3 +241,77 @@ def fold_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
             tensor = (tensor.double() + delta_weight(m, tuple(tensor.shape), kind, index, seed)).to(tensor.dtype)
         folded[name] = tensor
     return folded
+
+
+# ----------------------------------------------------------------------------- the methods
+import dataclasses  # noqa: E402
+
+from ..config_base import doc  # noqa: E402
+from .base import Method, ScheduleSpec, register, replace_module, target_linears  # noqa: E402
+
+
+@dataclasses.dataclass
+class MoRAConfig:
+    rank: int = doc(128, "LoRA-equivalent rank r: M is r̂ x r̂ with r̂ = int(sqrt((in + out) * r) + 0.5) per layer")
+    compression: str = doc("sharing", "sharing (Eq. 6, large r; the paper's pre-training choice) or rope (Eq. 8-10, small r)")
+    switch_groups: bool = doc(True, "remora: change the grouping after every merge (otherwise the merged rank does not grow)")
+    target_modules: list[str] = doc(help="regexes (re.search) of the linear layers that get an M", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def _section(cfg) -> MoRAConfig:
+    # The lead adds ``mora: MoRAConfig`` to RunConfig; until then the defaults apply.
+    return getattr(cfg, "mora", None) or MoRAConfig()
+
+
+@register
+class MoRAMethod(Method):
+    """``train.method: mora``: M trained, never merged (``remora`` merges)."""
+
+    name = "mora"
+    adapters = True
+
+    def validate(self, cfg, zero_stage: int) -> None:
+        m = _section(cfg)
+        if m.compression not in KINDS:
+            raise ConfigError(f"mora.compression='{m.compression}' is unknown: use one of {', '.join(KINDS)}")
+        if m.rank < 1:
+            raise ConfigError(f"mora.rank={m.rank} must be at least 1")
+
+    def check_shapes(self, cfg, shapes) -> None:
+        m = _section(cfg)
+        for name, out_features, in_features in shapes:
+            check_layer(name, out_features, in_features, m.rank, m.compression)
+
+    def wrap(self, model, cfg, seed: int):
+        m = _section(cfg)
+        targets = target_linears(model, m.target_modules, "mora")
+        self.check_shapes(cfg, [(n, t.out_features, t.in_features) for n, t in targets])
+        layers = []
+        for name, base in targets:
+            layer = MoRALinear(base, m.rank, m.compression, seed=seed, name=name)
+            replace_module(model, name, layer)
+            layers.append((name, layer))
+        return layers
+
+    def fold(self, state, meta):
+        return fold_state(state, meta.get("mora_compression", _section(None).compression))
+
+
+@register
+class ReMoRAMethod(MoRAMethod):
+    """``train.method: remora``: MoRA plus ReLoRA's merge-and-reinit (``relora.reset_every``,
+    optimizer reset, jagged schedule) and a grouping switch after every merge."""
+
+    name = "remora"
+    merges = True
+
+    def schedule(self, cfg, start: int) -> ScheduleSpec:
+        r = cfg.relora
+        if not r.jagged_schedule:
+            return ScheduleSpec()
+        return ScheduleSpec(restart_every=r.reset_every, restart_warmup_steps=r.restart_warmup_steps)
+
+    def after_step(self, engine, step: int):
+        # The ZeRO-exact merge (zero_state masters + shard_delta rows, then switch_pattern on
+        # every rank) is wired into the trainer next session; refuse loudly rather than not merge.
+        raise NotImplementedError("remora's engine merge is not wired into the trainer yet")
