@@ -1,0 +1,128 @@
+"""Device correctness without a GPU.
+
+A CPU run cannot tell a GPU tensor from a CPU one, so the bug class (a tensor made on the CPU
+meeting GPU tensors: in a collective, a mask product, a merge into an offloaded shard) is caught
+three ways here:
+
+* the pure functions run on ``meta`` tensors (a second device that refuses to mix with CPU
+  tensors: "Tensor on device cpu is not on the expected device meta") and their outputs must
+  stay on ``meta``;
+* 2-rank ZeRO-3 runs where W's shard really is a shard (persistence threshold 0) and lives
+  apart (parameter offload) must merge exactly;
+* a real 2-rank training (merge, eval, checkpoint) runs under an audit that fails on every
+  tensor factory called from ds_relora's training code without a device, and counts the host
+  reads the step loop makes (at most one per optimizer step).
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distributed import results, run_workers
+from ds_relora.relora import keep_mask, reset_moments
+from ds_relora.relora.merge import _add_delta_to_base, base_delta, compute_device, reinit_values
+from ds_relora.relora.optim_reset import pruned_count, reset_generator
+from ds_relora.train import trainer as trainer_mod
+from ds_relora.worker import dist_backend, local_rank_from_env
+
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize("mode", ["magnitude", "random", "full", "none"])
+def test_keep_mask_lives_on_the_score_device(mode):
+    score = torch.rand(6, 5, device=META)
+    keep = keep_mask(score, mode, 0.9, reset_generator(0, 1, 2))
+    assert keep.device == META and keep.dtype == torch.bool and keep.shape == (6, 5)
+
+
+def test_random_mask_is_device_invariant():
+    # The permutation comes from the CPU generator whatever the score's device: equal on CPU and
+    # (moved) on any accelerator, so masks do not depend on where the moments live.
+    score = torch.rand(40)
+    a = keep_mask(score, "random", 0.75, reset_generator(3, 4, 5))
+    b = keep_mask(score.double(), "random", 0.75, reset_generator(3, 4, 5))
+    assert torch.equal(a, b) and int((~a).sum()) == pruned_count("random", 0.75, 40) == 30
+
+
+def test_moment_reset_writes_on_the_moments_device():
+    p = torch.nn.Parameter(torch.empty(4, 3, device=META))
+    state = {"exp_avg": torch.empty(4, 3, device=META), "exp_avg_sq": torch.empty(4, 3, device=META)}
+    engine = SimpleNamespace(optimizer=SimpleNamespace(state={p: state}))
+    stats = reset_moments(engine, p, "magnitude", 0.5)
+    assert stats == {"numel": 12, "pruned": 6}
+    assert state["exp_avg"].device == META and state["exp_avg_sq"].device == META
+
+
+def test_merge_into_replicated_weight_on_another_device():
+    # W on the "accelerator" (meta), masters A/B on the CPU (optimizer offload).
+    w = torch.nn.Parameter(torch.empty(6, 5, device=META, dtype=torch.bfloat16), requires_grad=False)
+    a, b = torch.rand(2, 5), torch.rand(6, 2)
+    _add_delta_to_base(w, a, b, 0.5)
+    assert w.device == META and w.dtype == torch.bfloat16
+    assert compute_device(w.data, a) == META
+
+
+class FakeZ3Param(torch.nn.Parameter):
+    """What merge reads of a ZeRO-3 param: ds_id, ds_tensor (this rank's flat shard), ds_numel."""
+
+
+def _z3_weight(out, inp, rank, world, shard_device, gathered):
+    full = torch.arange(out * inp, dtype=torch.float32).reshape(out, inp) / 7
+    w = FakeZ3Param(full.clone() if gathered else torch.empty(0), requires_grad=False)
+    part = -(-full.numel() // world)
+    shard = torch.zeros(part)
+    end = min(full.numel(), (rank + 1) * part)
+    shard[: end - rank * part] = full.reshape(-1)[rank * part:end]
+    w.ds_id, w.ds_numel, w.ds_shape, w.ds_process_group = 0, full.numel(), (out, inp), None
+    w.ds_tensor = shard.to(shard_device)
+    return w, full
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_zero3_row_slice_merge_matches_full_product(monkeypatch, rank, gathered):
+    # 7 x 5 over 3 ranks: partitions of 12 cut through rows; the last one is padded.
+    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: rank)
+    a, b = torch.rand(3, 5), torch.rand(7, 3)
+    w, full = _z3_weight(7, 5, rank, 3, "cpu", gathered)
+    _add_delta_to_base(w, a, b, 0.25)
+    expect = (full + 0.25 * (b @ a)).reshape(-1)
+    start, end = rank * 12, min(35, rank * 12 + 12)
+    assert torch.allclose(w.ds_tensor[: end - start], expect[start:end], atol=1e-6)
+    assert not w.ds_tensor[end - start:].any(), "padding stays zero"
+    if gathered:
+        # Both copies of a persistent W from one product: bit-identical.
+        assert torch.equal(w.data.reshape(-1)[start:end], w.ds_tensor[: end - start])
+
+
+def test_zero3_merge_into_shard_on_another_device(monkeypatch):
+    # The shard lives apart (meta stands for pinned CPU memory vs. GPU masters): the rows are
+    # computed and moved to the shard's device; nothing mixes devices.
+    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: 1)
+    w, _ = _z3_weight(7, 5, 1, 2, META, gathered=False)
+    _add_delta_to_base(w, torch.rand(3, 5), torch.rand(7, 3), 0.25)
+    assert w.ds_tensor.device == META
+
+
+def test_reinit_values_on_the_masters_device():
+    a, b = reinit_values((3, 8), (5, 3), reset_generator(0, 1, 0), META)
+    assert a.device == META and b.device == META and a.dtype == b.dtype == torch.float32
+    a_cpu, b_cpu = reinit_values((3, 8), (5, 3), reset_generator(0, 1, 0), torch.device("cpu"))
+    assert a_cpu.abs().max() <= 8 ** -0.5 and a_cpu.std() > 0 and not b_cpu.any()
+    assert base_delta(a_cpu, b_cpu, 2.0, torch.device("cpu")).shape == (5, 8)
+
+
+def test_all_reduce_mean_stays_on_the_value_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(trainer_mod.dist, "all_reduce", lambda t, **kw: seen.append(t.device))
+    out = trainer_mod._all_reduce_mean(torch.ones((), device=META), 2)
+    assert seen == [META] and out.device == META
+
+
+def test_backend_and_local_rank_selection():
+    assert dist_backend(True, {}) == "nccl" and dist_backend(False, {}) == "gloo"
+    assert dist_backend(True, {"DS_RELORA_DIST_BACKEND": "cuda:nccl,cpu:gloo"}) == "cuda:nccl,cpu:gloo"
+    assert local_rank_from_env({"OMPI_COMM_WORLD_LOCAL_RANK": "3"}) == 3
+    assert local_rank_from_env({"LOCAL_RANK": "1", "SLURM_LOCALID": "2"}) == 1
+    assert local_rank_from_env({}) == 0
