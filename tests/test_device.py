@@ -14,6 +14,7 @@ three ways here:
   reads the step loop makes (at most one per optimizer step).
 """
 
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -126,3 +127,51 @@ def test_backend_and_local_rank_selection():
     assert local_rank_from_env({"OMPI_COMM_WORLD_LOCAL_RANK": "3"}) == 3
     assert local_rank_from_env({"LOCAL_RANK": "1", "SLURM_LOCALID": "2"}) == 1
     assert local_rank_from_env({}) == 0
+
+
+# ----------------------------------------------------------------------------- 2 ranks
+@pytest.fixture(scope="module")
+def device_runs(prepared_data, tmp_path_factory):
+    from helpers import REPO, read_metrics, tiny_run_config, write_config
+
+    run_dir = tmp_path_factory.mktemp("device_audit")
+    # ZeRO-3 with parameter and optimizer offload and persistence 0: every W is a real shard.
+    cfg = tiny_run_config(prepared_data, run_dir, relora={"warm_start_steps": 2, "reset_every": 3},
+                          train={"total_steps": 8, "eval_every": 4, "save_every": 4, "eval_batches": 2},
+                          deepspeed={"config": str(REPO / "ds_configs" / "zero3_offload.json"),
+                                     "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})
+    config = write_config(run_dir / "config.yaml", cfg)
+    res = results(run_workers(["tests/workers/device_worker.py", "--config", str(config)], 2, timeout=400))
+    losses, events = read_metrics(run_dir)
+    return {"res": res, "losses": losses, "events": events}
+
+
+def test_training_creates_no_deviceless_tensor_and_reads_the_host_once_per_step(device_runs):
+    train = [r for r in device_runs["res"] if r["part"] == "train"]
+    events = device_runs["events"]
+    assert len(train) == 2 and all(r["rc"] == 0 for r in train)
+    assert [e["lr_index"] for e in events if e.get("event") == "merge"] == [5], "the run must merge"
+    assert sorted(device_runs["losses"]) == list(range(1, 9))
+    evals = len([e for e in events if e.get("event") == "eval"])
+    assert evals == 2
+    for r in train:
+        # On a GPU any of these would be a CPU tensor in an NCCL collective or next to GPU state.
+        assert r["deviceless"] == {}, r["deviceless"]
+        reads = Counter()
+        for where, n in r["host_reads"].items():
+            reads[where.split(":")[1]] += n
+        assert reads.pop("host_scalars") == 8, "one host read per optimizer step, for all its scalars"
+        assert reads.pop("evaluate") == evals + 2, "one per eval (plus the two switch probes)"
+        assert reads.pop("__init__", 0) <= 1
+        assert not reads, f"host reads elsewhere (the step loop must not sync): {r['host_reads']}"
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero3_sharded_and_offloaded_base_merges_exactly(device_runs, offload):
+    ranks = [r for r in device_runs["res"] if r["part"] == "checks" and r["offload"] == offload]
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["base_sharded"], "threshold 0: W must be partitioned, not persistent"
+        assert r["merge_logit_diff"] <= 1e-5 * max(1.0, r["logit_scale"]) and r["weight_changed"] > 1e-3
+        assert r["reinit_module"] and r["reinit_master"] and r["after_lr0_master"] and r["masks_ok"]
+        assert r["others_untouched"]

@@ -31,6 +31,23 @@ def _partition_rank(p) -> int:
     return torch.distributed.get_rank(group=p.ds_process_group)
 
 
+def _write_module_tensor(p, value: torch.Tensor) -> None:
+    """Write the full ``value`` into the module's (low-precision) copy of ``p`` on this rank
+    (``copy_`` moves it to each copy's own device: the shard may live in CPU memory)."""
+    if is_zero3_param(p):
+        part = p.ds_tensor
+        rank = _partition_rank(p)
+        flat = value.reshape(-1)
+        start = rank * part.numel()
+        end = min(start + part.numel(), flat.numel())
+        if end > start:
+            part.data[: end - start].copy_(flat[start:end].to(part.dtype))
+        if _is_gathered(p):
+            p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
+    else:
+        p.data.copy_(value.reshape(p.shape).to(p.dtype))
+
+
 def compute_device(target: torch.Tensor, operand: torch.Tensor) -> torch.device:
     """Where to compute an update of ``target`` from ``operand``: the accelerator of the two.
 
