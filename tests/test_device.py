@@ -175,3 +175,36 @@ def test_zero3_sharded_and_offloaded_base_merges_exactly(device_runs, offload):
         assert r["merge_logit_diff"] <= 1e-5 * max(1.0, r["logit_scale"]) and r["weight_changed"] > 1e-3
         assert r["reinit_module"] and r["reinit_master"] and r["after_lr0_master"] and r["masks_ok"]
         assert r["others_untouched"]
+
+
+# ----------------------------------------------------------------------------- GPU check
+def test_largest_micro_batch_extrapolates_linearly():
+    from ds_relora.gpu_check import largest_micro_batch
+
+    gib = 2**30
+    # 10 GiB fixed + 1 GiB per sequence, 100 GiB card, 90% of it usable: 80 sequences.
+    assert largest_micro_batch(8, 18 * gib, 16, 26 * gib, 100 * gib) == 80
+    assert largest_micro_batch(8, 95 * gib, 16, 99 * gib, 100 * gib) == 8, "never below the measured size"
+
+
+def test_gpu_check_smoke_runs_the_same_path_on_cpu(prepared_data, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "ds_relora.gpu_check", "--smoke", "--stages", "zero3_offload",
+                           "--data", str(prepared_data), "--work", str(tmp_path / "work")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ds_relora GPU check" in proc.stdout and "result: PASS" in proc.stdout
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    (run,) = res["relora_runs"]
+    assert run["ok"] and run["merges"] == [2] and run["eval_loss"] is not None
+    (pair,) = res["throughput"]
+    assert {r["method"] for r in pair["rows"]} == {"full", "relora"}
+    assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in pair["rows"])
+    assert res["attention"] == "sdpa" and res["ok"]
