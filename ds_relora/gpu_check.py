@@ -75,6 +75,14 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str) -> dict:
     """Train to ``stop_after_steps`` (merge, reset, checkpoint), then resume to the end (another merge)."""
     from .config import from_dict, RunConfig
@@ -102,13 +110,14 @@ def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str) -> di
     stop = relora_run_config(data, run_dir, stage, smoke, attn)["train"]["stop_after_steps"]
     if not (run_dir / "checkpoints" / f"step-{stop}" / "meta.json").is_file():
         problems.append("no checkpoint at the stop step")
+    _release_memory()
     return {"stage": stage, "ok": not problems, "problems": problems, "merges": merges,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "eval_loss": second.get("eval_loss"), "seconds": round(time.time() - started, 1)}
 
 
 # ----------------------------------------------------------------------------- 3. throughput
-def largest_micro_batch(mb1: int, mem1: float, mb2: int, mem2: float, capacity: float, margin: float = 0.9) -> int:
+def largest_micro_batch(mb1: int, mem1: float, mb2: int, mem2: float, capacity: float, margin: float = 0.85) -> int:
     """Largest micro-batch whose peak memory, extrapolated linearly from two measured points,
     stays under ``margin * capacity``."""
     per_sample = max((mem2 - mem1) / max(1, mb2 - mb1), 1.0)
@@ -134,9 +143,10 @@ class Bench:
         hf = llama_config(self.shape, args.vocab, args.seq_len, attn_implementation=args.attn)
         with torch.device(device):  # initialise on the GPU: seconds instead of a minute at 1.3B
             model = build_model(hf, seed=0)
-            if method == "relora":
-                wrap_model(model, rank=args.rank, alpha=32.0, dropout=args.dropout, target_modules=list(WRAPPED_TYPES),
-                           seed=1)
+        if method == "relora":
+            # Outside the device context: A is drawn from a CPU generator, then moved to W's device.
+            wrap_model(model, rank=args.rank, alpha=32.0, dropout=args.dropout, target_modules=list(WRAPPED_TYPES),
+                       seed=1)
         self.attn = model.config._attn_implementation
         run = RunConfig()
         run.deepspeed.config = str(REPO / "ds_configs" / "zero2.json")
@@ -179,9 +189,7 @@ class Bench:
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()
         self.engine = None
-        gc.collect()
-        if self.device.type == "cuda":
-            self.torch.cuda.empty_cache()
+        _release_memory()
 
 
 def throughput_pair(preset: str, args, device) -> dict:

@@ -37,6 +37,7 @@ export DS_ACCELERATOR=cuda TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATA
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/ds_relora_torch_ext}
 "$PY" -c 'import deepspeed, torch; print(f"deepspeed {deepspeed.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}")'
 left=$((LIMIT - ($(date +%s) - started)))
+[ "$left" -ge 60 ] || left=60  # (timeout 0 would mean no limit at all)
 rc=0
 timeout --signal=TERM --kill-after=10 "$left" "$PY" -m ds_relora.gpu_check "$@" || rc=$?
 if [ "$rc" -eq 124 ]; then
