@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..config import RunConfig, dump_config
 from ..config_base import to_dict
 from ..data import DistributedBatchIterator, PackedDataset, validation_batches
+from ..device import comm_device, host_scalars
 from ..errors import CheckpointError
 from ..models import build_model, describe_params, human
 from ..relora import JaggedCosine, merge_points, wrap_model
@@ -33,10 +34,11 @@ from .plan import plan_run
 FORMAT_VERSION = 1
 
 
-def _all_reduce_mean(value: torch.Tensor, world: int) -> float:
+def _all_reduce_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean over ranks, on the device ``value`` lives on (NCCL refuses CPU tensors); no host read."""
     value = value.detach().float().clone()
     dist.all_reduce(value)
-    return value.item() / world
+    return value / world
 
 
 class Trainer:
@@ -52,7 +54,7 @@ class Trainer:
         self.val_data = PackedDataset(cfg.data.path, "validation", self.seq_len)
         val = validation_batches(self.val_data, self.plan.micro_batch, cfg.train.eval_batches, self.rank, self.world)
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
-        count = torch.tensor(len(val))
+        count = torch.tensor(len(val), device=comm_device())
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
         self.val_batches = val[: int(count)]
         self.tokenizer_dir = Path(cfg.data.path) / "tokenizer"
@@ -129,12 +131,12 @@ class Trainer:
     def evaluate(self, batches=None) -> float:
         batches = self.val_batches if batches is None else batches
         self.engine.eval()
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.engine.device)
         for b in batches:
             b = b.to(self.engine.device)
-            total += self.engine(input_ids=b, labels=b).loss.float().cpu()
+            total += self.engine(input_ids=b, labels=b).loss.float()
         self.engine.train()
-        return _all_reduce_mean(total / max(1, len(batches)), self.world)
+        return _all_reduce_mean(total / max(1, len(batches)), self.world).item()
 
     # ----------------------------------------------------------------------------- checkpoints
     def _meta(self) -> dict:
@@ -216,23 +218,24 @@ class Trainer:
                 self._switch_to_adapters()
                 device = self.engine.device
             started = time.perf_counter()
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros((), device=device)
             batches = self.iterator.next_step()
             for mb in batches:
                 mb = mb.to(device)
                 loss = self.engine(input_ids=mb, labels=mb).loss
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.detach().float().cpu()
+                loss_sum += loss.detach().float()
             event = self.controller.after_step() if self.controller else None
-            loss_value = _all_reduce_mean(loss_sum / len(batches), self.world)
+            loss_mean = _all_reduce_mean(loss_sum / len(batches), self.world)
+            # The step's one host read (it also waits for the GPU, so the step time is real).
+            loss_value, norm = host_scalars(loss_mean, self.engine.get_global_grad_norm())
             elapsed = time.perf_counter() - started
             self.tokens_seen += self.tokens_per_step
-            norm = self.engine.get_global_grad_norm()
             self.metrics.step({
                 "step": self.step, "loss": loss_value, "lr": self.engine.get_lr()[0],
                 "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / elapsed,
-                "step_time": elapsed, "grad_norm": float(norm) if norm is not None else None,
+                "step_time": elapsed, "grad_norm": norm,
             })
             if event:
                 fields = {k: v for k, v in event.items() if k not in ("event", "step")}
