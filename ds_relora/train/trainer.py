@@ -279,8 +279,9 @@ class Trainer:
             fault_point("signal", self.step)
             reason = limits.agreed_reason(self.step, device) if self.step < total else None
             if reason:
-                self.save()
+                # Logged before the checkpoint: a resume keeps the log up to the checkpoint's record.
                 self.metrics.event("stop", self.step, reason=reason, exit_code=REQUEUE_EXIT_CODE)
+                self.save()
                 self.metrics.info(f"step {self.step}: stopped by {reason}, checkpoint saved; exit code "
                                   f"{REQUEUE_EXIT_CODE}: requeue with resume: auto")
                 return {"step": self.step, "eval_loss": last_eval, "stopped": True, "exit_code": REQUEUE_EXIT_CODE}
