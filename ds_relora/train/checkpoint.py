@@ -78,11 +78,16 @@ def resolve_resume(resume: str | None, run_dir: Path, log: Callable[[str], None]
 def agree_on_resume(resume: str | None, run_dir: Path, log: Callable[[str], None] | None = None) -> Path | None:
     """Collective: rank 0 resolves the checkpoint and broadcasts it (ranks on a lagging or
     unshared filesystem must not pick another one); every rank then checks it can read it."""
-    chosen = [None]
+    chosen = [None, None]
     if dist.get_rank() == 0:
-        folder = resolve_resume(resume, run_dir, log)
-        chosen = [str(folder) if folder is not None else None]
+        try:
+            folder = resolve_resume(resume, run_dir, log)
+            chosen = [str(folder) if folder is not None else None, None]
+        except CheckpointError as exc:  # every rank must raise it, not wait for a broadcast
+            chosen = [None, str(exc)]
     dist.broadcast_object_list(chosen, src=0)
+    if chosen[1] is not None:
+        raise CheckpointError(chosen[1])
     if chosen[0] is None:
         return None
     folder = Path(chosen[0])
