@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_model, load_any_model
-    from .weights import META
+    from .weights import META, read_meta
 
     if args.tasks:
         from .study.lm_eval import cmd_eval_tasks
@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
     folder = Path(args.path)
     data, seq_len = args.data, args.seq_len
     if (folder / META).is_file():
-        meta = json.loads((folder / META).read_text())
+        meta = read_meta(folder)  # one line for a damaged or foreign-format meta.json
         data = data or meta.get("data_path")
         seq_len = seq_len or meta.get("seq_len")
     if not data or not seq_len:
@@ -89,7 +89,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_model
 
-    out = export_model(args.checkpoint, args.out, args.dtype)
+    out = export_model(args.checkpoint, args.out, args.dtype, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is a non-empty folder that is not a previous export")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("spectrum", help="singular values of the learned update between two checkpoints")
     p.add_argument("before")

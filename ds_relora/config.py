@@ -52,6 +52,7 @@ class ReLoRAConfig:
     lr: Optional[float] = doc(None, "peak LR of the ReLoRA phase (paper: ~2x the full-rank LR); default optim.lr")
     jagged_schedule: bool = doc(True, "restart the LR from 0 at every reset (false: plain cosine, ablation)")
     keep_base_fp32: bool = doc(False, "keep frozen W in fp32 under bf16 (merges do not round); uses DeepSpeed torch_autocast instead of bf16 params")
+    save_at_switch: bool = doc(True, "checkpoint the full-rank model at the warm-start switch (step-<warm_start_steps>), even with train.save_every: 0; skipped when that step was just saved")
 
 
 @dataclasses.dataclass
@@ -98,11 +99,20 @@ class TrainConfig:
     keep_last: int = doc(2, "checkpoints to keep (0 keeps all)")
     log_every: int = doc(1, "steps between progress-bar refreshes")
     run_dir: str = doc("runs/default", "output folder: metrics.jsonl, checkpoints/, resolved config")
-    stop_after_steps: Optional[int] = doc(None, "checkpoint and exit once this global step is reached (fits a job time limit; continue with resume: auto)")
+    stop_after_steps: Optional[int] = doc(None, "checkpoint and exit (code 75) once this global step is reached; ignored by a job resumed at or past it (for requeued jobs use max_steps_per_job or time_limit)")
+    time_limit: Optional[str] = doc(None, "wall time this job may train, then checkpoint and exit with code 75 (requeue): seconds, '3h50m', '90m' or 'HH:MM:SS'; leave a margin for one step and one checkpoint")
+    max_steps_per_job: Optional[int] = doc(None, "train at most this many more steps in this job, then checkpoint and exit with code 75 (requeue)")
     resume: Optional[str] = doc(None, "'auto' (latest valid checkpoint in run_dir), a step-N folder, or null")
     tensorboard: bool = doc(False, "also log scalars to TensorBoard (run_dir/tb)")
     wandb_project: Optional[str] = doc(None, "also log to this W&B project")
     activation_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+
+    def __post_init__(self):
+        from .train.job_limits import parse_duration
+
+        parse_duration(self.time_limit, "train.time_limit")
+        if self.max_steps_per_job is not None and self.max_steps_per_job < 1:
+            raise ConfigError(f"train.max_steps_per_job={self.max_steps_per_job} must be at least 1 (or null)")
 
 
 @dataclasses.dataclass

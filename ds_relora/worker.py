@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         from .train.trainer import Trainer
 
-        Trainer(cfg).run()
+        # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
+        return Trainer(cfg).run().get("exit_code", 0)
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
