@@ -44,7 +44,7 @@ def parse_duration(value, where: str = "train.time_limit") -> float | None:
 
 
 class JobLimits:
-    """Per-rank stop state; :meth:`agreed_reason` is collective."""
+    """Per-rank stop state; :meth:`agreed_code` is collective."""
 
     def __init__(self, train_cfg, start_step: int):
         self.start_step = start_step
@@ -87,12 +87,17 @@ class JobLimits:
             return 1
         return 0
 
-    def agreed_reason(self, step: int, device) -> str | None:
-        """Collective: the reason any rank has to stop after this step, the same on every rank."""
+    def agreed_code(self, step: int, device):
+        """Collective: the largest stop code of any rank after this step, as a device tensor (read
+        on the host together with the step's other scalars: one host sync per step)."""
         import torch
         import torch.distributed as dist
 
         code = torch.tensor([self.local_code(step)], dtype=torch.int32, device=device)
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        value = int(code.item())
+        return code
+
+    @staticmethod
+    def reason(code: float | None) -> str | None:
+        value = int(code or 0)
         return REASONS[value] if value else None

@@ -261,8 +261,10 @@ class Trainer:
                 loss_sum += loss.detach().float()
             event = self.controller.after_step() if self.controller else None
             loss_mean = _all_reduce_mean(loss_sum / len(batches), self.world)
+            fault_point("signal", self.step)
+            stop_code = limits.agreed_code(self.step, device) if self.step < total else None
             # The step's one host read (it also waits for the GPU, so the step time is real).
-            loss_value, norm = host_scalars(loss_mean, self.engine.get_global_grad_norm())
+            loss_value, norm, stop_code = host_scalars(loss_mean, self.engine.get_global_grad_norm(), stop_code)
             elapsed = time.perf_counter() - started
             self.tokens_seen += self.tokens_per_step
             self.metrics.step({
@@ -279,8 +281,7 @@ class Trainer:
                                   f"{'no' if pruned is None else f'{pruned:.1%} of their'} Adam moments")
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                 last_eval = self._eval_event()
-            fault_point("signal", self.step)
-            reason = limits.agreed_reason(self.step, device) if self.step < total else None
+            reason = limits.reason(stop_code)
             if reason:
                 # Logged before the checkpoint: a resume keeps the log up to the checkpoint's record.
                 self.metrics.event("stop", self.step, reason=reason, exit_code=REQUEUE_EXIT_CODE)
