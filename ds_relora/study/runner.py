@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..train.checkpoint import complete_checkpoints, write_atomic
+from ..train.job_limits import REQUEUE_EXIT_CODE
 
 STATE_FILE = "sweep_state.json"
 STATUSES = ("done", "running", "failed", "partial", "pending")
@@ -117,7 +118,7 @@ def run_point(run_dir: Path, log=print) -> int:
         info["wall_s"] = wall + time.time() - started
         info["returncode"] = rc
         finished = point_state_final(run_dir)
-        info["status"] = "done" if finished else ("stopped" if rc == 0 else "failed")
+        info["status"] = "done" if finished else ("stopped" if rc in (0, REQUEUE_EXIT_CODE) else "failed")
         info["ended"] = time.time()
         write_atomic(run_dir / STATE_FILE, json.dumps(info))
     return rc
@@ -150,7 +151,10 @@ def run_local(run_dirs: list[Path], log=print) -> int:
         started = time.time()
         rc = run_point(run_dir, log=lambda _m: None)
         after = point_state(run_dir)
-        if rc != 0:
+        if rc == REQUEUE_EXIT_CODE:
+            log(f"{tag}: stopped by a job limit at step {after['step']}/{after['total_steps']}: "
+                "run the sweep again to continue it")
+        elif rc != 0:
             failed.append(run_dir.name)
             log(f"{tag}: failed (exit {rc}) {_error_line(run_dir)}")
         else:
