@@ -41,15 +41,17 @@ def cmd_train(args) -> int:
     from .config import dump_config
     from .launch import build_launch, exec_plan
     from .train.checkpoint import resolve_resume
-    from .train.plan import plan_run
+    from .train.plan import check_resume_fits, plan_run
 
     cfg = _load(args)
     if args.resume:
         cfg.train.resume = args.resume
     world = cfg.launch.num_nodes * cfg.launch.num_gpus
-    plan_run(cfg, world)  # every check that needs no worker, before any worker starts
+    plan = plan_run(cfg, world)  # every check that needs no worker, before any worker starts
     run_dir = Path(cfg.train.run_dir)
-    resolve_resume(cfg.train.resume, run_dir)
+    resume = resolve_resume(cfg.train.resume, run_dir)
+    if resume is not None:
+        check_resume_fits(cfg, plan, resume)
     resolved = run_dir / "config.yaml"
     launch = build_launch(cfg.launch, ["--config", str(resolved)], strict=not args.dry_run)
     if args.dry_run:
@@ -71,12 +73,22 @@ def cmd_eval(args) -> int:
 
     folder = Path(args.path)
     data, seq_len = args.data, args.seq_len
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist or is not a folder: pass a checkpoints/step-N folder or an exported model folder")
     if (folder / META).is_file():
         meta = json.loads((folder / META).read_text())
         data = data or meta.get("data_path")
         seq_len = seq_len or meta.get("seq_len")
+    elif not (folder / "config.json").is_file():
+        hint = ""
+        if any((folder / "checkpoints").glob("step-*")) or any(folder.glob("step-*")):
+            hint = " (it holds step-N folders: pass one of them)"
+        raise UserError(
+            f"{folder} is neither a ds_relora checkpoint (no {META}) nor an exported HF model (no config.json){hint}: "
+            "pass a complete checkpoints/step-N folder or an `ds-relora export` output"
+        )
     if not data or not seq_len:
-        raise UserError("eval of an exported model needs --data <prepared folder> and --seq-len N")
+        raise UserError(f"eval of the exported model {folder} needs --data <prepared folder> and --seq-len N")
     result = evaluate_model(load_any_model(folder), data, int(seq_len), args.batch_size, args.max_batches)
     print(json.dumps(result))
     return 0
@@ -135,7 +147,10 @@ def _config_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="ds-relora", description="ReLoRA pre-training on DeepSpeed")
+    ap.add_argument("--version", action="version", version=f"ds-relora {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-data", help="tokenize a corpus into packed token shards")
     _config_args(p)
