@@ -32,7 +32,7 @@ def cmd_prepare(args) -> int:
     from .data import prepare_data
 
     cfg = _load(args)
-    prepare_data(cfg.prepare, args.out or cfg.data.path)
+    prepare_data(cfg.prepare, args.out or cfg.data.path, overwrite=args.overwrite)
     return 0
 
 
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="tokenize a corpus into packed token shards")
     _config_args(p)
     p.add_argument("--out", help="output folder (default: data.path)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous prepare-data output in that folder")
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("train", help="launch training (validates everything first)")
     _config_args(p)
