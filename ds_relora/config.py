@@ -115,7 +115,7 @@ class DataConfig(Checked):
 
 
 @dataclasses.dataclass
-class PrepareConfig:
+class PrepareConfig(Checked):
     source: str = doc("stdlib", "corpus: 'stdlib' (embedded default), local .jsonl/.txt/.parquet file/folder/glob, or hf:NAME[:CONFIG] for an HF dataset (streamed)")
     text_field: str = doc("text", "field holding the document text in jsonl/parquet/HF rows")
     split: str = doc("train", "split of an HF dataset")
@@ -126,6 +126,16 @@ class PrepareConfig:
     val_fraction: float = doc(0.02, "fraction of documents held out for validation")
     shard_tokens: int = doc(50_000_000, "tokens per shard file")
     seed: int = doc(0, "seed of the train/validation split")
+
+    SECTION = "prepare"
+
+    def validate(self) -> None:
+        # vocab_size's lower bound depends on the tokenizer kind: checked by prepare_data.
+        self.require("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1): e.g. 0.02")
+        self.require("shard_tokens", self.shard_tokens >= 1, "must be at least 1: e.g. 50000000")
+        for name in ("max_documents", "max_tokens"):
+            value = getattr(self, name)
+            self.require(name, value is None or value >= 1, "must be at least 1: set a positive limit or null for no limit")
 
 
 @dataclasses.dataclass

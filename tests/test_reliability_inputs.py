@@ -86,6 +86,7 @@ def gpt2_folder(tmp_path_factory):
     (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
     (["optim.betas=[0.9]"], "optim.betas"),
     (["train.eval_batches=0"], "train.eval_batches=0 must be at least 1"),
+    (["prepare.val_fraction=1"], "prepare.val_fraction=1.0 must be in [0, 1)"),
     (["model.name_or_path=/nonexistent/model", "model.preset=null"], "is not an existing folder"),
     (["model.name_or_path=no-such-org/no-such-model", "model.preset=null"], "cannot be loaded"),
     (["deepspeed.overrides={zero_optimization: {stage: 3, zero_hpz_partition_size: 2}}"], "zero_hpz_partition_size=2"),

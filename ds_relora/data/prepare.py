@@ -94,14 +94,7 @@ def prepare_data(cfg: PrepareConfig, out_dir: str | Path, *, log: Log = print, o
 
 
 def _check_config(cfg: PrepareConfig) -> None:
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"prepare.val_fraction={cfg.val_fraction} must be in [0, 1): e.g. 0.02")
-    if cfg.shard_tokens < 1:
-        raise ConfigError(f"prepare.shard_tokens={cfg.shard_tokens} must be at least 1: e.g. 50000000")
-    for name in ("max_documents", "max_tokens"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"prepare.{name}={value} must be at least 1: set a positive limit or null for no limit")
+    cfg.validate()  # the range checks next to the fields (again: the object may have been edited)
     if not cfg.tokenizer and cfg.vocab_size < MIN_BPE_VOCAB:
         raise ConfigError(f"prepare.vocab_size={cfg.vocab_size} is too small for a byte-level BPE: set it to at least {MIN_BPE_VOCAB}")
 
