@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .config import LaunchConfig
 from .errors import LaunchError, UserError
+from .quiet import verbose_requested
 
 WORKER = "ds_relora.worker"
 DEFAULT_PORT = LaunchConfig().master_port
@@ -306,12 +307,12 @@ def _local(c: _Ctx) -> LaunchPlan:
     if err := _port_busy(l.master_port):
         c.issues.append(err)
     gpus = [] if visible else ["--num_gpus", str(l.num_gpus)]
-    cmd = [c.exe("deepspeed"), *gpus, "--master_port", str(l.master_port), *launcher_quiet(l.extra_args), *l.extra_args,
+    cmd = [c.exe("deepspeed"), *gpus, "--master_port", str(l.master_port), *launcher_quiet(l.extra_args, c.env), *l.extra_args,
            "--module", WORKER, *c.args]
     return LaunchPlan("local", [cmd], world_size=l.num_gpus)
 
 
-def launcher_quiet(extra_args: Sequence[str]) -> list[str]:
+def launcher_quiet(extra_args: Sequence[str], env: Mapping[str, str]) -> list[str]:
     """``--log_level error`` for the single-node deepspeed launcher unless the user chose a level.
 
     At its default level it prints ~10 INFO lines (world info, rank mapping, "Setting
@@ -321,7 +322,7 @@ def launcher_quiet(extra_args: Sequence[str]) -> list[str]:
     rank's own output is not touched.
     """
     chosen = any(a in ("-q", "--quiet", "--log_level") or a.startswith("--log_level=") for a in extra_args)
-    return [] if chosen else ["--log_level", "error"]
+    return [] if chosen or verbose_requested(env) else ["--log_level", "error"]
 
 
 def _deepspeed(c: _Ctx) -> LaunchPlan:

@@ -4,7 +4,8 @@ Every rank of a CPU/GPU run otherwise prints the same library notices around the
 bar (one copy per rank): torch's FutureWarning that ``all_gather_into_tensor`` is deprecated
 (DeepSpeed 0.19 calls it on every ZeRO step), DeepSpeed's INFO banners and transformers'
 advisory logs. :func:`quiet_worker` silences exactly those; our own messages, tracebacks and
-every other warning stay. ``DS_RELORA_VERBOSE=1`` turns it off for debugging.
+every other warning stay. ``DS_RELORA_VERBOSE=1`` turns it off for debugging (and keeps the
+deepspeed launcher at its INFO level, see ``launch.launcher_quiet``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 
 # (category, message regex) of library warnings that say nothing about the user's run.
 IGNORED_WARNINGS = (
@@ -22,10 +24,15 @@ IGNORED_WARNINGS = (
 )
 
 
+def verbose_requested(env: Mapping[str, str]) -> bool:
+    """``DS_RELORA_VERBOSE=1``: keep every library's console output (debugging, launch tests)."""
+    return env.get("DS_RELORA_VERBOSE", "0").lower() not in ("", "0", "false", "no")
+
+
 def quiet_worker(verbose: bool | None = None) -> bool:
     """Install the filters in this process (idempotent); returns whether anything was quieted."""
     if verbose is None:
-        verbose = os.environ.get("DS_RELORA_VERBOSE", "0") not in ("", "0", "false")
+        verbose = verbose_requested(os.environ)
     if verbose:
         return False
     for category, pattern in IGNORED_WARNINGS:

@@ -286,6 +286,9 @@ def test_local_launcher_is_quiet_unless_asked(tmp_path):
     cmd = build_launch(LaunchConfig(num_gpus=2, master_port=port, extra_args=["--log_level=info"]), ["--config", "x"], env,
                        strict=False).commands[0]
     assert "--log_level" not in cmd and "--log_level=info" in cmd
+    cmd = build_launch(LaunchConfig(num_gpus=2, master_port=port), ["--config", "x"], {**env, "DS_RELORA_VERBOSE": "1"},
+                       strict=False).commands[0]
+    assert "--log_level" not in cmd
 
 
 def test_quiet_worker_drops_only_library_noise():
