@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -147,8 +148,6 @@ def _config_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     ap = argparse.ArgumentParser(prog="ds-relora", description="ReLoRA pre-training on DeepSpeed")
     ap.add_argument("--version", action="version", version=f"ds-relora {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
