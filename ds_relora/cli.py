@@ -86,7 +86,7 @@ def cmd_eval(args) -> int:
             hint = " (it holds step-N folders: pass one of them)"
         raise UserError(
             f"{folder} is neither a ds_relora checkpoint (no {META}) nor an exported HF model (no config.json){hint}: "
-            "pass a complete checkpoints/step-N folder or an `ds-relora export` output"
+            "pass a complete checkpoints/step-N folder or a `ds-relora export` output"
         )
     if not data or not seq_len:
         raise UserError(f"eval of the exported model {folder} needs --data <prepared folder> and --seq-len N")

@@ -222,6 +222,19 @@ def test_resume_with_another_vocabulary_is_refused_before_launch(real_run, prepa
                     "vocab_size=300")
 
 
+def test_warm_start_from_another_model_is_refused_before_launch(real_run, tmp_path):
+    full = [m.parent for m in sorted(real_run["run"].glob("checkpoints/step-*/meta.json"))
+            if json.loads(m.read_text()).get("phase") == "full"]
+    if not full:
+        pytest.skip("the run kept no full-rank checkpoint (the switch did not save one)")
+    sets = [s for s in real_run["sets"] if not s.startswith(("launch.", "train.run_dir", "relora.warm_start_steps"))]
+    rc, _, err = _cli("train", "--config", "quickstart", "--set", *sets, f"train.run_dir={tmp_path / 'new'}",
+                      "launch.launcher=none", "launch.num_gpus=1", "relora.warm_start_steps=0", f"relora.warm_start_from={full[0]}",
+                      "model.preset=9m",
+                      "--dry-run")
+    _one_line_error(rc, err, "holds a model with hidden_size=64")
+
+
 def test_eval_of_a_folder_that_is_not_a_checkpoint(real_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

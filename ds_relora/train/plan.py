@@ -158,6 +158,9 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
                 f"set relora.rank to at most {limit}"
             )
         check_adapter_phase(cfg, hf)
+        if cfg.relora.warm_start_from:
+            check_same_model(Path(cfg.relora.warm_start_from), hf, "start from a checkpoint of the same model "
+                             "(model.preset / name_or_path) trained on the same prepared data (data.path)")
     seq_tokens = int(meta["num_tokens"]["train"])
     samples = seq_tokens // cfg.data.seq_len
     if samples < global_batch:
@@ -217,11 +220,28 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "num_attention_heads", "num_key_value_heads")
 
 
+def check_same_model(folder: Path, hf, fix: str) -> None:
+    """Refuse a checkpoint whose ``hf_config.json`` has other parameter shapes than ``hf``."""
+    import json
+
+    hf_file = Path(folder) / "hf_config.json"
+    if not hf_file.is_file():
+        return
+    try:
+        saved = json.loads(hf_file.read_text())
+    except ValueError:
+        raise CheckpointError(f"{hf_file} is not valid JSON: the checkpoint is damaged; use another step-N") from None
+    ours = hf.to_dict()
+    diff = [k for k in SHAPE_KEYS if k in saved and k in ours and saved[k] != ours[k]]
+    if diff:
+        theirs = ", ".join(f"{k}={saved[k]}" for k in diff)
+        mine = ", ".join(f"{k}={ours[k]}" for k in diff)
+        raise CheckpointError(f"{folder} holds a model with {theirs} but this run builds {mine}: {fix}")
+
+
 def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
     """Refuse, before launch, a checkpoint that the workers could not load into this run: another
     number of ranks, another method, another model shape or vocabulary, another adapter rank."""
-    import json
-
     import yaml
 
     from ..weights import read_meta
@@ -242,21 +262,8 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
             f"{folder} is a train.method={method} checkpoint but this run has train.method={cfg.train.method}: "
             f"resume with method {method}, or use another train.run_dir"
         )
-    hf_file = folder / "hf_config.json"
-    if hf_file.is_file():
-        try:
-            saved = json.loads(hf_file.read_text())
-        except ValueError:
-            raise CheckpointError(f"{hf_file} is not valid JSON: the checkpoint is damaged; resume from another step-N") from None
-        ours = plan.hf_config.to_dict()
-        diff = [k for k in SHAPE_KEYS if k in saved and k in ours and saved[k] != ours[k]]
-        if diff:
-            theirs = ", ".join(f"{k}={saved[k]}" for k in diff)
-            mine = ", ".join(f"{k}={ours[k]}" for k in diff)
-            raise CheckpointError(
-                f"{folder} holds a model with {theirs} but this run builds {mine}: resume with the same model "
-                "(model.preset / name_or_path) and prepared data (data.path, its tokenizer), or use another train.run_dir"
-            )
+    check_same_model(folder, plan.hf_config, "resume with the same model (model.preset / name_or_path) and prepared "
+                     "data (data.path, its tokenizer), or use another train.run_dir")
     config_file = folder / "config.yaml"
     if plan.adapters and meta.get("phase") == "adapters" and config_file.is_file():
         try:
