@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import os
 import sys
 
 from .errors import LaunchError
-
-
-def _quiet_libraries() -> None:
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
 
 
 # How the process group is started on a GPU, and why pure NCCL: every collective ds_relora
@@ -104,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config)
+        from .quiet import quiet_worker
+
+        quiet_worker()
         init_distributed()
-        _quiet_libraries()
         from .train.trainer import Trainer
 
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
