@@ -60,8 +60,9 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
         raise CheckpointError(f"--dtype {dtype} is not supported: use float32, bfloat16 or float16")
     out = Path(out_dir)
     _check_out(out, overwrite)
-    if not out.parent.is_dir():
-        raise CheckpointError(f"--out {out}: the parent folder {out.parent} does not exist: create it first")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise CheckpointError(f"--out {out}: {out.parent} is a file, not a folder: choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
     model = load_merged_model(checkpoint, torch_dtype)
     tag = f"{socket.gethostname()}.{os.getpid()}"
     for stale in out.parent.glob(out.name + ".tmp-export*"):  # left by an export that was killed

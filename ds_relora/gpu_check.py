@@ -41,10 +41,11 @@ def init_single_rank() -> None:
     os.environ.update({k: os.environ.get(k, v) for k, v in {
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port())}.items()})
-    from .worker import _quiet_libraries, init_distributed
+    from .quiet import quiet_worker
+    from .worker import init_distributed
 
     init_distributed()
-    _quiet_libraries()
+    quiet_worker()
 
 
 def attention_kernel() -> str:

@@ -15,11 +15,12 @@ import torch.distributed as dist
 
 from ds_relora.config import load_config
 from ds_relora.train.trainer import Trainer
-from ds_relora.worker import _quiet_libraries, init_distributed
+from ds_relora.quiet import quiet_worker
+from ds_relora.worker import init_distributed
 
 if __name__ == "__main__":
     init_distributed()
-    _quiet_libraries()
+    quiet_worker()
     for path in sys.argv[1:]:
         ds_comm.comms_logger.reset_data()
         ds_comm.configure(enabled=False)
