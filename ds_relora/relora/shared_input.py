@@ -18,15 +18,13 @@ is not available when the first member runs. There the group shares the dropout 
 member runs its own A GEMM on the shared ``x_drop`` (the memory saving is kept; the GEMM fusion,
 a speed detail at r << h, is not).
 
-The cache is keyed on the input tensor's identity and version, on grad mode and on train/eval,
+The cache is keyed on the input's memory (identity or alias), version, grad mode and train/eval,
 and is emptied once every member took its slice, so it holds nothing between forwards. Under
 activation checkpointing the recompute sees a new input tensor (a cache miss), recomputes the
 group, and draws the same mask because checkpoint restores the RNG state.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +48,7 @@ class SharedInput:
         self._clear()
 
     def _clear(self) -> None:
-        self._x_ref = None
+        self._x = None
         self._x_version = -1
         self._mode = None
         self._x_drop = None
@@ -58,8 +56,15 @@ class SharedInput:
         self._served: set[int] = set()
 
     def _valid_for(self, x: torch.Tensor, mode: tuple) -> bool:
-        return (self._x_ref is not None and self._x_ref() is x and self._x_version == x._version
-                and self._mode == mode)
+        # Same tensor, or an alias of the same memory: ZeRO-3's forward pre-hook hands every module
+        # its own ``detach()``-ed alias of the input (for its post-backward hook). Reusing the first
+        # member's x_drop then routes the adapter's input gradient through that member's alias,
+        # which passes it on unchanged to the same producer. The cache holds x itself, so its memory
+        # cannot be reused by another tensor while the entry lives; aliases share the version counter.
+        c = self._x
+        return (c is not None and self._mode == mode and self._x_version == x._version
+                and (c is x or (c.data_ptr() == x.data_ptr() and c.shape == x.shape and c.stride() == x.stride()
+                                and c.dtype == x.dtype and c.device == x.device)))
 
     def _fill(self, member: nn.Module, x: torch.Tensor, mode: tuple) -> None:
         self._clear()
@@ -70,7 +75,7 @@ class SharedInput:
         else:
             u = F.linear(x_drop, torch.cat(a_params, dim=0))
             self._u = u.split([a.shape[0] for a in a_params], dim=-1)
-        self._x_ref = weakref.ref(x)
+        self._x = x
         self._x_version = x._version
         self._mode = mode
 
