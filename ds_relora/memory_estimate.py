@@ -40,9 +40,11 @@ layer, with a = 2 bytes (bf16) or 4 (fp32), h hidden, f intermediate, n heads, s
       (fp32 RMSNorm input and rsqrt, bf16 norm outputs, q/k after RoPE, v, attention output,
        fp32 log-sum-exp, gate/up/SiLU/product of the MLP)
     eager attention                      + 6*n*s - 4n   (fp32 and bf16 softmax probabilities)
-    adapters, dropout p > 0              + 6(m+a)h + (m+a)f + 7*a*r - 2ah - af
-      (each of the 7 wrapped inputs keeps a dropout mask of m bytes, 1 on CUDA, and the dropped
-       input; A's output; the frozen W no longer needs its own input)
+    adapters, dropout p > 0              + 3(m+a)h + (m+a)f + 7*a*r - 2ah - af
+      (each of the 4 distinct wrapped inputs (q/k/v share one, gate/up one, o, down) keeps a
+       dropout mask of m bytes, 1 on CUDA, and the dropped input; A's output; the frozen W no
+       longer needs its own input. Unfused (``fuse_shared_inputs=False``) all 7 inputs keep
+       their own: 6(m+a)h instead of 3(m+a)h)
     adapters, no dropout                 + 7*a*r
 plus, once per model: final norm, lm_head input and the fp32 log-softmax of the logits,
 ``4h + 4 + 2ah + 4V + 16``. With activation checkpointing each layer keeps only its input
@@ -117,7 +119,8 @@ def model_state_bytes(total_params: int, trainable_params: int, zero_stage: int,
 def activation_bytes(shape: Shape, method: str, rank: int, micro_batch: int, seq_len: int,
                      vocab_size: int = 32000, precision: str = "bf16",
                      activation_checkpointing: bool = False, lora_dropout: float = 0.1,
-                     attn_implementation: str = "sdpa", mask_bytes: int = 1) -> int:
+                     attn_implementation: str = "sdpa", mask_bytes: int = 1,
+                     fuse_shared_inputs: bool = True) -> int:
     """Approximate activation bytes of one micro-batch (formula in the module docstring).
 
     ``mask_bytes`` is the size of one dropout-mask element: 1 on CUDA (bool), the activation
@@ -131,7 +134,8 @@ def activation_bytes(shape: Shape, method: str, rank: int, micro_batch: int, seq
     if method != "full":
         if lora_dropout > 0:
             m = mask_bytes
-            layer += 6 * (m + a) * h + (m + a) * f + 7 * a * rank - 2 * a * h - a * f
+            dropped_h = 3 if fuse_shared_inputs else 6  # inputs of width h with their own dropout
+            layer += dropped_h * (m + a) * h + (m + a) * f + 7 * a * rank - 2 * a * h - a * f
         else:
             layer += 7 * a * rank
     top = 4 * h + 4 + 2 * a * h + 4 * vocab_size + 16

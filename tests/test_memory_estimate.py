@@ -196,8 +196,34 @@ def test_activation_formula_matches_saved_tensors(method, precision):
     measured = _saved_bytes(shape, vocab, batch, seq, dtype, rank if method == "relora" else 0)
     # CPU dropout keeps its mask as a float tensor of the activation dtype (CUDA: 1-byte bool)
     mask = 2 if precision == "bf16" else 4
-    formula = activation_bytes(shape, method, rank, batch, seq, vocab, precision, mask_bytes=mask)
+    # _LoRA is the unfused layer: one dropout per wrapped linear
+    formula = activation_bytes(shape, method, rank, batch, seq, vocab, precision, mask_bytes=mask,
+                               fuse_shared_inputs=False)
     assert relative_error(formula, measured) < 0.03, (formula, measured)
+
+
+def test_activation_formula_matches_fused_relora_layer():
+    """The package's own layer, shared-input fusion on (q/k/v and gate/up share one dropout)."""
+    from ds_relora.models import WRAPPED_TYPES, build_model, llama_config
+    from ds_relora.relora import wrap_model
+
+    shape, vocab, batch, seq, rank = Shape(128, 344, 2, 4), 500, 2, 64, 8
+    model = build_model(llama_config(shape, vocab, seq), seed=0).train()
+    wrap_model(model, rank=rank, alpha=16, dropout=0.1, target_modules=list(WRAPPED_TYPES))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    ids = torch.randint(0, vocab, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    measured = sum(v for k, v in saved.items() if k not in params)
+    formula = activation_bytes(shape, "relora", rank, batch, seq, vocab, "fp32", mask_bytes=4)
+    assert relative_error(formula, measured) < 0.03, (formula, measured)
+    unfused = activation_bytes(shape, "relora", rank, batch, seq, vocab, "fp32", mask_bytes=4, fuse_shared_inputs=False)
+    assert unfused > formula
 
 
 # ---------------------------------------------------------------------------------------------
