@@ -90,11 +90,18 @@ def _ceil_div(x: int, n: int) -> int:
 def model_state_bytes(total_params: int, trainable_params: int, zero_stage: int, num_gpus: int,
                       precision: str = "bf16", keep_base_fp32: bool = False,
                       offload_optimizer: bool = False, offload_params: bool = False,
-                      grad_accum_steps: int = 1) -> dict[str, int]:
-    """Bytes of lp weights, grads, fp32 master and Adam moments on one rank (see module doc)."""
+                      grad_accum_steps: int = 1, zero3_frozen_base: str = "partition") -> dict[str, int]:
+    """Bytes of lp weights, grads, fp32 master and Adam moments on one rank (see module doc).
+
+    ``zero3_frozen_base="replicate"`` (``relora/zero3_frozen.py``): on stage 3 every rank also
+    holds the whole frozen W next to its shard, e*(P-T) more weight bytes, and gathers no W in
+    forward or backward (one coalesced re-gather per optimizer step).
+    """
     n, p, t = num_gpus, total_params, trainable_params
     elt = 4 if precision == "fp32" or keep_base_fp32 else 2
     weights = elt * (p if zero_stage < 3 else _ceil_div(p, n))
+    if zero_stage == 3 and zero3_frozen_base == "replicate":
+        weights += elt * (p - t)
     full_grads = zero_stage == 0 or (zero_stage == 1 and grad_accum_steps > 1)
     grads = elt * (t if full_grads else _ceil_div(t, n))
     if zero_stage == 0:

@@ -284,3 +284,12 @@ def test_engine_model_states_match_analytic(engine_results):
             assert relative_error(got["total"], exp["total"]) < 0.02, where
             assert got["weights_gathered"] == 0 and got["other"] < 1024, where
             assert got["host"] == got["total"], where  # a CPU run: everything is host memory
+
+
+def test_zero3_replicated_frozen_base_weights():
+    p, t = 1_000_003, 200_001
+    part = model_state_bytes(p, t, 3, 4, "bf16")
+    rep = model_state_bytes(p, t, 3, 4, "bf16", zero3_frozen_base="replicate")
+    assert rep["weights"] == part["weights"] + 2 * (p - t)
+    assert {k: v for k, v in rep.items() if k != "weights"} == {k: v for k, v in part.items() if k != "weights"}
+    assert model_state_bytes(p, t, 2, 4, "bf16", zero3_frozen_base="replicate") == model_state_bytes(p, t, 2, 4, "bf16")
