@@ -182,7 +182,8 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
                     keep_base_fp32: bool = False, activation_checkpointing: bool = False,
                     offload_optimizer: bool = False, offload_params: bool = False, *,
                     lora_dropout: float = 0.1, attn_implementation: str = "sdpa",
-                    grad_accum_steps: int = 1) -> MemoryEstimate:
+                    grad_accum_steps: int = 1, zero3_frozen_base: str = "partition",
+                    fuse_shared_inputs: bool = True) -> MemoryEstimate:
     """Per-GPU bytes of a training run: model states exactly, activations approximately.
 
     ReLoRA and LoRA freeze every wrapped linear (q/k/v/o/gate/up/down) and train their
@@ -205,15 +206,18 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
         total = counts["total"] + counts["adapters"]
         trainable = counts["other"] + counts["adapters"]
     states = model_state_bytes(total, trainable, zero_stage, num_gpus, precision, keep_base_fp32,
-                               offload_optimizer, offload_params, grad_accum_steps)
+                               offload_optimizer, offload_params, grad_accum_steps,
+                               zero3_frozen_base if zero_stage == 3 else "partition")
     acts = activation_bytes(shape, "full" if full_rank else method, rank, micro_batch, seq_len, vocab_size,
-                            precision, activation_checkpointing, lora_dropout, attn_implementation)
+                            precision, activation_checkpointing, lora_dropout, attn_implementation,
+                            fuse_shared_inputs=fuse_shared_inputs)
     setting = (f"{name} {method}" + (f" r={rank}" if method != "full" else "")
                + f", ZeRO-{zero_stage} x {num_gpus} GPU, {precision}"
                + (" + fp32 base (autocast)" if keep_base_fp32 else "")
                + f", micro-batch {micro_batch} x {seq_len}"
                + (f", grad. accum. {grad_accum_steps}" if grad_accum_steps > 1 else "")
                + (", act. ckpt" if activation_checkpointing else "")
+               + (", frozen W replicated" if zero_stage == 3 and zero3_frozen_base == "replicate" and not full_rank else "")
                + (", offload opt" if offload_optimizer else "") + (", offload params" if offload_params else ""))
     gpu = states["weights"] + states["grads"] + states["master"] + states["adam"] + acts
     return MemoryEstimate(weights=states["weights"], grads=states["grads"], master=states["master"],

@@ -293,3 +293,6 @@ def test_zero3_replicated_frozen_base_weights():
     assert rep["weights"] == part["weights"] + 2 * (p - t)
     assert {k: v for k, v in rep.items() if k != "weights"} == {k: v for k, v in part.items() if k != "weights"}
     assert model_state_bytes(p, t, 2, 4, "bf16", zero3_frozen_base="replicate") == model_state_bytes(p, t, 2, 4, "bf16")
+    a = estimate_memory("1.3b", "relora", 128, 3, 8, 1, 512)
+    b = estimate_memory("1.3b", "relora", 128, 3, 8, 1, 512, zero3_frozen_base="replicate")
+    assert b.weights - a.weights == 2 * FROZEN_13B and "replicated" in b.setting
