@@ -69,8 +69,6 @@ def run(name, rank, world):
         torch.manual_seed(10 * t + rank)  # the same dropout masks in every configuration
         x = batch(t, rank, world)
         loss = engine(input_ids=x, labels=x).loss
-        if os.environ.get("FUSED_WORKER_RNG_PROBE"):
-            print("PROBE", name, t, torch.randn(1).item(), flush=True)
         engine.backward(loss)
         engine.step()
         if t + 1 == MERGE_AT:
