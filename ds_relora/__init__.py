@@ -1,10 +1,7 @@
 """ds_relora: ReLoRA and other low-rank pre-training methods on DeepSpeed ZeRO 0-3."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("ds_relora")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+# The one source of the version: pyproject.toml reads it from here (setuptools dynamic
+# version), so a source tree, an editable and a wheel install all report the same string.
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -32,7 +33,7 @@ def cmd_prepare(args) -> int:
     from .data import prepare_data
 
     cfg = _load(args)
-    prepare_data(cfg.prepare, args.out or cfg.data.path)
+    prepare_data(cfg.prepare, args.out or cfg.data.path, overwrite=args.overwrite)
     return 0
 
 
@@ -41,15 +42,17 @@ def cmd_train(args) -> int:
     from .config import dump_config
     from .launch import build_launch, exec_plan
     from .train.checkpoint import resolve_resume
-    from .train.plan import plan_run
+    from .train.plan import check_resume_fits, plan_run
 
     cfg = _load(args)
     if args.resume:
         cfg.train.resume = args.resume
     world = cfg.launch.num_nodes * cfg.launch.num_gpus
-    plan_run(cfg, world)  # every check that needs no worker, before any worker starts
+    plan = plan_run(cfg, world)  # every check that needs no worker, before any worker starts
     run_dir = Path(cfg.train.run_dir)
-    resolve_resume(cfg.train.resume, run_dir)
+    resume = resolve_resume(cfg.train.resume, run_dir)
+    if resume is not None:
+        check_resume_fits(cfg, plan, resume)
     resolved = run_dir / "config.yaml"
     launch = build_launch(cfg.launch, ["--config", str(resolved)], strict=not args.dry_run)
     if args.dry_run:
@@ -67,16 +70,30 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_model, load_any_model
-    from .weights import META
+    from .weights import META, read_meta
 
+    if args.tasks:
+        from .study.lm_eval import cmd_eval_tasks
+
+        return cmd_eval_tasks(args)
     folder = Path(args.path)
     data, seq_len = args.data, args.seq_len
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist or is not a folder: pass a checkpoints/step-N folder or an exported model folder")
     if (folder / META).is_file():
-        meta = json.loads((folder / META).read_text())
+        meta = read_meta(folder)  # one line for a damaged or foreign-format meta.json
         data = data or meta.get("data_path")
         seq_len = seq_len or meta.get("seq_len")
+    elif not (folder / "config.json").is_file():
+        hint = ""
+        if any((folder / "checkpoints").glob("step-*")) or any(folder.glob("step-*")):
+            hint = " (it holds step-N folders: pass one of them)"
+        raise UserError(
+            f"{folder} is neither a ds_relora checkpoint (no {META}) nor an exported HF model (no config.json){hint}: "
+            "pass a complete checkpoints/step-N folder or a `ds-relora export` output"
+        )
     if not data or not seq_len:
-        raise UserError("eval of an exported model needs --data <prepared folder> and --seq-len N")
+        raise UserError(f"eval of the exported model {folder} needs --data <prepared folder> and --seq-len N")
     result = evaluate_model(load_any_model(folder), data, int(seq_len), args.batch_size, args.max_batches)
     print(json.dumps(result))
     return 0
@@ -85,7 +102,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_model
 
-    out = export_model(args.checkpoint, args.out, args.dtype)
+    out = export_model(args.checkpoint, args.out, args.dtype, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -135,11 +152,16 @@ def _config_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .study.cli import add_study_commands
+    from .study.lm_eval import add_task_args
+
     ap = argparse.ArgumentParser(prog="ds-relora", description="ReLoRA pre-training on DeepSpeed")
+    ap.add_argument("--version", action="version", version=f"ds-relora {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-data", help="tokenize a corpus into packed token shards")
     _config_args(p)
     p.add_argument("--out", help="output folder (default: data.path)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous prepare-data output in that folder")
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("train", help="launch training (validates everything first)")
     _config_args(p)
@@ -152,11 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int)
+    add_task_args(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("export", help="write a merged HF model (safetensors) from a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is a non-empty folder that is not a previous export")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("spectrum", help="singular values of the learned update between two checkpoints")
     p.add_argument("before")
@@ -183,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--explain", action="store_true")
     p.set_defaults(fn=cmd_config)
+    add_study_commands(sub)
     return ap
 
 

@@ -15,19 +15,20 @@ Three layers, kept apart on purpose:
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 
-from .config_base import apply_overrides, doc, from_dict, to_dict
+from .config_base import Checked, apply_overrides, doc, from_dict, to_dict
 from .errors import ConfigError
 
 Method = Literal["full", "lora", "relora", "control"]
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     preset: Optional[str] = doc("tiny", "LLaMA-shaped preset (tiny, 9m, 20m, 35m, 60m, 130m, 250m, 350m, 1.3b, 3b, 7b); null when name_or_path is set")
     name_or_path: Optional[str] = doc(None, "HF hub name or local folder of a causal-LM config/checkpoint to continue pre-training from, instead of a preset")
     from_pretrained: bool = doc(False, "with name_or_path: load its weights (true) or only its config with fresh weights (false)")
@@ -35,9 +36,16 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc("auto", "attention kernel: auto = flash-attn if installed and on a GPU, else PyTorch SDPA")
     init_std: float = doc(0.02, "std of the normal init of linear and embedding weights")
 
+    SECTION = "model"
+
+    def validate(self) -> None:
+        n = self.max_position_embeddings
+        self.require("max_position_embeddings", n is None or n >= 1, "must be at least 1: set the context length or null for data.seq_len")
+        self.require("init_std", self.init_std > 0, "must be positive: e.g. 0.02")
+
 
 @dataclasses.dataclass
-class ReLoRAConfig:
+class ReLoRAConfig(Checked):
     rank: int = doc(128, "adapter rank r")
     alpha: float = doc(32.0, "adapter scale numerator: s = alpha / rank")
     dropout: float = doc(0.1, "dropout on the adapter input only")
@@ -52,10 +60,29 @@ class ReLoRAConfig:
     lr: Optional[float] = doc(None, "peak LR of the ReLoRA phase (paper: ~2x the full-rank LR); default optim.lr")
     jagged_schedule: bool = doc(True, "restart the LR from 0 at every reset (false: plain cosine, ablation)")
     keep_base_fp32: bool = doc(False, "keep frozen W in fp32 under bf16 (merges do not round); uses DeepSpeed torch_autocast instead of bf16 params")
+    save_at_switch: bool = doc(True, "checkpoint the full-rank model at the warm-start switch (step-<warm_start_steps>), even with train.save_every: 0; skipped when that step was just saved")
+
+    SECTION = "relora"
+
+    def validate(self) -> None:
+        self.require("rank", self.rank >= 1, "must be at least 1: set the adapter rank, e.g. 128")
+        self.require("alpha", self.alpha > 0, "must be positive: the adapter scale is alpha / rank, e.g. 32")
+        self.require("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1): e.g. 0.1, or 0 for none")
+        self.require("reset_every", self.reset_every >= 1, "must be at least 1: steps between merges, e.g. 1000")
+        self.require("restart_warmup_steps", self.restart_warmup_steps >= 0, "must be 0 or more: e.g. 50")
+        self.require("warm_start_steps", self.warm_start_steps >= 0, "must be 0 or more: full-rank steps before the switch")
+        self.require("lr", self.lr is None or self.lr > 0, "must be positive: set the ReLoRA peak LR, or null for optim.lr")
+        self.require("target_modules", len(self.target_modules) > 0, "is empty: list regexes of the linear layers to wrap, e.g. [q_proj, v_proj]")
+        for name in ("target_modules", "freeze_modules"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"relora.{name} entry {pattern!r} is not a valid regex ({exc}): fix or quote it") from None
 
 
 @dataclasses.dataclass
-class OptimConfig:
+class OptimConfig(Checked):
     lr: float = doc(1e-3, "peak learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: list[float] = doc(help="AdamW betas", factory=lambda: [0.9, 0.999])
@@ -64,15 +91,32 @@ class OptimConfig:
     min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of the peak LR")
     grad_clip: float = doc(1.0, "gradient-norm clip (0 disables)")
 
+    SECTION = "optim"
+
+    def validate(self) -> None:
+        self.require("lr", self.lr > 0, "must be positive: set the peak learning rate, e.g. 1e-3")
+        self.require("weight_decay", self.weight_decay >= 0, "must be 0 or more: e.g. 0.0 or 0.1")
+        self.require("betas", len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+                     "must be two numbers in [0, 1): e.g. [0.9, 0.999]")
+        self.require("eps", self.eps > 0, "must be positive: e.g. 1e-8")
+        self.require("warmup_steps", self.warmup_steps >= 0, "must be 0 or more: e.g. 100")
+        self.require("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]: e.g. 0.1")
+        self.require("grad_clip", self.grad_clip >= 0, "must be 0 (off) or positive: e.g. 1.0")
+
 
 @dataclasses.dataclass
-class DataConfig:
+class DataConfig(Checked):
     path: str = doc("data/stdlib", "folder written by `ds-relora prepare-data` (token shards + tokenizer)")
     seq_len: int = doc(256, "tokens per training sequence")
 
+    SECTION = "data"
+
+    def validate(self) -> None:
+        self.require("seq_len", self.seq_len >= 1, "must be at least 1: set the tokens per training sequence, e.g. 256")
+
 
 @dataclasses.dataclass
-class PrepareConfig:
+class PrepareConfig(Checked):
     source: str = doc("stdlib", "corpus: 'stdlib' (embedded default), local .jsonl/.txt/.parquet file/folder/glob, or hf:NAME[:CONFIG] for an HF dataset (streamed)")
     text_field: str = doc("text", "field holding the document text in jsonl/parquet/HF rows")
     split: str = doc("train", "split of an HF dataset")
@@ -84,9 +128,19 @@ class PrepareConfig:
     shard_tokens: int = doc(50_000_000, "tokens per shard file")
     seed: int = doc(0, "seed of the train/validation split")
 
+    SECTION = "prepare"
+
+    def validate(self) -> None:
+        # vocab_size's lower bound depends on the tokenizer kind: checked by prepare_data.
+        self.require("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1): e.g. 0.02")
+        self.require("shard_tokens", self.shard_tokens >= 1, "must be at least 1: e.g. 50000000")
+        for name in ("max_documents", "max_tokens"):
+            value = getattr(self, name)
+            self.require(name, value is None or value >= 1, "must be at least 1: set a positive limit or null for no limit")
+
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     method: Method = doc("relora", "full (full-rank), lora (adapters, never merged), relora, control (smaller full-rank model with ReLoRA's trainable params)")
     total_steps: int = doc(1000, "optimizer steps in the whole run, warm start included")
     micro_batch_size: int = doc(8, "sequences per rank per micro-step")
@@ -98,11 +152,32 @@ class TrainConfig:
     keep_last: int = doc(2, "checkpoints to keep (0 keeps all)")
     log_every: int = doc(1, "steps between progress-bar refreshes")
     run_dir: str = doc("runs/default", "output folder: metrics.jsonl, checkpoints/, resolved config")
-    stop_after_steps: Optional[int] = doc(None, "checkpoint and exit once this global step is reached (fits a job time limit; continue with resume: auto)")
+    stop_after_steps: Optional[int] = doc(None, "checkpoint and exit (code 75) once this global step is reached; ignored by a job resumed at or past it (for requeued jobs use max_steps_per_job or time_limit)")
+    time_limit: Optional[str] = doc(None, "wall time this job may train, then checkpoint and exit with code 75 (requeue): seconds, '3h50m', '90m' or 'HH:MM:SS'; leave a margin for one step and one checkpoint")
+    max_steps_per_job: Optional[int] = doc(None, "train at most this many more steps in this job, then checkpoint and exit with code 75 (requeue)")
     resume: Optional[str] = doc(None, "'auto' (latest valid checkpoint in run_dir), a step-N folder, or null")
     tensorboard: bool = doc(False, "also log scalars to TensorBoard (run_dir/tb)")
     wandb_project: Optional[str] = doc(None, "also log to this W&B project")
     activation_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+
+    SECTION = "train"
+
+    def validate(self) -> None:
+        self.require("total_steps", self.total_steps >= 1, "must be at least 1: set the optimizer steps of the run")
+        self.require("micro_batch_size", self.micro_batch_size >= 1, "must be at least 1: sequences per rank per micro-step")
+        g = self.global_batch_size
+        self.require("global_batch_size", g is None or g >= 1, "must be at least 1: or null for micro_batch_size x ranks")
+        for name in ("eval_every", "save_every", "keep_last"):
+            self.require(name, getattr(self, name) >= 0, "must be 0 or more (0: see `ds-relora config --explain`)")
+        self.require("eval_batches", self.eval_batches >= 1, "must be at least 1: micro-batches per rank in one validation pass")
+        self.require("log_every", self.log_every >= 1, "must be at least 1: steps between progress refreshes")
+        n = self.stop_after_steps
+        self.require("stop_after_steps", n is None or n >= 1, "must be at least 1: or null to train to total_steps")
+        n = self.max_steps_per_job
+        self.require("max_steps_per_job", n is None or n >= 1, "must be at least 1 (or null)")
+        from .train.job_limits import parse_duration
+
+        parse_duration(self.time_limit, "train.time_limit")
 
 
 @dataclasses.dataclass

@@ -26,6 +26,28 @@ def doc(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = No
     return dataclasses.field(default=default, metadata={"doc": help})
 
 
+class Checked:
+    """Base of config sections whose fields carry range checks (run on every construction).
+
+    ``SECTION`` names the YAML section in messages; ``validate`` calls :meth:`require` once per
+    rule, next to the field declarations, so a bad value fails with one line when the config is
+    read (from YAML, ``--set`` or code), long before a worker would trip over it.
+    """
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Override: one :meth:`require` per rule."""
+
+    def require(self, name: str, ok: bool, rule: str) -> None:
+        """Raise ``ConfigError('<section>.<name>=<value> <rule>')`` unless ``ok``."""
+        if not ok:
+            raise ConfigError(f"{self.SECTION}.{name}={getattr(self, name)!r} {rule}")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Help text of each field of a config dataclass."""
     return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 
+from . import __version__
+from .checkpoint_format import fsync_dir, fsync_tree, public_mode
 from .errors import CheckpointError
 from .weights import read_effective_weights, read_meta
 
@@ -32,22 +36,55 @@ def load_merged_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32
     return model.to(dtype).eval()
 
 
-def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Write ``out_dir`` (config.json, model.safetensors, tokenizer) atomically."""
+EXPORT_MARKER = "ds_relora_export.json"
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a folder: pass a folder path for the exported model")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file() and not overwrite:
+        raise CheckpointError(
+            f"--out {out} is a non-empty folder that is not a ds-relora export: pick another folder, "
+            "or pass --overwrite to replace its contents"
+        )
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", *, overwrite: bool = False) -> Path:
+    """Write ``out_dir`` (config.json, model.safetensors, tokenizer) atomically.
+
+    An existing ``out_dir`` is replaced only when it is empty, a previous export (it holds
+    ``ds_relora_export.json``) or ``overwrite`` is set; the new export is built beside it and
+    swapped in, so an interrupted export leaves the old one (or nothing) and no temp folder."""
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise CheckpointError(f"--dtype {dtype} is not supported: use float32, bfloat16 or float16")
-    model = load_merged_model(checkpoint, torch_dtype)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer = Path(checkpoint) / "tokenizer"
-    if tokenizer.is_dir():
-        from transformers import AutoTokenizer
+    _check_out(out, overwrite)
+    if not out.parent.is_dir():
+        raise CheckpointError(f"--out {out}: the parent folder {out.parent} does not exist: create it first")
+    model = load_merged_model(checkpoint, torch_dtype)
+    tag = f"{socket.gethostname()}.{os.getpid()}"
+    for stale in out.parent.glob(out.name + ".tmp-export*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, aside = out.with_name(f"{out.name}.tmp-export.{tag}"), out.with_name(f"{out.name}.tmp-export-old.{tag}")
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer = Path(checkpoint) / "tokenizer"
+        if tokenizer.is_dir():
+            from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+            AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(tmp))
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "dtype": dtype,
+                                                     "ds_relora_version": __version__}, indent=2))
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                public_mode(path)  # safetensors writes 0600
+        fsync_tree(tmp)
+        if out.exists():
+            os.rename(out, aside)
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     return out

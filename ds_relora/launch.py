@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .config import LaunchConfig
 from .errors import LaunchError, UserError
+from .quiet import verbose_requested
 
 WORKER = "ds_relora.worker"
 DEFAULT_PORT = LaunchConfig().master_port
@@ -306,8 +307,22 @@ def _local(c: _Ctx) -> LaunchPlan:
     if err := _port_busy(l.master_port):
         c.issues.append(err)
     gpus = [] if visible else ["--num_gpus", str(l.num_gpus)]
-    cmd = [c.exe("deepspeed"), *gpus, "--master_port", str(l.master_port), *l.extra_args, "--module", WORKER, *c.args]
+    cmd = [c.exe("deepspeed"), *gpus, "--master_port", str(l.master_port), *launcher_quiet(l.extra_args, c.env), *l.extra_args,
+           "--module", WORKER, *c.args]
     return LaunchPlan("local", [cmd], world_size=l.num_gpus)
+
+
+def launcher_quiet(extra_args: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``--log_level error`` for the single-node deepspeed launcher unless the user chose a level.
+
+    At its default level it prints ~10 INFO lines (world info, rank mapping, "Setting
+    CUDA_VISIBLE_DEVICES", spawned commands), a "no hostfile" warning that is expected on one
+    node, and an "exits successfully" line per rank; ``ds-relora train`` has validated all of
+    that already. Failures stay visible: the launcher reports a dying rank at ERROR, and each
+    rank's own output is not touched.
+    """
+    chosen = any(a in ("-q", "--quiet", "--log_level") or a.startswith("--log_level=") for a in extra_args)
+    return [] if chosen or verbose_requested(env) else ["--log_level", "error"]
 
 
 def _deepspeed(c: _Ctx) -> LaunchPlan:

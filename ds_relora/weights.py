@@ -8,22 +8,12 @@ training model by its HF name, in fp32, adapters (``*.lora_A``, ``*.lora_B``) in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .checkpoint_format import CONSOLIDATED, META, read_meta  # noqa: F401  (re-exported: the one reader of meta.json)
 from .errors import CheckpointError
-
-CONSOLIDATED = "model_fp32.safetensors"
-META = "meta.json"
-
-
-def read_meta(folder: str | Path) -> dict:
-    path = Path(folder) / META
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {META}: it is not a complete ds_relora checkpoint (pick another step-N folder)")
-    return json.loads(path.read_text())
 
 
 def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

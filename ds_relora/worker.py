@@ -9,18 +9,55 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import os
 import sys
 
+from .errors import LaunchError
 
-def _quiet_libraries() -> None:
-    from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel(logging.WARNING)
-    import transformers
+# How the process group is started on a GPU, and why pure NCCL: every collective ds_relora
+# issues runs on ``engine.device`` tensors (tests/test_device.py audits that), DeepSpeed's own
+# collectives do too (offload included: shards are copied to the GPU before they are gathered),
+# and a second gloo backend would only hide a host-side collective (a stall per step) while
+# adding a second network dependency on clusters (gloo picks its own interface, one more socket
+# set per DeepSpeed sub-group). DS_RELORA_DIST_BACKEND overrides it, e.g. "cuda:nccl,cpu:gloo".
+GPU_BACKEND = "nccl"
+CPU_BACKEND = "gloo"
+# Launchers that set no LOCAL_RANK before DeepSpeed's MPI discovery: OpenMPI, MPICH/hydra, srun.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
 
-    transformers.logging.set_verbosity_error()
+
+def local_rank_from_env(env=None) -> int:
+    """This process's index on its node, from the first launcher variable that is set."""
+    env = os.environ if env is None else env
+    for name in LOCAL_RANK_VARS:
+        value = env.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                raise LaunchError(f"{name}={value!r} is not an integer: fix the launcher environment") from None
+    return 0
+
+
+def dist_backend(cuda: bool, env=None) -> str:
+    """The torch.distributed backend string: NCCL on GPUs, gloo on CPU, or the override."""
+    env = os.environ if env is None else env
+    return env.get("DS_RELORA_DIST_BACKEND") or (GPU_BACKEND if cuda else CPU_BACKEND)
+
+
+def select_cuda_device(local_rank: int) -> None:
+    """Bind this process to GPU ``local_rank`` (before NCCL starts: its communicator and every
+    ``torch.cuda`` default then use this GPU, not GPU 0)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise LaunchError(
+            f"local rank {local_rank} has no GPU: this node shows {count} GPU(s); start at most {count} "
+            "processes per node (launch.num_gpus) or fix CUDA_VISIBLE_DEVICES"
+        )
+    torch.cuda.set_device(local_rank)
 
 
 def init_distributed() -> None:
@@ -29,19 +66,22 @@ def init_distributed() -> None:
 
     from deepspeed.accelerator import get_accelerator
 
+    cuda = get_accelerator().device_name() == "cuda" and torch.cuda.is_available()
     if get_accelerator().device_name() == "cpu":
         # On CPU DeepSpeed JIT-loads a shared-memory op (used only by inference_all_reduce) at init,
         # behind a lock file in ~/.cache/torch_extensions: a rank killed while holding it makes every
         # later start wait forever. Training needs only gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if cuda:
+        select_cuda_device(local_rank_from_env())
     timeout = datetime.timedelta(seconds=float(os.environ.get("DS_RELORA_DIST_TIMEOUT", "600")))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT from this argument, not the env.
     port = int(os.environ.get("MASTER_PORT", "29500"))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False, timeout=timeout,
-                               distributed_port=port)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=dist_backend(cuda), auto_mpi_discovery=True, verbose=False,
+                               timeout=timeout, distributed_port=port)
+    if cuda and int(os.environ.get("LOCAL_RANK", "0")) != torch.cuda.current_device():
+        # MPI discovery found a different local rank than the launcher variables said.
+        select_cuda_device(int(os.environ["LOCAL_RANK"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config)
+        from .quiet import quiet_worker
+
+        quiet_worker()
         init_distributed()
-        _quiet_libraries()
         from .train.trainer import Trainer
 
-        Trainer(cfg).run()
+        # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
+        return Trainer(cfg).run().get("exit_code", 0)
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ if [ "${DS_RELORA_SKIP_SETUP:-0}" != 1 ]; then
   export PATH="$repo/.venv/bin:$PATH"
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZERS_PARALLELISM=false
-ds-relora prepare-data --config quickstart "$@"
+ds-relora prepare-data --config quickstart --overwrite "$@"  # deterministic: a rerun rewrites the same data
 ds-relora train --config quickstart "$@"
 last=$(find runs/quickstart/checkpoints -maxdepth 2 -name meta.json -printf '%h\n' | sort -V | tail -n 1)
 ds-relora eval "$last"

@@ -11,4 +11,7 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: a CPU build where one is on local disk, else PyPI's default build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,eval]"
+# Test-only oracle for GaLore (the paper authors' package). --no-deps: it declares bitsandbytes,
+# which only its 8-bit optimizer needs; the tests load its AdamW without the package __init__.
+python -m pip install -q --no-deps "galore-torch==1.0"

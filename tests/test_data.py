@@ -94,7 +94,7 @@ def test_txt_folder_is_recursive_sorted_and_skips_other_files(tmp_path):
     out = prepare_data(cfg(src), src / "prepared", log=quiet)
     assert decoded_docs(out, "train") == want
     # A rerun into the same folder inside the corpus must not read its own tokenizer JSON as data.
-    assert decoded_docs(prepare_data(cfg(src), src / "prepared", log=quiet), "train") == want
+    assert decoded_docs(prepare_data(cfg(src), src / "prepared", log=quiet, overwrite=True), "train") == want
 
 
 def test_parquet_source_with_custom_text_field(tmp_path):
@@ -290,13 +290,13 @@ def test_interrupted_run_leaves_nothing_and_rerun_replaces_previous_output(tmp_p
 
     monkeypatch.setattr(prepare_mod, "encode_batch", boom)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(cfg(src), out, log=quiet)
+        prepare_data(cfg(src), out, log=quiet, overwrite=True)
     assert decoded_docs(out, "train") == DOCS[:8]  # previous output untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]
     monkeypatch.undo()
 
     src2 = write_jsonl(tmp_path / "b.jsonl", DOCS[10:13])
-    prepare_data(cfg(src2), out, log=quiet)
+    prepare_data(cfg(src2), out, log=quiet, overwrite=True)
     assert decoded_docs(out, "train") == DOCS[10:13]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "out"]
 

@@ -144,6 +144,8 @@ def env():
     base.update({
         "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1", "DS_RELORA_MASTER_WAIT": "60",
+        # The launcher's INFO lines (world info, spawned commands) are what these tests read.
+        "DS_RELORA_VERBOSE": "1",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKERS), str(REPO), os.environ.get("PYTHONPATH")])),
     })

@@ -179,7 +179,7 @@ def test_spectrum_and_estimate_memory_commands(tmp_path, capsys):
         folder = tmp_path / name
         folder.mkdir()
         save_file({"model.layers.0.mlp.up_proj.weight": weight.contiguous()}, str(folder / "model_fp32.safetensors"))
-        (folder / "meta.json").write_text(json.dumps({"lora_scale": None, "step": 1}))
+        (folder / "meta.json").write_text(json.dumps({"format_version": 1, "lora_scale": None, "step": 1}))
     plot = tmp_path / "s.png"
     rc, err = _cli("spectrum", str(tmp_path / "before"), str(tmp_path / "after"), "--plot", str(plot))
     out = capsys.readouterr().out

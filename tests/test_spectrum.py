@@ -30,7 +30,7 @@ def _base_state(layers=2, seed=0):
 def _write_ckpt(folder, state, lora_scale=0.25):
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model_fp32.safetensors"))
-    (folder / "meta.json").write_text(json.dumps({"lora_scale": lora_scale}))
+    (folder / "meta.json").write_text(json.dumps({"format_version": 1, "lora_scale": lora_scale}))
     return folder
 
 

@@ -19,6 +19,10 @@ method), sweep.md with --sweep. Finished runs are reused (--fresh reruns them).
     python benchmarks/quality/run.py                 # default CPU scale, ~30-45 min on 2 cores
     python benchmarks/quality/run.py --sweep         # the LR sweep the defaults come from
     python benchmarks/quality/run.py --scale gpu --data data/big   # larger preset on a GPU
+
+The same comparison as a sweep file, three seeds per method (resumable, SLURM-able, mean ± std):
+``ds-relora sweep benchmarks/quality/sweep_cpu.yaml`` then ``ds-relora compare
+runs/sweeps/quality_cpu``; its points resolve to exactly this script's --scale cpu configs.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import logging
 import os
 import sysconfig
 from pathlib import Path
@@ -115,6 +116,10 @@ def _check_extension(path: Path) -> None:
 
 
 def _local_documents(files: list[Path], text_field: str) -> Iterator[str]:
+    empty = [p for p in files if _is_empty(p)]
+    if len(empty) == len(files):
+        what = f"{files[0]} is" if len(files) == 1 else f"all {len(files)} files of the source ({files[0]}, ...) are"
+        raise DataError(f"{what} empty: put documents there (one JSON object per line for .jsonl) or point prepare.source elsewhere")
     # Consecutive files of one kind go to one load_dataset call: fewer builder start-ups, same order.
     for builder, group in itertools.groupby(files, key=lambda p: EXTENSIONS[_extension(p)]):
         group = list(group)
@@ -124,12 +129,64 @@ def _local_documents(files: list[Path], text_field: str) -> Iterator[str]:
             continue
         import datasets
 
+        # An empty file has no rows to infer columns from: the builder fails with a bare StopIteration.
+        group = [p for p in group if not _is_empty(p)]
+        if not group:
+            continue
         where = str(group[0]) if len(group) == 1 else f"{group[0]} (+{len(group) - 1} more files)"
+        if builder == "json":
+            # Its reader logs a parse failure before raising; the DataError below says it in one line.
+            logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
         try:
             rows = datasets.load_dataset(builder, data_files=[str(p) for p in group], split="train", streaming=True)
         except Exception as exc:  # the builders raise many types; the user needs the file and the cause
-            raise DataError(f"cannot open {where} as {builder} ({_first_line(exc)}): check that the file is valid {builder}") from exc
-        yield from _nonblank(_texts_from_rows(rows, text_field, where))
+            raise _unreadable(group, builder, where, exc) from exc
+        yield from _nonblank(_texts_from_rows(_guard_rows(rows, group, builder, where), text_field, where))
+
+
+def _is_empty(path: Path) -> bool:
+    size = path.stat().st_size
+    if size > 4096:
+        return False
+    return not path.read_bytes().strip()
+
+
+def _guard_rows(rows: Iterable[dict], group: list[Path], builder: str, where: str) -> Iterator[dict]:
+    """``rows`` with a reader failure (pyarrow parses lazily, mid-stream) turned into one line."""
+    try:
+        yield from rows
+    except Exception as exc:
+        raise _unreadable(group, builder, where, exc) from exc
+
+
+def _unreadable(group: list[Path], builder: str, where: str, exc: BaseException) -> DataError:
+    if builder == "json":
+        if bad := _first_bad_json_line(group):
+            path, lineno, msg = bad
+            return DataError(f"{path} line {lineno} is not valid JSON ({msg}): fix or delete that line")
+    return DataError(f"cannot read {where} as {builder} ({_first_line(exc)}): check that the file is valid {builder}")
+
+
+def _first_bad_json_line(group: list[Path]) -> tuple[Path, int, str] | None:
+    """(file, 1-based line, reason) of the first line of a JSON-lines file that does not parse."""
+    import json
+
+    for path in group:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+            if head.startswith(b"["):  # one JSON array, not JSON lines
+                continue
+            f.seek(0)
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    value = json.loads(raw)
+                except ValueError as err:
+                    return path, lineno, getattr(err, "msg", str(err))
+                if not isinstance(value, dict):
+                    return path, lineno, f"a {type(value).__name__}, not an object"
+    return None
 
 
 def _read_text_file(path: Path) -> str:

@@ -41,12 +41,13 @@ _BATCH_CHARS = 8_000_000
 _MASK64 = (1 << 64) - 1
 
 
-def prepare_data(cfg: PrepareConfig, out_dir: str | Path, *, log: Log = print) -> Path:
-    """Tokenize and pack ``cfg.source`` into ``out_dir`` (replacing a previous output there)."""
+def prepare_data(cfg: PrepareConfig, out_dir: str | Path, *, log: Log = print, overwrite: bool = False) -> Path:
+    """Tokenize and pack ``cfg.source`` into ``out_dir``; a previous output there is replaced only
+    with ``overwrite`` (a run resumed on that folder would otherwise continue on other data)."""
     started = time.perf_counter()
     _check_config(cfg)
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, overwrite)
     docs: Iterator[str] = open_documents(cfg.source, text_field=cfg.text_field, split=cfg.split, log=log, exclude=out_dir)
     if cfg.max_documents is not None:
         docs = itertools.islice(docs, cfg.max_documents)
@@ -93,14 +94,7 @@ def prepare_data(cfg: PrepareConfig, out_dir: str | Path, *, log: Log = print) -
 
 
 def _check_config(cfg: PrepareConfig) -> None:
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"prepare.val_fraction={cfg.val_fraction} must be in [0, 1): e.g. 0.02")
-    if cfg.shard_tokens < 1:
-        raise ConfigError(f"prepare.shard_tokens={cfg.shard_tokens} must be at least 1: e.g. 50000000")
-    for name in ("max_documents", "max_tokens"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"prepare.{name}={value} must be at least 1: set a positive limit or null for no limit")
+    cfg.validate()  # the range checks next to the fields (again: the object may have been edited)
     if not cfg.tokenizer and cfg.vocab_size < MIN_BPE_VOCAB:
         raise ConfigError(f"prepare.vocab_size={cfg.vocab_size} is too small for a byte-level BPE: set it to at least {MIN_BPE_VOCAB}")
 
@@ -113,11 +107,18 @@ def _is_prepared(folder: Path) -> bool:
     return isinstance(meta, dict) and "format_version" in meta and "shards" in meta
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"output path {out_dir} is a file: choose a folder path for the prepared data")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_prepared(out_dir):
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not _is_prepared(out_dir):
         raise DataError(f"output folder {out_dir} is not empty and is not a previous prepare-data output: choose another folder or empty it")
+    if not overwrite:
+        raise DataError(
+            f"output folder {out_dir} already holds prepared data (runs may train on it): pass --overwrite to replace it, "
+            "or choose another folder with --out / data.path"
+        )
 
 
 def _note_leftovers(out_dir: Path, log: Log) -> None:

@@ -2,11 +2,14 @@
 
 DeepSpeed does not step the scheduler on a step it skipped for overflow, while its global step
 counter still advances; driving resets from the scheduler keeps every reset at the bottom of its
-LR saw-tooth. No state of its own: after a checkpoint load it reads the restored scheduler.
+LR saw-tooth. No state of its own: after a checkpoint load, :meth:`sync_with_scheduler` reads
+the restored scheduler (the epoch read at construction is the fresh engine's, before the load:
+a first step skipped after a resume would otherwise replay the merge the checkpoint already holds).
 """
 
 from __future__ import annotations
 
+from ..faults import fault_point
 from .merge import merge_and_reinit
 
 
@@ -20,7 +23,11 @@ class ReLoRAController:
         self.seed = seed
         self.optimizer_reset = optimizer_reset
         self.prune_ratio = prune_ratio
-        self.seen_epoch = engine.lr_scheduler.last_epoch
+        self.sync_with_scheduler()
+
+    def sync_with_scheduler(self) -> None:
+        """Call after ``engine.load_checkpoint``: the updates already taken are not merge candidates."""
+        self.seen_epoch = self.engine.lr_scheduler.last_epoch
 
     def last_update_step(self) -> int:
         """Global index of the latest optimizer update (its LR was schedule(index))."""
@@ -35,6 +42,7 @@ class ReLoRAController:
         step = self.last_update_step()
         if step not in self.merge_at:
             return None
+        fault_point("merge", step + 1)  # numbered like the step record of the update just taken
         stats = merge_and_reinit(self.engine, self.modules, seed=self.seed, step=step,
                                  optimizer_reset=self.optimizer_reset, prune_ratio=self.prune_ratio)
         return {"event": "merge", "step": step, **stats}

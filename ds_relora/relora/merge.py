@@ -27,11 +27,16 @@ def _is_gathered(p) -> bool:
     return p.data.numel() == p.ds_numel
 
 
+def _partition_rank(p) -> int:
+    return torch.distributed.get_rank(group=p.ds_process_group)
+
+
 def _write_module_tensor(p, value: torch.Tensor) -> None:
-    """Write the full ``value`` into the module's (low-precision) copy of ``p`` on this rank."""
+    """Write the full ``value`` into the module's (low-precision) copy of ``p`` on this rank
+    (``copy_`` moves it to each copy's own device: the shard may live in CPU memory)."""
     if is_zero3_param(p):
         part = p.ds_tensor
-        rank = torch.distributed.get_rank(group=p.ds_process_group)
+        rank = _partition_rank(p)
         flat = value.reshape(-1)
         start = rank * part.numel()
         end = min(start + part.numel(), flat.numel())
@@ -43,23 +48,57 @@ def _write_module_tensor(p, value: torch.Tensor) -> None:
         p.data.copy_(value.reshape(p.shape).to(p.dtype))
 
 
+def compute_device(target: torch.Tensor, operand: torch.Tensor) -> torch.device:
+    """Where to compute an update of ``target`` from ``operand``: the accelerator of the two.
+
+    W's shard in pinned CPU memory (ZeRO-3 param offload) is updated from a product computed
+    next to the masters on the GPU; the masters in CPU memory (optimizer offload) are moved to
+    a W on the GPU. Only adapter-sized or shard-sized tensors ever cross."""
+    return target.device if target.device.type != "cpu" else operand.device
+
+
+def _add_into(target: torch.Tensor, delta: torch.Tensor) -> None:
+    """``target += delta`` in fp32, rounded once to ``target``'s dtype, on ``target``'s device."""
+    delta = delta.to(target.device).reshape(target.shape)
+    target.copy_((target.float() + delta).to(target.dtype))
+
+
+def base_delta(a: torch.Tensor, b: torch.Tensor, scale: float, device: torch.device,
+               rows: slice = slice(None)) -> torch.Tensor:
+    """``scale * b[rows] @ a`` in fp32 on ``device``."""
+    return scale * (b[rows].to(device, torch.float32) @ a.to(device, torch.float32))
+
+
 def _add_delta_to_base(weight, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
     """``weight += scale * b @ a`` computed in fp32, touching only this rank's shard on ZeRO-3."""
     if not is_zero3_param(weight):
-        weight.data.copy_((weight.data.float() + scale * (b @ a)).to(weight.dtype))
+        _add_into(weight.data, base_delta(a, b, scale, compute_device(weight.data, a)))
         return
     part = weight.ds_tensor
     cols = a.shape[1]
-    rank = torch.distributed.get_rank(group=weight.ds_process_group)
-    start = rank * part.numel()
+    start = _partition_rank(weight) * part.numel()
     end = min(start + part.numel(), weight.ds_numel)
-    if end > start:
-        row0, row1 = start // cols, (end - 1) // cols + 1
-        rows = (scale * (b[row0:row1] @ a)).reshape(-1)
-        delta = rows[start - row0 * cols : end - row0 * cols]
-        part.data[: end - start].copy_((part.data[: end - start].float() + delta).to(part.dtype))
+    full = None
     if _is_gathered(weight):
-        weight.data.copy_((weight.data.float() + scale * (b @ a)).to(weight.dtype))
+        # A persistent W has two copies (the gathered param.data and the shard): one product,
+        # sliced for the shard, keeps them bit-identical (a checkpoint taken now resumes exactly).
+        full = base_delta(a, b, scale, compute_device(weight.data, a))
+        _add_into(weight.data, full)
+    if end > start:
+        if full is not None:
+            delta = full.reshape(-1)[start:end]
+        else:
+            row0, row1 = start // cols, (end - 1) // cols + 1
+            rows = base_delta(a, b, scale, compute_device(part, a), slice(row0, row1)).reshape(-1)
+            delta = rows[start - row0 * cols : end - row0 * cols]
+        _add_into(part.data[: end - start], delta)
+
+
+def reinit_values(shape_a, shape_b, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh fp32 A (Kaiming, drawn from the CPU ``generator``: the same values on every
+    device and rank) and B = 0, both on ``device``."""
+    new_a = kaiming_uniform_A(tuple(shape_a), generator).to(device)
+    return new_a, torch.zeros(tuple(shape_b), dtype=torch.float32, device=device)
 
 
 @torch.no_grad()
@@ -84,8 +123,8 @@ def merge_and_reinit(
         b = get_master(engine, mod.lora_B)
         _add_delta_to_base(mod.weight, a, b, mod.scale)
         generator = reset_generator(seed, step, index)
-        new_a = kaiming_uniform_A(full_shape(mod.lora_A), generator)
-        new_b = torch.zeros(full_shape(mod.lora_B))
+        # Made next to the masters; the writes below copy to each copy's own device.
+        new_a, new_b = reinit_values(full_shape(mod.lora_A), full_shape(mod.lora_B), generator, a.device)
         _write_module_tensor(mod.lora_A, new_a)
         _write_module_tensor(mod.lora_B, new_b)
         set_master(engine, mod.lora_A, new_a)

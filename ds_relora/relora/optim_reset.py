@@ -29,23 +29,30 @@ def check_reset_args(mode: str, ratio: float) -> None:
         )
 
 
+def pruned_count(mode: str, ratio: float, n: int) -> int:
+    """How many of ``n`` entries ``keep_mask`` prunes (known without reading the mask back)."""
+    return {"full": n, "none": 0}.get(mode, int(ratio * n))
+
+
 def keep_mask(score: torch.Tensor, mode: str, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Boolean mask of the entries to keep; prunes exactly ``floor(ratio * numel)`` entries."""
+    """Boolean mask of the entries to keep, on ``score``'s device; prunes exactly
+    ``pruned_count(mode, ratio, numel)`` entries."""
     flat = score.reshape(-1)
     n = flat.numel()
     if mode == "full":
         return torch.zeros_like(score, dtype=torch.bool)
     if mode == "none":
         return torch.ones_like(score, dtype=torch.bool)
-    n_prune = int(ratio * n)
+    n_prune = pruned_count(mode, ratio, n)
     if mode == "magnitude":
         # Stable sort: ties broken by position, never by how the tensor was split across ranks.
         order = torch.argsort(flat.abs(), stable=True)
     elif mode == "random":
-        order = torch.randperm(n, generator=generator)
+        # Drawn from the CPU generator, then moved: the same permutation on every device and rank.
+        order = torch.randperm(n, generator=generator).to(score.device)
     else:
         raise ConfigError(f"relora.optimizer_reset='{mode}' is unknown: use one of {', '.join(RESET_MODES)}")
-    keep = torch.ones(n, dtype=torch.bool)
+    keep = torch.ones(n, dtype=torch.bool, device=score.device)
     keep[order[:n_prune]] = False
     return keep.reshape(score.shape)
 
@@ -69,6 +76,7 @@ def reset_moments(engine, param, mode: str, ratio: float, generator: torch.Gener
     if exp_avg is None or exp_avg_sq is None:
         return {}
     keep = keep_mask(exp_avg_sq, mode, ratio, generator)
-    set_moment(engine, param, "exp_avg", exp_avg * keep)
+    set_moment(engine, param, "exp_avg", exp_avg * keep.to(exp_avg.device))
     set_moment(engine, param, "exp_avg_sq", exp_avg_sq * keep)
-    return {"numel": keep.numel(), "pruned": int((~keep).sum())}
+    # Counted, not read back from the mask: no host sync per parameter.
+    return {"numel": keep.numel(), "pruned": pruned_count(mode, ratio, keep.numel())}

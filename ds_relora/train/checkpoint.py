@@ -1,73 +1,110 @@
-"""Atomic, resumable checkpoints: ``run_dir/checkpoints/step-N/``.
+"""Saving, finding and loading checkpoints: ``run_dir/checkpoints/step-N/``.
 
 Each folder holds DeepSpeed's own checkpoint (exact resume at the same world size), one RNG
 file per rank, ``model_fp32.safetensors`` (every parameter by its HF name in fp32, adapters
 included; stage-independent, used by export, eval, spectrum and warm starts), the resolved run
-config, the HF model config and the tokenizer. ``meta.json`` is written last, atomically: a
-folder without it is incomplete and ignored.
+config, the HF model config and the tokenizer. The folder format itself (meta.json, manifest,
+format_version, fsync, staging names) is owned by :mod:`ds_relora.checkpoint_format`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint_format import (CONSOLIDATED, META, REPLACED, STAGING, STEP_FOLDER, best_folder_per_step,
+                                 check_complete, fsync_dir, fsync_tree, public_mode, read_meta, verify,
+                                 write_atomic, write_meta)
 from ..errors import CheckpointError
+from ..faults import fault_point
 from ..relora.zero_state import full_shape, get_master, is_zero3_param
-from ..weights import CONSOLIDATED, META, read_meta
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    # A per-process temp name: several nodes may write the same file on a shared filesystem.
-    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+__all__ = ["write_atomic", "complete_checkpoints", "resolve_resume", "agree_on_resume", "save_checkpoint",
+           "load_checkpoint", "load_consolidated", "gather_full_state"]
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint under ``root``, oldest first."""
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            m = STEP_DIR.match(child.name)
-            if m and (child / META).is_file():
-                found.append((int(m.group(1)), child))
-    return sorted(found)
+    """(step, folder) of every checkpoint with a meta.json under ``root`` (the best folder of
+    each step), oldest first. Not verified: see :func:`latest_intact`."""
+    return sorted((step, folders[0]) for step, folders in best_folder_per_step(root).items())
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh start."""
+def latest_intact(root: Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; each damaged one is skipped with one line."""
+    found = best_folder_per_step(root)
+    for step in sorted(found, reverse=True):
+        for folder in found[step]:
+            try:
+                check_complete(folder)
+                return folder
+            except CheckpointError as exc:
+                if log:
+                    log(f"resume: skipping {str(exc).split(': pick another')[0]}; falling back to an older checkpoint")
+    if found:
+        raise CheckpointError(f"every checkpoint under {root} is damaged: resume from another run folder, or "
+                              "delete them to start over")
+    return None
+
+
+def resolve_resume(resume: str | None, run_dir: Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint folder to resume from, or None for a fresh start. ``auto`` and run/checkpoints
+    folders pick the newest intact checkpoint; an explicit step-N folder must be intact."""
     if not resume:
         return None
     if resume == "auto":
-        found = complete_checkpoints(run_dir / "checkpoints")
-        return found[-1][1] if found else None
+        return latest_intact(Path(run_dir) / "checkpoints", log)
     path = Path(resume)
     if path.is_dir() and not (path / META).is_file():
-        found = complete_checkpoints(path) or complete_checkpoints(path / "checkpoints")
+        found = latest_intact(path, log) or latest_intact(path / "checkpoints", log)
         if found:
-            return found[-1][1]
+            return found
     if not (path / META).is_file():
         raise CheckpointError(
             f"--resume {resume}: no complete checkpoint there (a step-N folder with {META}): "
             "point at a checkpoints/step-N folder, a run folder, or use --resume auto"
         )
+    check_complete(path)
     return path
+
+
+def agree_on_resume(resume: str | None, run_dir: Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """Collective: rank 0 resolves the checkpoint and broadcasts it (ranks on a lagging or
+    unshared filesystem must not pick another one); every rank then checks it can read it."""
+    chosen = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            folder = resolve_resume(resume, run_dir, log)
+            chosen = [str(folder) if folder is not None else None, None]
+        except CheckpointError as exc:  # every rank must raise it, not wait for a broadcast
+            chosen = [None, str(exc)]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[1] is not None:
+        raise CheckpointError(chosen[1])
+    if chosen[0] is None:
+        return None
+    folder = Path(chosen[0])
+    try:
+        problem = verify(folder, read_meta(folder, for_resume=True), hashes=False)
+    except CheckpointError as exc:
+        problem = str(exc)
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (dist.get_rank(), socket.gethostname(), problem))
+    bad = [r for r in reports if r[2]]
+    if bad:
+        rank, host, problem = bad[0]
+        raise CheckpointError(
+            f"rank {rank} on host {host} cannot read the checkpoint {folder} chosen by rank 0 ({problem}): "
+            "put train.run_dir on a filesystem every node sees, or wait for it to sync"
+        )
+    return folder
 
 
 @torch.no_grad()
@@ -101,42 +138,82 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def clean_leftovers(root: Path) -> None:
+    """Rank 0 at the start of a save: delete interrupted saves (folders without meta.json,
+    ``step-N.saving``) and finish an interrupted swap (``step-N.replaced`` becomes ``step-N`` when
+    no complete ``step-N`` exists). Never deletes the only complete folder of a step."""
+    best = {folders[0] for folders in best_folder_per_step(root).values()}
+    kept = []
+    for child in sorted(Path(root).iterdir()):
+        if STEP_FOLDER.match(child.name) and child.is_dir():
+            if child in best:
+                kept.append(child)
+            else:
+                shutil.rmtree(child, ignore_errors=True)
+    for child in kept:
+        m = STEP_FOLDER.match(child.name)
+        if m.group(2):
+            os.rename(child, root / f"step-{m.group(1)}")
+    fsync_dir(root)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename the complete ``staging`` to ``final``; an existing complete ``final`` is moved
+    aside first and deleted only once the new one is in place."""
+    if final.exists():
+        aside = final.with_name(final.name + REPLACED)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        fsync_dir(final.parent)
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+        shutil.rmtree(aside)
+    else:
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+
+
 def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: dict, config_yaml: str,
                     hf_config, tokenizer_dir: Path | None, keep_last: int) -> Path:
-    """Collective: every rank must call it at the same step."""
+    """Collective: every rank must call it at the same step. Writes ``step-N.saving``, fsyncs
+    every file on the rank that wrote it, then rank 0 writes meta.json and renames the folder."""
     from safetensors.torch import save_file
 
     rank = dist.get_rank()
-    folder = root / f"step-{step}"
+    root = Path(root)
+    final, staging = root / f"step-{step}", root / f"step-{step}{STAGING}"
     if rank == 0:
-        if folder.exists():
-            shutil.rmtree(folder)  # a leftover from an interrupted save of the same step
         root.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(root)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=folder.name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
     full = gather_full_state(engine)
     if rank == 0:
-        tmp = folder / (CONSOLIDATED + ".tmp")
+        tmp = staging / (CONSOLIDATED + ".tmp")
         save_file(full, str(tmp))
-        os.replace(tmp, folder / CONSOLIDATED)
-        write_atomic(folder / "config.yaml", config_yaml)
-        hf_config.to_json_file(str(folder / "hf_config.json"))
+        public_mode(tmp)
+        os.replace(tmp, staging / CONSOLIDATED)
+        write_atomic(staging / "config.yaml", config_yaml)
+        hf_config.to_json_file(str(staging / "hf_config.json"))
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            shutil.copytree(tokenizer_dir, folder / "tokenizer", dirs_exist_ok=True)
+            shutil.copytree(tokenizer_dir, staging / "tokenizer", dirs_exist_ok=True)
+    fault_point("save", step)
+    fsync_tree(staging)  # each rank syncs what it wrote (on a shared filesystem: everything, cheaply)
     dist.barrier()
     if rank == 0:
-        write_atomic(folder / META, json.dumps(meta, indent=2))
+        write_meta(staging, meta)
+        _publish(staging, final)
         if keep_last > 0:
             for _, old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return folder
+    return final
 
 
 def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     """Restore engine, scheduler and this rank's RNG; returns the client state. Collective."""
-    meta = read_meta(folder)
+    meta = read_meta(folder, for_resume=True)
     if meta.get("world_size") != world_size:
         raise CheckpointError(
             f"{folder} was written by {meta.get('world_size')} ranks but this run has {world_size}: resume with "

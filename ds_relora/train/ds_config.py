@@ -1,4 +1,4 @@
-"""The DeepSpeed runtime layer: the JSON from ds_configs/ plus what the run config owns.
+"""The DeepSpeed runtime layer: the JSON from ds_configs/ (package data) plus what the run config owns.
 
 Batch sizes and gradient clipping have one source of truth, the run config (``train.*``,
 ``optim.grad_clip``); a JSON that sets them to something else is rejected.
@@ -28,15 +28,28 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# The shipped JSONs are package data; the repository's top-level ds_configs/ links here.
+SHIPPED = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name for p in SHIPPED.glob("*.json"))
+
+
 def resolve_json_path(path: str) -> Path:
-    """A DeepSpeed JSON by path, or by bare name from the shipped ``ds_configs/`` folder."""
-    p = Path(path)
+    """A DeepSpeed JSON by path, or a shipped one by name (``zero2``, ``zero2.json`` or
+    ``ds_configs/zero2.json``) from any folder, installed package included."""
+    p = Path(path).expanduser()
     if p.is_file():
         return p
-    shipped = Path(__file__).resolve().parents[2] / "ds_configs" / p.name
-    if not p.is_absolute() and shipped.is_file():
+    name = p.name if p.suffix == ".json" else p.name + ".json"
+    shipped = SHIPPED / name
+    if not p.is_absolute() and p.parent.name in ("", "ds_configs") and shipped.is_file():
         return shipped
-    raise ConfigError(f"DeepSpeed config {path} does not exist: set deepspeed.config to a JSON file (e.g. ds_configs/zero2.json)")
+    raise ConfigError(
+        f"DeepSpeed config {path} does not exist: set deepspeed.config to a JSON file or a shipped name "
+        f"({', '.join(n[:-5] for n in shipped_configs())})"
+    )
 
 
 def load_ds_json(path: str) -> dict:
@@ -101,9 +114,31 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     zero = ds.get("zero_optimization", {})
+    check_single_copy_of_w(cfg, zero)
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
+
+
+# ZeRO++ settings under which a frozen W has a second copy (hpZ's secondary partition, or a
+# quantized copy) that a merge, which edits W's own shard in place, would leave stale.
+SECOND_COPY_KEYS = {
+    "zero_hpz_partition_size": lambda v: int(v or 1) > 1,
+    "zero_quantized_weights": bool,
+    "zero_quantized_nontrainable_weights": bool,
+}
+
+
+def check_single_copy_of_w(cfg: RunConfig, zero: dict) -> None:
+    if cfg.train.method != "relora":  # only merges write W; LoRA never does
+        return
+    for key, active in SECOND_COPY_KEYS.items():
+        if key in zero and active(zero[key]):
+            raise ConfigError(
+                f"DeepSpeed config sets zero_optimization.{key}={zero[key]}, which keeps a second copy of every frozen W "
+                f"that ReLoRA's merges would leave stale: remove {key} from {cfg.deepspeed.config} / deepspeed.overrides "
+                "(ZeRO++ hpZ and quantized weights are not supported with train.method=relora)"
+            )
 
 
 def zero_stage(ds: dict) -> int:

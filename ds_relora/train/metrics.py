@@ -1,18 +1,57 @@
-"""Rank-0 observability: progress bar, metrics.jsonl, optional TensorBoard and W&B sinks."""
+"""Rank-0 observability: progress bar, metrics.jsonl, optional TensorBoard and W&B sinks.
+
+The record schema is documented in docs/metrics.md. After a resume from step N the log holds
+what the resumed run would have written had it never stopped: ``metrics.jsonl`` is cut back to
+the checkpoint event of step N (then a ``resume`` event), TensorBoard purges steps > N and W&B
+continues the same run (its id is kept in ``run_dir/wandb_id``).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+
+def truncate_to_checkpoint(path: Path, step: int) -> int:
+    """Cut ``metrics.jsonl`` back to the record of the checkpoint at ``step`` (records after it
+    were written by the interrupted job past its last checkpoint). Returns the records dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = None
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        if rec.get("event") == "checkpoint" and rec.get("step") == step:
+            keep = i + 1
+    if keep is None:  # no checkpoint record (log lost or older): keep what is not past the step
+        kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= step]
+    else:
+        kept = lines[:keep]
+    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line).get("step")
+    except json.JSONDecodeError:
+        return None
 
 
 class MetricsLogger:
     """Every method is a no-op on ranks other than 0, so callers need no rank checks."""
 
     def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, *,
-                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
+                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None,
+                 resumed_from: Path | None = None):
         self.active = rank == 0
         self.total = total_steps
         self.first_step = start_step
@@ -24,7 +63,12 @@ class MetricsLogger:
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = resumed_from is not None
+        dropped = truncate_to_checkpoint(run_dir / "metrics.jsonl", start_step) if resumed else 0
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if resumed:
+            self._write({"type": "event", "event": "resume", "step": start_step, "time": time.time(),
+                         "checkpoint": str(resumed_from), "dropped_records": dropped})
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
@@ -32,11 +76,16 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            # purge_step: events of the interrupted job past the checkpoint are dropped.
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if resumed else None)
         if wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(run_dir))
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(run_dir), id=run_id,
+                                    resume="allow")
 
     def _write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -82,7 +131,7 @@ class MetricsLogger:
             self.wandb.log({key: value}, step=step)
 
     def close(self) -> None:
-        if not self.active:
+        if not self.active or self.file.closed:
             return
         if self.bar is not None:
             self.bar.close()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from pathlib import Path
+
 from ..config import RunConfig
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..models import control_shape, llama_config, preset_shape, resolve_attn_implementation
 from ..relora.optim_reset import check_reset_args
 from ..relora.schedule import JaggedCosine
@@ -37,14 +39,35 @@ def _read_data_meta(path: str) -> dict:
     return read_meta(path)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _load_hf_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).expanduser()
+    if name_or_path.startswith(("/", ".", "~")) and not local.is_dir():
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r} is not an existing folder: point it at a folder holding an HF "
+            "config.json, give a hub model name (org/name), or use model.preset"
+        )
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as exc:  # missing folder/file, unknown hub name, no network, bad model_type
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r} cannot be loaded ({_first_line(exc)}): set it to a local folder "
+            "holding an HF config.json or to a hub model name (reachable from this node), or use model.preset"
+        ) from None
+
+
 def build_hf_config(cfg: RunConfig, meta: dict):
     vocab = int(meta["vocab_size"])
     seq_len = cfg.data.seq_len
     attn = resolve_attn_implementation(cfg.model.attn_implementation)
     if cfg.model.name_or_path:
-        from transformers import AutoConfig
-
-        hf = AutoConfig.from_pretrained(cfg.model.name_or_path)
+        hf = _load_hf_config(cfg.model.name_or_path)
         hf._attn_implementation = attn
         if vocab > hf.vocab_size:
             raise DataError(
@@ -134,6 +157,10 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
                 f"relora.rank={cfg.relora.rank} exceeds the smallest wrapped dimension ({limit}) of this model: "
                 f"set relora.rank to at most {limit}"
             )
+        check_adapter_phase(cfg, hf)
+        if cfg.relora.warm_start_from:
+            check_same_model(Path(cfg.relora.warm_start_from), hf, "start from a checkpoint of the same model "
+                             "(model.preset / name_or_path) trained on the same prepared data (data.path)")
     seq_tokens = int(meta["num_tokens"]["train"])
     samples = seq_tokens // cfg.data.seq_len
     if samples < global_batch:
@@ -142,3 +169,110 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
             f"batch ({global_batch}): prepare more data or lower data.seq_len / the batch size"
         )
     return RunPlan(world_size, micro, accum, global_batch, ds, hf, meta, adapters, merges, start)
+
+
+def _meta_model(hf):
+    """The run's model built on the meta device: real module tree and shapes, no memory, no init."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf, attn_implementation=hf._attn_implementation)
+    except (ValueError, KeyError) as exc:  # e.g. a config class that has no causal-LM head
+        raise ConfigError(
+            f"cannot build a causal LM from {getattr(hf, 'model_type', '?')!r} config ({_first_line(exc)}): "
+            "set model.name_or_path to a decoder-only causal LM (e.g. Llama) or use model.preset"
+        ) from None
+
+
+def check_adapter_phase(cfg: RunConfig, hf) -> int:
+    """Wrap the meta-device model exactly as the switch will, so every adapter mistake (regex matching
+    nothing, rank too large, unsupported layer type) fails before the warm start spends any step.
+    Returns the number of wrapped layers."""
+    import re
+
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from ..relora.layer import wrap_model
+
+    r = cfg.relora
+    model = _meta_model(hf)
+    patterns = [re.compile(t) for t in r.target_modules]
+    conv = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    linear_hits = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(p.search(n) for p in patterns)]
+    if conv and (not linear_hits or any(p.search(n) for n in conv for p in patterns)):
+        raise ConfigError(
+            f"model {hf.model_type!r} uses transformers Conv1D projections ({conv[0]}, ...; GPT-2 style), which "
+            "ReLoRA cannot wrap (it wraps nn.Linear): use a LLaMA-style model (model.preset, or a Llama/Mistral/Qwen "
+            "model.name_or_path)"
+        )
+    modules = wrap_model(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout, target_modules=r.target_modules,
+                         freeze_modules=r.freeze_modules, seed=cfg.train.seed)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("relora.freeze_modules freezes every parameter, adapters included: narrow its regexes")
+    return len(modules)
+
+
+# Model-config keys that decide parameter shapes: a checkpoint must agree on all of them.
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads")
+
+
+def check_same_model(folder: Path, hf, fix: str) -> None:
+    """Refuse a checkpoint whose ``hf_config.json`` has other parameter shapes than ``hf``."""
+    import json
+
+    hf_file = Path(folder) / "hf_config.json"
+    if not hf_file.is_file():
+        return
+    try:
+        saved = json.loads(hf_file.read_text())
+    except ValueError:
+        raise CheckpointError(f"{hf_file} is not valid JSON: the checkpoint is damaged; use another step-N") from None
+    ours = hf.to_dict()
+    diff = [k for k in SHAPE_KEYS if k in saved and k in ours and saved[k] != ours[k]]
+    if diff:
+        theirs = ", ".join(f"{k}={saved[k]}" for k in diff)
+        mine = ", ".join(f"{k}={ours[k]}" for k in diff)
+        raise CheckpointError(f"{folder} holds a model with {theirs} but this run builds {mine}: {fix}")
+
+
+def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
+    """Refuse, before launch, a checkpoint that the workers could not load into this run: another
+    number of ranks, another method, another model shape or vocabulary, another adapter rank."""
+    import yaml
+
+    from ..weights import read_meta
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    written = meta.get("world_size")
+    if written is not None and int(written) != plan.world_size:
+        alt = (f", or start a new run from it with relora.warm_start_from={folder}" if meta.get("phase") == "full"
+               and cfg.train.method in ("relora", "lora") else "")
+        raise CheckpointError(
+            f"{folder} was written by {written} ranks but this run has {plan.world_size} (launch.num_nodes x num_gpus): "
+            f"resume with {written} ranks (DeepSpeed's optimizer shards are per rank){alt}"
+        )
+    method = meta.get("method")
+    if method is not None and method != cfg.train.method:
+        raise CheckpointError(
+            f"{folder} is a train.method={method} checkpoint but this run has train.method={cfg.train.method}: "
+            f"resume with method {method}, or use another train.run_dir"
+        )
+    check_same_model(folder, plan.hf_config, "resume with the same model (model.preset / name_or_path) and prepared "
+                     "data (data.path, its tokenizer), or use another train.run_dir")
+    config_file = folder / "config.yaml"
+    if plan.adapters and meta.get("phase") == "adapters" and config_file.is_file():
+        try:
+            saved_relora = (yaml.safe_load(config_file.read_text()) or {}).get("relora", {})
+        except yaml.YAMLError:
+            saved_relora = {}
+        for key in ("rank", "target_modules"):
+            if key in saved_relora and saved_relora[key] != getattr(cfg.relora, key):
+                raise CheckpointError(
+                    f"{folder} has adapters with relora.{key}={saved_relora[key]} but this run sets "
+                    f"{getattr(cfg.relora, key)}: resume with the same relora.{key}, or use another train.run_dir"
+                )

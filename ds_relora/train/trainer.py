@@ -10,33 +10,37 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint_format import check_resume_matches, data_fingerprint
 from ..config import RunConfig, dump_config
 from ..config_base import to_dict
 from ..data import DistributedBatchIterator, PackedDataset, validation_batches
+from ..device import comm_device, host_scalars
 from ..errors import CheckpointError
 from ..models import build_model, describe_params, human
 from ..relora import JaggedCosine, merge_points, wrap_model
+from ..faults import fault_point
 from ..relora.controller import ReLoRAController
 from ..weights import read_meta
-from .checkpoint import gather_full_state, load_checkpoint, load_consolidated, resolve_resume, save_checkpoint
+from .checkpoint import agree_on_resume, gather_full_state, load_checkpoint, load_consolidated, save_checkpoint
 from .ds_config import zero_stage
 from .engine import build_engine
+from .job_limits import REQUEUE_EXIT_CODE, JobLimits
 from .metrics import MetricsLogger
 from .plan import plan_run
 
-FORMAT_VERSION = 1
 
-
-def _all_reduce_mean(value: torch.Tensor, world: int) -> float:
+def _all_reduce_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean over ranks, on the device ``value`` lives on (NCCL refuses CPU tensors); no host read."""
     value = value.detach().float().clone()
     dist.all_reduce(value)
-    return value.item() / world
+    return value / world
 
 
 class Trainer:
@@ -52,7 +56,7 @@ class Trainer:
         self.val_data = PackedDataset(cfg.data.path, "validation", self.seq_len)
         val = validation_batches(self.val_data, self.plan.micro_batch, cfg.train.eval_batches, self.rank, self.world)
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
-        count = torch.tensor(len(val))
+        count = torch.tensor(len(val), device=comm_device())
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
         self.val_batches = val[: int(count)]
         self.tokenizer_dir = Path(cfg.data.path) / "tokenizer"
@@ -60,6 +64,8 @@ class Trainer:
         self.controller = None
         self.modules = []
         self.tokens_seen = 0
+        self.last_saved_step = None
+        self.fingerprint = data_fingerprint(cfg.data.path)
 
     # ----------------------------------------------------------------------------- phases
     def _phase_lr_and_schedule(self, phase: str, offset: int) -> tuple[float, JaggedCosine]:
@@ -93,6 +99,8 @@ class Trainer:
             model = build_model(self.plan.hf_config, cfg.train.seed)
         if init_state is not None:
             missing, unexpected = model.load_state_dict(init_state, strict=False)
+            # Tied weights (tie_word_embeddings: lm_head.weight is embed_tokens.weight) appear once.
+            missing = [m for m in missing if m not in _tied_aliases(model)]
             if missing or unexpected:
                 raise CheckpointError(
                     f"warm-start weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
@@ -111,6 +119,7 @@ class Trainer:
         o = cfg.optim
         self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps,
                                    weight_decay=o.weight_decay, schedule=schedule)
+        _record_grad_norm_without_zero(self.engine)
         self.phase, self.phase_offset = phase, offset
         self.controller = None
         if phase == "adapters" and self.plan.merges:
@@ -129,24 +138,31 @@ class Trainer:
     def evaluate(self, batches=None) -> float:
         batches = self.val_batches if batches is None else batches
         self.engine.eval()
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.engine.device)
         for b in batches:
             b = b.to(self.engine.device)
-            total += self.engine(input_ids=b, labels=b).loss.float().cpu()
+            total += self.engine(input_ids=b, labels=b).loss.float()
         self.engine.train()
-        return _all_reduce_mean(total / max(1, len(batches)), self.world)
+        return _all_reduce_mean(total / max(1, len(batches)), self.world).item()
 
     # ----------------------------------------------------------------------------- checkpoints
+    def _layout(self) -> dict:
+        """What a resume must find unchanged (checked by check_resume_matches)."""
+        return {**self.fingerprint, "seq_len": self.seq_len, "global_batch": self.plan.global_batch,
+                "micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum}
+
     def _meta(self) -> dict:
         adapters = self.phase == "adapters"
+        from .. import __version__
+
         return {
-            "format_version": FORMAT_VERSION, "step": self.step, "phase": self.phase,
+            "ds_relora_version": __version__, "step": self.step, "phase": self.phase,
             "phase_offset": self.phase_offset, "relora_start": self.relora_start,
             "method": self.cfg.train.method, "world_size": self.world,
             "zero_stage": zero_stage(self.plan.ds_config),
             "lora_scale": self.cfg.relora.alpha / self.cfg.relora.rank if adapters else None,
             "consumed_samples": self.iterator.state_dict()["consumed_samples"],
-            "tokens_seen": self.tokens_seen, "seq_len": self.seq_len, "global_batch": self.plan.global_batch,
+            "tokens_seen": self.tokens_seen, **self._layout(),
             "data_path": self.cfg.data.path, "params": self.params,
         }
 
@@ -155,17 +171,20 @@ class Trainer:
         folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(), client_state=client,
                                  config_yaml=dump_config(self.cfg), hf_config=self.plan.hf_config,
                                  tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
+        self.last_saved_step = self.step
         self.metrics.event("checkpoint", self.step, path=str(folder))
         return folder
 
     # ----------------------------------------------------------------------------- run
     def _start(self) -> None:
         cfg = self.cfg
-        resume = resolve_resume(cfg.train.resume, self.run_dir)
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank == 0 else None
+        resume = agree_on_resume(cfg.train.resume, self.run_dir, log)
         self.relora_start = self.plan.relora_start
         consumed, phase, offset, init_state = 0, "full", 0, None
         if resume is not None:
-            meta = read_meta(resume)
+            meta = read_meta(resume, for_resume=True)
+            check_resume_matches(resume, meta, self._layout())
             self.relora_start = meta.get("relora_start", self.relora_start)
             phase, offset = meta["phase"], meta["phase_offset"]
         elif cfg.relora.warm_start_from and self.plan.adapters:
@@ -185,10 +204,14 @@ class Trainer:
             client = load_checkpoint(self.engine, resume, self.world)["ds_relora"]
             self.iterator.load_state_dict(client["data"])
             self.tokens_seen = client["tokens_seen"]
-            self.resumed_at = self.step
+            self.resumed_at = self.last_saved_step = self.step
+            if self.controller is not None:
+                self.controller.sync_with_scheduler()
+        self.resumed_from = resume
 
     def _switch_to_adapters(self) -> None:
-        if self.resumed_at != self.step:
+        # Never rewrite the step just saved (by the loop, or the checkpoint resumed from).
+        if self.cfg.relora.save_at_switch and self.last_saved_step != self.step:
             self.save()
         probe = self.val_batches[:1]
         before = self.evaluate(probe)
@@ -205,7 +228,18 @@ class Trainer:
         self._start()
         total = cfg.train.total_steps
         self.metrics = MetricsLogger(self.run_dir, self.rank, total, self.step, tensorboard=cfg.train.tensorboard,
-                                     wandb_project=cfg.train.wandb_project, config=to_dict(cfg))
+                                     wandb_project=cfg.train.wandb_project, config=to_dict(cfg),
+                                     resumed_from=self.resumed_from)
+        limits = JobLimits(cfg.train, self.step)
+        limits.install_signal_handlers()
+        try:
+            return self._loop(limits)
+        finally:
+            limits.restore_signal_handlers()
+            self.metrics.close()
+
+    def _loop(self, limits: JobLimits) -> dict:
+        cfg, total = self.cfg, self.cfg.train.total_steps
         self.metrics.info(f"{cfg.train.method}: {human(self.params['total'])} params, "
                           f"{human(self.params['trainable'])} trainable, {self.world} rank(s), "
                           f"ZeRO-{zero_stage(self.plan.ds_config)}, global batch {self.plan.global_batch} x {self.seq_len}")
@@ -215,45 +249,94 @@ class Trainer:
             if self.phase == "full" and self.plan.adapters and self.step >= self.relora_start:
                 self._switch_to_adapters()
                 device = self.engine.device
+            lr_used = self.engine.get_lr()[0]  # this step's update runs at it; the scheduler steps after
             started = time.perf_counter()
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros((), device=device)
             batches = self.iterator.next_step()
             for mb in batches:
                 mb = mb.to(device)
                 loss = self.engine(input_ids=mb, labels=mb).loss
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.detach().float().cpu()
+                loss_sum += loss.detach().float()
             event = self.controller.after_step() if self.controller else None
-            loss_value = _all_reduce_mean(loss_sum / len(batches), self.world)
+            loss_mean = _all_reduce_mean(loss_sum / len(batches), self.world)
+            fault_point("signal", self.step)
+            stop_code = limits.agreed_code(self.step, device) if self.step < total else None
+            # The step's one host read (it also waits for the GPU, so the step time is real).
+            loss_value, norm, stop_code = host_scalars(loss_mean, self.engine.get_global_grad_norm(), stop_code)
             elapsed = time.perf_counter() - started
             self.tokens_seen += self.tokens_per_step
-            norm = self.engine.get_global_grad_norm()
             self.metrics.step({
-                "step": self.step, "loss": loss_value, "lr": self.engine.get_lr()[0],
+                "step": self.step, "loss": loss_value, "lr": lr_used,
                 "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / elapsed,
-                "step_time": elapsed, "grad_norm": float(norm) if norm is not None else None,
+                "step_time": elapsed, "grad_norm": norm,
             })
             if event:
                 fields = {k: v for k, v in event.items() if k not in ("event", "step")}
                 self.metrics.event(event["event"], self.step, lr_index=event["step"], **fields)
+                pruned = fields.get("moments_pruned_fraction")
+                self.metrics.info(f"step {self.step}: merged {fields['modules']} adapters into W in "
+                                  f"{fields['seconds']:.2f}s, pruned "
+                                  f"{'no' if pruned is None else f'{pruned:.1%} of their'} Adam moments")
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                 last_eval = self._eval_event()
-            if cfg.train.stop_after_steps and self.step >= cfg.train.stop_after_steps and self.step < total:
+            reason = limits.reason(stop_code)
+            if reason:
+                # Logged before the checkpoint: a resume keeps the log up to the checkpoint's record.
+                self.metrics.event("stop", self.step, reason=reason, exit_code=REQUEUE_EXIT_CODE)
                 self.save()
-                self.metrics.info(f"step {self.step}: stopped as asked (train.stop_after_steps); resume with resume=auto")
-                self.metrics.close()
-                return {"step": self.step, "eval_loss": last_eval, "stopped": True}
+                self.metrics.info(f"step {self.step}: stopped by {reason}, checkpoint saved; exit code "
+                                  f"{REQUEUE_EXIT_CODE}: requeue with resume: auto")
+                return {"step": self.step, "eval_loss": last_eval, "stopped": True, "exit_code": REQUEUE_EXIT_CODE}
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < total:
                 self.save()
         last_eval = self._eval_event()
-        if self.resumed_at != self.step:
+        if self.last_saved_step != self.step:
             self.save()
-        self.metrics.close()
-        return {"step": self.step, "eval_loss": last_eval}
+        return {"step": self.step, "eval_loss": last_eval, "exit_code": 0}
 
     def _eval_event(self) -> float:
         loss = self.evaluate()
-        self.metrics.event("eval", self.step, loss=loss, perplexity=math.exp(min(loss, 50.0)))
+        # The in-loop eval covers train.eval_batches micro-batches per rank, `ds-relora eval` the
+        # whole split (or --max-batches): the counts say which part of the split a number is from.
+        sequences = sum(int(b.shape[0]) for b in self.val_batches) * self.world
+        self.metrics.event("eval", self.step, loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                           batches=len(self.val_batches) * self.world, sequences=sequences,
+                           tokens=sequences * self.seq_len, split_sequences=len(self.val_data))
         self.metrics.info(f"step {self.step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
         return loss
+
+
+def _tied_aliases(model) -> set[str]:
+    """Parameter names that are a second name of an earlier parameter (tied weights)."""
+    seen, aliases = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (aliases.add(name) if id(p) in seen else seen.add(id(p)))
+    return aliases
+
+
+def _record_grad_norm_without_zero(engine) -> None:
+    """DeepSpeed reports the global grad norm only through its ZeRO/fp16/bf16 optimizers; on fp32
+    ZeRO-0 ``get_global_grad_norm()`` is None. There the engine clips through
+    ``clip_fp32_gradients`` (when optim.grad_clip > 0) and then copies ``optimizer._global_grad_norm``
+    if it exists: record the pre-clip norm there (grads are already averaged over ranks)."""
+    if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    optimizer = engine.optimizer
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def norm_before_step(*_args):
+        if engine.gradient_clipping() <= 0.0:
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            optimizer._global_grad_norm = torch.stack(grads).norm() if grads else None
+
+    def clip_and_record():
+        optimizer._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                      max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
+    if hasattr(optimizer, "register_step_pre_hook"):
+        optimizer.register_step_pre_hook(norm_before_step)

@@ -1,0 +1,214 @@
+"""The one owner of the checkpoint folder format: names, ``meta.json``, ``format_version``,
+durability (fsync) and verification.
+
+A checkpoint is ``checkpoints/step-N/``. It is complete when its ``meta.json`` exists, parses,
+has this ``format_version`` and its ``files`` manifest (size and a hash of every other file)
+matches the folder. ``meta.json`` is written last, after every file of the folder (written by
+any rank) and the folder itself were fsynced, so a crash never leaves a ``meta.json`` that
+points at unwritten data.
+
+Saves go to ``step-N.saving`` and are renamed to ``step-N`` once complete; rewriting an existing
+``step-N`` first renames it to ``step-N.replaced`` and deletes it only after the new one is in
+place. A crash between the two renames leaves two complete folders under other names, which
+:func:`best_folder_per_step` still finds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 2
+# Format 1 had the same weight files (model_fp32.safetensors, hf_config.json, lora_scale) but no
+# manifest or data fingerprint: its weights can still be read (eval/export/spectrum/warm start),
+# it cannot be resumed.
+WEIGHTS_READABLE_VERSIONS = (1, 2)
+META = "meta.json"
+CONSOLIDATED = "model_fp32.safetensors"
+STAGING, REPLACED = ".saving", ".replaced"
+STEP_FOLDER = re.compile(r"^step-(\d+)(\.saving|\.replaced)?$")
+_HASH_ENDS = 4 << 20  # bytes hashed at each end of a file: whole small files, ends of big ones
+
+
+def read_meta(folder: str | Path, *, for_resume: bool = False) -> dict:
+    """``meta.json`` of a checkpoint folder; one-line CheckpointError when missing, unreadable
+    or of a format this version cannot read."""
+    path = Path(folder) / META
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {META}: it is not a complete ds_relora checkpoint (pick another step-N folder)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {exc}): pick another step-N folder") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is damaged (not a JSON object): pick another step-N folder")
+    version = meta.get("format_version")
+    readable = (FORMAT_VERSION,) if for_resume else WEIGHTS_READABLE_VERSIONS
+    if version not in readable:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        hint = ("upgrade ds_relora to read it" if newer else
+                "eval/export it, or start a new run from it with relora.warm_start_from" if version in WEIGHTS_READABLE_VERSIONS
+                else "it was not written by ds-relora train")
+        raise CheckpointError(f"{folder} has checkpoint format_version {version!r}; this ds_relora "
+                              f"{'resumes' if for_resume else 'reads'} format {FORMAT_VERSION}: {hint}")
+    return meta
+
+
+# ----------------------------------------------------------------------------- durability
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except FileNotFoundError:
+        return  # another rank's temp file, renamed meanwhile: its writer syncs the result
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:  # some filesystems refuse fsync on a directory; file data must sync
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    _fsync_path(Path(path), directory=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (and ``folder`` itself), leaves first."""
+    for dirpath, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))
+
+
+def public_mode(path: Path) -> None:
+    """Give a file the mode an ordinary ``open()`` would (0666 minus the umask): safetensors
+    creates 0600 files, unreadable for the rest of a shared cluster."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    # A per-process temp name: several nodes may write the same file on a shared filesystem.
+    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------- manifest
+def file_digest(path: Path) -> str:
+    """sha256 of the size and of the first and last 4 MiB (the whole file when smaller): catches
+    truncation, zeroed or unwritten blocks at the ends, and a swapped file; cheap on big shards."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_HASH_ENDS))
+        if size > 2 * _HASH_ENDS:
+            f.seek(size - _HASH_ENDS)
+        h.update(f.read(_HASH_ENDS))
+    return h.hexdigest()
+
+
+def file_manifest(folder: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256_ends}} of every file under ``folder`` but ``meta.json``."""
+    folder = Path(folder)
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != META:
+            out[rel] = {"size": path.stat().st_size, "sha256_ends": file_digest(path)}
+    return out
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    """Write ``meta.json`` last: format version and the manifest of the (already fsynced) files."""
+    meta = {**meta, "format_version": FORMAT_VERSION, "files": file_manifest(folder)}
+    write_atomic(Path(folder) / META, json.dumps(meta, indent=2))
+
+
+def verify(folder: Path, meta: dict, *, hashes: bool = True) -> str | None:
+    """What is wrong with a checkpoint folder against its manifest, or None when it is intact."""
+    for rel, expected in (meta.get("files") or {}).items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{rel} has {size} bytes, {META} says {expected['size']}"
+        if hashes and file_digest(path) != expected["sha256_ends"]:
+            return f"{rel} does not match its hash in {META}"
+    if not meta.get("files"):
+        return f"{META} lists no files"
+    return None
+
+
+def check_complete(folder: Path, *, hashes: bool = True) -> dict:
+    """The meta of a complete, intact, resumable checkpoint; CheckpointError saying why not."""
+    meta = read_meta(folder, for_resume=True)
+    problem = verify(folder, meta, hashes=hashes)
+    if problem:
+        raise CheckpointError(f"{folder} is damaged ({problem}): pick another step-N folder")
+    return meta
+
+
+# ----------------------------------------------------------------------------- folders
+def best_folder_per_step(root: Path) -> dict[int, list[Path]]:
+    """step -> candidate folders with a meta.json, best first (step-N, then an interrupted
+    swap's step-N.saving, then step-N.replaced)."""
+    order = {None: 0, STAGING: 1, REPLACED: 2}
+    found: dict[int, list[tuple[int, Path]]] = {}
+    if Path(root).is_dir():
+        for child in Path(root).iterdir():
+            m = STEP_FOLDER.match(child.name)
+            if m and child.is_dir() and (child / META).is_file():
+                found.setdefault(int(m.group(1)), []).append((order[m.group(2)], child))
+    return {step: [p for _, p in sorted(c)] for step, c in found.items()}
+
+
+# ----------------------------------------------------------------------------- what a run depends on
+def data_fingerprint(data_dir: str | Path) -> dict:
+    """Hashes of what a resumed run must find unchanged: the prepared data (its meta.json, the
+    size and ends of every shard) and the tokenizer files."""
+    folder = Path(data_dir)
+    data = hashlib.sha256((folder / "meta.json").read_bytes())
+    for shard in sorted(folder.glob("*.bin")):
+        data.update(shard.name.encode() + file_digest(shard).encode())
+    tok = hashlib.sha256()
+    tok_dir = folder / "tokenizer"
+    if tok_dir.is_dir():
+        for path in sorted(p for p in tok_dir.rglob("*") if p.is_file()):
+            tok.update(path.relative_to(tok_dir).as_posix().encode() + path.read_bytes())
+    return {"data_sha256": data.hexdigest(), "tokenizer_sha256": tok.hexdigest()}
+
+
+# Checkpoint keys a resume must match, with the fix each mismatch needs.
+_RESUME_KEYS = {
+    "data_sha256": "the prepared data in data.path changed since it was written (re-prepared or replaced)",
+    "tokenizer_sha256": "the tokenizer in data.path changed since it was written",
+    "seq_len": "data.seq_len differs",
+    "global_batch": "the global batch size differs",
+    "micro_batch": "train.micro_batch_size differs",
+    "grad_accum": "the gradient accumulation (global / (micro x world)) differs",
+}
+
+
+def check_resume_matches(folder: Path, meta: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint on other data, tokenizer or batch layout (one line)."""
+    for key, what in _RESUME_KEYS.items():
+        if key in current and meta.get(key) != current[key]:
+            raise CheckpointError(
+                f"cannot resume {folder}: {what} ({key} {meta.get(key)!r} in the checkpoint, {current[key]!r} now): "
+                "restore the run's data and settings, or start a new run (another train.run_dir, "
+                "relora.warm_start_from for a full-rank checkpoint)"
+            )

@@ -1,0 +1,23 @@
+"""Fault injection for the reliability tests, in one place.
+
+``DS_RELORA_FAULT=<point>:<step>`` (e.g. ``save:16``, ``merge:16``, ``signal:5``) makes rank
+``DS_RELORA_FAULT_RANK`` (default 1) act at that point of that global step: ``save`` and
+``merge`` kill the process with SIGKILL (a node crash), ``signal`` sends it SIGUSR1 (what SLURM
+sends before a time limit). Unset, :func:`fault_point` is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def fault_point(point: str, step: int) -> None:
+    spec = os.environ.get("DS_RELORA_FAULT")
+    if not spec or spec != f"{point}:{step}":
+        return
+    import torch.distributed as dist
+
+    if dist.get_rank() != int(os.environ.get("DS_RELORA_FAULT_RANK", "1")):
+        return
+    os.kill(os.getpid(), signal.SIGUSR1 if point == "signal" else signal.SIGKILL)

@@ -1,0 +1,177 @@
+"""The method seam: what a low-rank (or full-rank) pre-training method decides, in one place.
+
+A method is a small class registered under its ``train.method`` name (torchtitan's
+``ModelConverter`` idea: the trainer asks, the method answers). It decides
+
+* ``validate(cfg, zero_stage)``: one-line ``ConfigError`` for settings it cannot honour, before
+  any worker starts (``check_shapes`` does the per-layer part from ``(name, out, in)`` tuples,
+  so ``plan_run`` can call it on the HF config alone);
+* ``wrap(model, cfg, seed)``: replace target linears in place, return ``[(name, module)]`` in a
+  fixed order (the same on every rank);
+* ``param_groups(model, cfg)``: optimizer groups; extra keys are hints the trainer honours
+  (``eps_scale``: the group's Adam eps is ``eps * eps_scale`` and, with
+  ``schedule().galore_eps``, divided by ``sqrt(1 - beta2^t)`` each step);
+* ``schedule(cfg, start)``: a :class:`ScheduleSpec` (jagged restarts or not);
+* ``before_step(engine, step, micro_batches)`` / ``after_step(engine, step)``: projector
+  updates (GaLore, before the update that uses them) and merge-and-reinit (ReLoRA/ReMoRA, after
+  the update that ran at LR 0); both return an event dict for the metrics log or None;
+* ``fold(state, meta)``: a pure tensor function from a consolidated fp32 state dict to the
+  effective weights (eval, export, spectrum, warm-start hand-off).
+
+How today's methods map onto it (they move next session, their tests unchanged):
+
+* ``full``: validate nothing extra, ``wrap`` returns [], the default decay/no-decay groups,
+  plain cosine, no hooks, ``fold`` is the identity.
+* ``control``: as ``full``; its only decision is the model shape (``models.control_shape``),
+  which becomes a ``build_shape(shape, vocab, cfg)`` hook called by ``plan.build_hf_config``.
+* ``lora``: ``wrap`` = ``relora.layer.wrap_model``; one ramp after a warm start; no
+  ``after_step``; ``fold`` = ``weights.merge_adapters(state, alpha / r)``.
+* ``relora``: as ``lora`` plus a jagged schedule and ``after_step`` = the merge at
+  ``merge_points`` (today ``ReLoRAController`` + ``merge_and_reinit``).
+
+The ZeRO-exact layer every method shares (not a ReLoRA detail):
+
+* ``relora/zero_state.py``: ``get_master``/``set_master`` and ``get_moment``/``set_moment`` read
+  and write the optimizer's fp32 copy and Adam moments of one *whole* trainable parameter on
+  every stage (collective on ZeRO 1/2/3, same value on every rank for the setters);
+* a merge adds ΔW into the frozen W: replicated on ZeRO 0-2 (every rank adds the same delta), and
+  on ZeRO-3 each rank adds only the rows of ΔW that cover its flat shard ``W.ds_tensor``
+  (:func:`shard_delta` here; today ``merge._add_delta_to_base`` does it for ``s * B @ A``).
+  So a method only supplies :meth:`MergeableLayer.delta_rows`: rows ``row0:row1`` of its ΔW
+  from the full adapter values (M for MoRA, C and the projector for GaLore, A and B for ReLoRA);
+* re-inits are written to the module tensors *and* the masters (otherwise DeepSpeed's next
+  ``step()`` copies the old adapter back while its product already sits in W).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@dataclasses.dataclass
+class ScheduleSpec:
+    """How the LR schedule of a method's phase looks (fed to ``relora.schedule.JaggedCosine``)."""
+
+    restart_every: int | None = None   # LR drops to 0 every this many steps (None: plain cosine)
+    restart_warmup_steps: int = 0      # linear re-warm-up after each restart
+    galore_eps: bool = False           # set each group's eps to eps*eps_scale/sqrt(1-beta2^t) per step
+
+
+@runtime_checkable
+class MergeableLayer(Protocol):
+    """An adapted linear whose adapter can be merged into its frozen ``weight`` exactly."""
+
+    weight: nn.Parameter
+    out_features: int
+    in_features: int
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable adapter tensors by attribute name (read through their fp32 masters)."""
+
+    def delta_rows(self, values: dict[str, torch.Tensor], row0: int, row1: int) -> torch.Tensor:
+        """Rows ``row0:row1`` (fp32, ``(row1-row0) x in``) of ΔW from the full adapter ``values``."""
+
+    def reset_values(self, values: dict[str, torch.Tensor], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """Adapter values right after a merge (seeded identically on every rank)."""
+
+
+def shard_delta(start: int, end: int, cols: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """The flat slice ``[start, end)`` of the row-major ΔW (``? x cols``), built from the rows it spans.
+
+    This is all a ZeRO-3 per-shard merge needs from a method: rank ``q`` owns flat elements
+    ``[q * P, min((q + 1) * P, numel))`` of W, computes only rows ``start // cols`` to
+    ``(end - 1) // cols`` of ΔW and adds this slice into ``W.ds_tensor``; no W gather."""
+    if end <= start:
+        return torch.zeros(0)
+    row0, row1 = start // cols, (end - 1) // cols + 1
+    block = rows(row0, row1).reshape(-1)
+    return block[start - row0 * cols: end - row0 * cols]
+
+
+class Method:
+    """Base class: the full-rank defaults. Subclasses override what they decide."""
+
+    name: ClassVar[str] = ""
+    adapters: ClassVar[bool] = False   # the method wraps linears (a frozen W plus trainables)
+    merges: ClassVar[bool] = False     # after_step / before_step may rewrite W
+
+    def validate(self, cfg, zero_stage: int) -> None:
+        """Raise a one-line ConfigError for anything this method cannot honour."""
+
+    def check_shapes(self, cfg, shapes: list[tuple[str, int, int]]) -> None:
+        """Validate each target layer ``(name, out_features, in_features)``."""
+
+    def wrap(self, model: nn.Module, cfg, seed: int) -> list[tuple[str, nn.Module]]:
+        return []
+
+    def param_groups(self, model: nn.Module, cfg) -> list[dict]:
+        """Matrices decay, vectors (norms, biases) do not; frozen params are left out."""
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        wd = cfg.optim.weight_decay
+        groups = [{"params": decay, "weight_decay": wd}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def schedule(self, cfg, start: int) -> ScheduleSpec:
+        return ScheduleSpec()
+
+    def before_step(self, engine, step: int, micro_batches) -> dict | None:
+        return None
+
+    def after_step(self, engine, step: int) -> dict | None:
+        return None
+
+    def fold(self, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        return dict(state)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``train.method: <cls.name>``."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``; one line naming the known ones otherwise."""
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise ConfigError(
+            f"train.method='{name}' is unknown: use one of {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def target_linears(model: nn.Module, patterns: list[str], section: str) -> list[tuple[str, nn.Linear]]:
+    """Every ``nn.Linear`` whose name matches a regex (re.search), in module order; none is an error."""
+    import re
+
+    compiled = [re.compile(t) for t in patterns]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(p.search(n) for p in compiled)]
+    if not found:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
+        raise ConfigError(
+            f"no module matches {section}.target_modules={list(patterns)}: the model's linear layers are named "
+            f"like {names}; set {section}.target_modules to regexes of those names"
+        )
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,103 @@
+"""When a job stops early to be requeued: a wall-time budget, a number of steps per job, an
+absolute stop step, or SIGUSR1/SIGTERM (what SLURM sends before a time limit).
+
+The decision is taken at a step boundary and agreed by all ranks (a signal may reach only some
+of them, clocks differ): one all-reduce of a small device tensor per step. The trainer then
+checkpoints and exits with :data:`REQUEUE_EXIT_CODE`, which a batch script requeues on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+from ..errors import ConfigError
+
+# EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry".
+REQUEUE_EXIT_CODE = 75
+STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+# Larger code wins the all-reduce (MAX); names are what the log line and the metrics event say.
+REASONS = {1: "train.stop_after_steps", 2: "train.max_steps_per_job", 3: "train.time_limit", 4: "a stop signal"}
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value, where: str = "train.time_limit") -> float | None:
+    """Seconds of '13800', '3h50m', '90m', '1d2h', '03:50:00' or '50:00' (MM:SS); None stays None."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    seconds = None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    elif re.fullmatch(r"\d+(:\d{1,2}){1,2}", text):
+        parts = [int(p) for p in text.split(":")]
+        seconds = float(sum(p * 60 ** i for i, p in enumerate(reversed(parts))))
+    elif text and (m := _DURATION.match(text)):
+        d, h, mi, s = (float(g or 0) for g in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    if seconds is None or seconds <= 0:
+        raise ConfigError(f"{where}={value!r} is not a positive duration: write seconds (13800), '3h50m', '90m' or 'HH:MM:SS'")
+    return seconds
+
+
+class JobLimits:
+    """Per-rank stop state; :meth:`agreed_code` is collective."""
+
+    def __init__(self, train_cfg, start_step: int):
+        self.start_step = start_step
+        self.started = time.monotonic()
+        self.time_limit = parse_duration(train_cfg.time_limit)
+        self.max_steps = train_cfg.max_steps_per_job
+        # Absolute stop step: applies only to a job that started before it, so a requeued job
+        # with the same config does not train one step and stop again.
+        stop = train_cfg.stop_after_steps
+        self.stop_at = stop if stop is not None and start_step < stop else None
+        self.signalled: str | None = None
+        self._previous = {}
+
+    def install_signal_handlers(self) -> None:
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.signalled is not None:
+            # A second signal: the user (or the scheduler) insists; stop now the default way.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signalled = signal.Signals(signum).name
+
+    def local_code(self, step: int) -> int:
+        if self.signalled:
+            return 4
+        if self.time_limit is not None and time.monotonic() - self.started >= self.time_limit:
+            return 3
+        if self.max_steps is not None and step - self.start_step >= self.max_steps:
+            return 2
+        if self.stop_at is not None and step >= self.stop_at:
+            return 1
+        return 0
+
+    def agreed_code(self, step: int, device):
+        """Collective: the largest stop code of any rank after this step, as a device tensor (read
+        on the host together with the step's other scalars: one host sync per step)."""
+        import torch
+        import torch.distributed as dist
+
+        code = torch.tensor([self.local_code(step)], dtype=torch.int32, device=device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return code
+
+    @staticmethod
+    def reason(code: float | None) -> str | None:
+        value = int(code or 0)
+        return REASONS[value] if value else None

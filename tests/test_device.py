@@ -1,0 +1,223 @@
+"""Device correctness without a GPU.
+
+A CPU run cannot tell a GPU tensor from a CPU one, so the bug class (a tensor made on the CPU
+meeting GPU tensors: in a collective, a mask product, a merge into an offloaded shard) is caught
+three ways here:
+
+* the pure functions run on ``meta`` tensors (a second device that refuses to mix with CPU
+  tensors: "Tensor on device cpu is not on the expected device meta") and their outputs must
+  stay on ``meta``;
+* 2-rank ZeRO-3 runs where W's shard really is a shard (persistence threshold 0) and lives
+  apart (parameter offload) must merge exactly;
+* a real 2-rank training (merge, eval, checkpoint) runs under an audit that fails on every
+  tensor factory called from ds_relora's training code without a device, and counts the host
+  reads the step loop makes (at most one per optimizer step).
+"""
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distributed import results, run_workers
+from ds_relora.relora import keep_mask, reset_moments
+from ds_relora.relora.merge import _add_delta_to_base, base_delta, compute_device, reinit_values
+from ds_relora.relora.optim_reset import pruned_count, reset_generator
+from ds_relora.train import trainer as trainer_mod
+from ds_relora.worker import dist_backend, local_rank_from_env
+
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize("mode", ["magnitude", "random", "full", "none"])
+def test_keep_mask_lives_on_the_score_device(mode):
+    score = torch.rand(6, 5, device=META)
+    keep = keep_mask(score, mode, 0.9, reset_generator(0, 1, 2))
+    assert keep.device == META and keep.dtype == torch.bool and keep.shape == (6, 5)
+
+
+def test_random_mask_is_device_invariant():
+    # The permutation comes from the CPU generator whatever the score's device: equal on CPU and
+    # (moved) on any accelerator, so masks do not depend on where the moments live.
+    score = torch.rand(40)
+    a = keep_mask(score, "random", 0.75, reset_generator(3, 4, 5))
+    b = keep_mask(score.double(), "random", 0.75, reset_generator(3, 4, 5))
+    assert torch.equal(a, b) and int((~a).sum()) == pruned_count("random", 0.75, 40) == 30
+
+
+def test_moment_reset_writes_on_the_moments_device():
+    p = torch.nn.Parameter(torch.empty(4, 3, device=META))
+    state = {"exp_avg": torch.empty(4, 3, device=META), "exp_avg_sq": torch.empty(4, 3, device=META)}
+    engine = SimpleNamespace(optimizer=SimpleNamespace(state={p: state}))
+    stats = reset_moments(engine, p, "magnitude", 0.5)
+    assert stats == {"numel": 12, "pruned": 6}
+    assert state["exp_avg"].device == META and state["exp_avg_sq"].device == META
+
+
+def test_merge_into_replicated_weight_on_another_device():
+    # W on the "accelerator" (meta), masters A/B on the CPU (optimizer offload).
+    w = torch.nn.Parameter(torch.empty(6, 5, device=META, dtype=torch.bfloat16), requires_grad=False)
+    a, b = torch.rand(2, 5), torch.rand(6, 2)
+    _add_delta_to_base(w, a, b, 0.5)
+    assert w.device == META and w.dtype == torch.bfloat16
+    assert compute_device(w.data, a) == META
+
+
+class FakeZ3Param(torch.nn.Parameter):
+    """What merge reads of a ZeRO-3 param: ds_id, ds_tensor (this rank's flat shard), ds_numel."""
+
+
+def _z3_weight(out, inp, rank, world, shard_device, gathered):
+    full = torch.arange(out * inp, dtype=torch.float32).reshape(out, inp) / 7
+    w = FakeZ3Param(full.clone() if gathered else torch.empty(0), requires_grad=False)
+    part = -(-full.numel() // world)
+    shard = torch.zeros(part)
+    end = min(full.numel(), (rank + 1) * part)
+    shard[: end - rank * part] = full.reshape(-1)[rank * part:end]
+    w.ds_id, w.ds_numel, w.ds_shape, w.ds_process_group = 0, full.numel(), (out, inp), None
+    w.ds_tensor = shard.to(shard_device)
+    return w, full
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_zero3_row_slice_merge_matches_full_product(monkeypatch, rank, gathered):
+    # 7 x 5 over 3 ranks: partitions of 12 cut through rows; the last one is padded.
+    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: rank)
+    a, b = torch.rand(3, 5), torch.rand(7, 3)
+    w, full = _z3_weight(7, 5, rank, 3, "cpu", gathered)
+    _add_delta_to_base(w, a, b, 0.25)
+    expect = (full + 0.25 * (b @ a)).reshape(-1)
+    start, end = rank * 12, min(35, rank * 12 + 12)
+    assert torch.allclose(w.ds_tensor[: end - start], expect[start:end], atol=1e-6)
+    assert not w.ds_tensor[end - start:].any(), "padding stays zero"
+    if gathered:
+        # Both copies of a persistent W from one product: bit-identical.
+        assert torch.equal(w.data.reshape(-1)[start:end], w.ds_tensor[: end - start])
+
+
+def test_zero3_merge_into_shard_on_another_device(monkeypatch):
+    # The shard lives apart (meta stands for pinned CPU memory vs. GPU masters): the rows are
+    # computed and moved to the shard's device; nothing mixes devices.
+    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: 1)
+    w, _ = _z3_weight(7, 5, 1, 2, META, gathered=False)
+    _add_delta_to_base(w, torch.rand(3, 5), torch.rand(7, 3), 0.25)
+    assert w.ds_tensor.device == META
+
+
+def test_reinit_write_reaches_a_shard_on_another_device(monkeypatch):
+    from ds_relora.relora.merge import _write_module_tensor
+
+    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: 1)
+    w, _ = _z3_weight(7, 5, 1, 2, META, gathered=False)
+    _write_module_tensor(w, torch.rand(7, 5))  # the new A/B come from the masters' device
+    assert w.ds_tensor.device == META
+    w, _ = _z3_weight(7, 5, 1, 2, "cpu", gathered=True)
+    value = torch.rand(7, 5)
+    _write_module_tensor(w, value)
+    assert torch.equal(w.data, value) and torch.equal(w.ds_tensor[:17], value.reshape(-1)[18:])
+
+
+def test_reinit_values_on_the_masters_device():
+    a, b = reinit_values((3, 8), (5, 3), reset_generator(0, 1, 0), META)
+    assert a.device == META and b.device == META and a.dtype == b.dtype == torch.float32
+    a_cpu, b_cpu = reinit_values((3, 8), (5, 3), reset_generator(0, 1, 0), torch.device("cpu"))
+    assert a_cpu.abs().max() <= 8 ** -0.5 and a_cpu.std() > 0 and not b_cpu.any()
+    assert base_delta(a_cpu, b_cpu, 2.0, torch.device("cpu")).shape == (5, 8)
+
+
+def test_all_reduce_mean_stays_on_the_value_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(trainer_mod.dist, "all_reduce", lambda t, **kw: seen.append(t.device))
+    out = trainer_mod._all_reduce_mean(torch.ones((), device=META), 2)
+    assert seen == [META] and out.device == META
+
+
+def test_backend_and_local_rank_selection():
+    assert dist_backend(True, {}) == "nccl" and dist_backend(False, {}) == "gloo"
+    assert dist_backend(True, {"DS_RELORA_DIST_BACKEND": "cuda:nccl,cpu:gloo"}) == "cuda:nccl,cpu:gloo"
+    assert local_rank_from_env({"OMPI_COMM_WORLD_LOCAL_RANK": "3"}) == 3
+    assert local_rank_from_env({"LOCAL_RANK": "1", "SLURM_LOCALID": "2"}) == 1
+    assert local_rank_from_env({}) == 0
+
+
+# ----------------------------------------------------------------------------- 2 ranks
+@pytest.fixture(scope="module")
+def device_runs(prepared_data, tmp_path_factory):
+    from helpers import REPO, read_metrics, tiny_run_config, write_config
+
+    run_dir = tmp_path_factory.mktemp("device_audit")
+    # ZeRO-3 with parameter and optimizer offload and persistence 0: every W is a real shard.
+    cfg = tiny_run_config(prepared_data, run_dir, relora={"warm_start_steps": 2, "reset_every": 3},
+                          train={"total_steps": 8, "eval_every": 4, "save_every": 4, "eval_batches": 2},
+                          deepspeed={"config": str(REPO / "ds_configs" / "zero3_offload.json"),
+                                     "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})
+    config = write_config(run_dir / "config.yaml", cfg)
+    res = results(run_workers(["tests/workers/device_worker.py", "--config", str(config)], 2, timeout=400))
+    losses, events = read_metrics(run_dir)
+    return {"res": res, "losses": losses, "events": events}
+
+
+def test_training_creates_no_deviceless_tensor_and_reads_the_host_once_per_step(device_runs):
+    train = [r for r in device_runs["res"] if r["part"] == "train"]
+    events = device_runs["events"]
+    assert len(train) == 2 and all(r["rc"] == 0 for r in train)
+    assert [e["lr_index"] for e in events if e.get("event") == "merge"] == [5], "the run must merge"
+    assert sorted(device_runs["losses"]) == list(range(1, 9))
+    evals = len([e for e in events if e.get("event") == "eval"])
+    assert evals == 2
+    for r in train:
+        # On a GPU any of these would be a CPU tensor in an NCCL collective or next to GPU state.
+        assert r["deviceless"] == {}, r["deviceless"]
+        reads = Counter()
+        for where, n in r["host_reads"].items():
+            reads[where.split(":")[1]] += n
+        assert reads.pop("host_scalars") == 8, "one host read per optimizer step, for all its scalars"
+        assert reads.pop("evaluate") == evals + 2, "one per eval (plus the two switch probes)"
+        assert reads.pop("__init__", 0) <= 1
+        assert not reads, f"host reads elsewhere (the step loop must not sync): {r['host_reads']}"
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero3_sharded_and_offloaded_base_merges_exactly(device_runs, offload):
+    ranks = [r for r in device_runs["res"] if r["part"] == "checks" and r["offload"] == offload]
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["base_sharded"], "threshold 0: W must be partitioned, not persistent"
+        assert r["merge_logit_diff"] <= 1e-5 * max(1.0, r["logit_scale"]) and r["weight_changed"] > 1e-3
+        assert r["reinit_module"] and r["reinit_master"] and r["after_lr0_master"] and r["masks_ok"]
+        assert r["others_untouched"]
+
+
+# ----------------------------------------------------------------------------- GPU check
+def test_largest_micro_batch_extrapolates_linearly():
+    from ds_relora.gpu_check import largest_micro_batch
+
+    gib = 2**30
+    # 10 GiB fixed + 1 GiB per sequence, 100 GiB card, 85% of it usable: 75 sequences.
+    assert largest_micro_batch(8, 18 * gib, 16, 26 * gib, 100 * gib) == 75
+    assert largest_micro_batch(8, 95 * gib, 16, 99 * gib, 100 * gib) == 8, "never below the measured size"
+
+
+def test_gpu_check_smoke_runs_the_same_path_on_cpu(prepared_data, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "ds_relora.gpu_check", "--smoke", "--stages", "zero3_offload",
+                           "--data", str(prepared_data), "--work", str(tmp_path / "work")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ds_relora GPU check" in proc.stdout and "result: PASS" in proc.stdout
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    (run,) = res["relora_runs"]
+    assert run["ok"] and run["merges"] == [2] and run["eval_loss"] is not None
+    (pair,) = res["throughput"]
+    assert {r["method"] for r in pair["rows"]} == {"full", "relora"}
+    assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in pair["rows"])
+    assert res["attention"] == "sdpa" and res["ok"]
