@@ -124,7 +124,8 @@ def cmd_estimate(args) -> int:
     est = estimate_memory(args.preset, args.method, args.rank, args.zero_stage, args.gpus, args.micro_batch,
                           args.seq_len, vocab_size=args.vocab_size, precision=args.precision,
                           keep_base_fp32=args.keep_base_fp32, activation_checkpointing=args.activation_checkpointing,
-                          offload_optimizer=args.offload_optimizer, offload_params=args.offload_params)
+                          offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
+                          zero3_frozen_base=args.zero3_frozen_base)
     print(format_table(est))
     return 0
 
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--offload-params", action="store_true")
+    p.add_argument("--zero3-frozen-base", default="partition", choices=["partition", "replicate"],
+                   help="ZeRO-3: frozen W partitioned (default) or replicated on every GPU")
     p.set_defaults(fn=cmd_estimate)
     p = sub.add_parser("config", help="print the resolved config, or every field's help (--explain)")
     _config_args(p)

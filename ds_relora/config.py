@@ -60,6 +60,8 @@ class ReLoRAConfig(Checked):
     lr: Optional[float] = doc(None, "peak LR of the ReLoRA phase (paper: ~2x the full-rank LR); default optim.lr")
     jagged_schedule: bool = doc(True, "restart the LR from 0 at every reset (false: plain cosine, ablation)")
     keep_base_fp32: bool = doc(False, "keep frozen W in fp32 under bf16 (merges do not round); uses DeepSpeed torch_autocast instead of bf16 params")
+    fuse_shared_inputs: bool = doc(True, "one dropout and one adapter GEMM per input shared by q/k/v and by gate/up (members share one dropout mask); false: one per linear")
+    zero3_frozen_base: Literal["partition", "replicate"] = doc("partition", "ZeRO-3 only: partition the frozen base weights (DeepSpeed's default) or replicate them, kept gathered on every rank (+2-4 bytes per frozen param per GPU; saves re-gathers only when stage3_max_live_parameters is small)")
     save_at_switch: bool = doc(True, "checkpoint the full-rank model at the warm-start switch (step-<warm_start_steps>), even with train.save_every: 0; skipped when that step was just saved")
 
     SECTION = "relora"

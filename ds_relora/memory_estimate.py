@@ -40,9 +40,11 @@ layer, with a = 2 bytes (bf16) or 4 (fp32), h hidden, f intermediate, n heads, s
       (fp32 RMSNorm input and rsqrt, bf16 norm outputs, q/k after RoPE, v, attention output,
        fp32 log-sum-exp, gate/up/SiLU/product of the MLP)
     eager attention                      + 6*n*s - 4n   (fp32 and bf16 softmax probabilities)
-    adapters, dropout p > 0              + 6(m+a)h + (m+a)f + 7*a*r - 2ah - af
-      (each of the 7 wrapped inputs keeps a dropout mask of m bytes, 1 on CUDA, and the dropped
-       input; A's output; the frozen W no longer needs its own input)
+    adapters, dropout p > 0              + 3(m+a)h + (m+a)f + 7*a*r - 2ah - af
+      (each of the 4 distinct wrapped inputs (q/k/v share one, gate/up one, o, down) keeps a
+       dropout mask of m bytes, 1 on CUDA, and the dropped input; A's output; the frozen W no
+       longer needs its own input. Unfused (``fuse_shared_inputs=False``) all 7 inputs keep
+       their own: 6(m+a)h instead of 3(m+a)h)
     adapters, no dropout                 + 7*a*r
 plus, once per model: final norm, lm_head input and the fp32 log-softmax of the logits,
 ``4h + 4 + 2ah + 4V + 16``. With activation checkpointing each layer keeps only its input
@@ -88,11 +90,18 @@ def _ceil_div(x: int, n: int) -> int:
 def model_state_bytes(total_params: int, trainable_params: int, zero_stage: int, num_gpus: int,
                       precision: str = "bf16", keep_base_fp32: bool = False,
                       offload_optimizer: bool = False, offload_params: bool = False,
-                      grad_accum_steps: int = 1) -> dict[str, int]:
-    """Bytes of lp weights, grads, fp32 master and Adam moments on one rank (see module doc)."""
+                      grad_accum_steps: int = 1, zero3_frozen_base: str = "partition") -> dict[str, int]:
+    """Bytes of lp weights, grads, fp32 master and Adam moments on one rank (see module doc).
+
+    ``zero3_frozen_base="replicate"`` (``relora/zero3_frozen.py``): on stage 3 every rank also
+    holds the whole frozen W next to its shard, e*(P-T) more weight bytes, and gathers no W in
+    forward or backward (one coalesced re-gather per optimizer step).
+    """
     n, p, t = num_gpus, total_params, trainable_params
     elt = 4 if precision == "fp32" or keep_base_fp32 else 2
     weights = elt * (p if zero_stage < 3 else _ceil_div(p, n))
+    if zero_stage == 3 and zero3_frozen_base == "replicate":
+        weights += elt * (p - t)
     full_grads = zero_stage == 0 or (zero_stage == 1 and grad_accum_steps > 1)
     grads = elt * (t if full_grads else _ceil_div(t, n))
     if zero_stage == 0:
@@ -117,7 +126,8 @@ def model_state_bytes(total_params: int, trainable_params: int, zero_stage: int,
 def activation_bytes(shape: Shape, method: str, rank: int, micro_batch: int, seq_len: int,
                      vocab_size: int = 32000, precision: str = "bf16",
                      activation_checkpointing: bool = False, lora_dropout: float = 0.1,
-                     attn_implementation: str = "sdpa", mask_bytes: int = 1) -> int:
+                     attn_implementation: str = "sdpa", mask_bytes: int = 1,
+                     fuse_shared_inputs: bool = True) -> int:
     """Approximate activation bytes of one micro-batch (formula in the module docstring).
 
     ``mask_bytes`` is the size of one dropout-mask element: 1 on CUDA (bool), the activation
@@ -131,7 +141,8 @@ def activation_bytes(shape: Shape, method: str, rank: int, micro_batch: int, seq
     if method != "full":
         if lora_dropout > 0:
             m = mask_bytes
-            layer += 6 * (m + a) * h + (m + a) * f + 7 * a * rank - 2 * a * h - a * f
+            dropped_h = 3 if fuse_shared_inputs else 6  # inputs of width h with their own dropout
+            layer += dropped_h * (m + a) * h + (m + a) * f + 7 * a * rank - 2 * a * h - a * f
         else:
             layer += 7 * a * rank
     top = 4 * h + 4 + 2 * a * h + 4 * vocab_size + 16
@@ -171,7 +182,8 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
                     keep_base_fp32: bool = False, activation_checkpointing: bool = False,
                     offload_optimizer: bool = False, offload_params: bool = False, *,
                     lora_dropout: float = 0.1, attn_implementation: str = "sdpa",
-                    grad_accum_steps: int = 1) -> MemoryEstimate:
+                    grad_accum_steps: int = 1, zero3_frozen_base: str = "partition",
+                    fuse_shared_inputs: bool = True) -> MemoryEstimate:
     """Per-GPU bytes of a training run: model states exactly, activations approximately.
 
     ReLoRA and LoRA freeze every wrapped linear (q/k/v/o/gate/up/down) and train their
@@ -194,15 +206,18 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
         total = counts["total"] + counts["adapters"]
         trainable = counts["other"] + counts["adapters"]
     states = model_state_bytes(total, trainable, zero_stage, num_gpus, precision, keep_base_fp32,
-                               offload_optimizer, offload_params, grad_accum_steps)
+                               offload_optimizer, offload_params, grad_accum_steps,
+                               zero3_frozen_base if zero_stage == 3 else "partition")
     acts = activation_bytes(shape, "full" if full_rank else method, rank, micro_batch, seq_len, vocab_size,
-                            precision, activation_checkpointing, lora_dropout, attn_implementation)
+                            precision, activation_checkpointing, lora_dropout, attn_implementation,
+                            fuse_shared_inputs=fuse_shared_inputs)
     setting = (f"{name} {method}" + (f" r={rank}" if method != "full" else "")
                + f", ZeRO-{zero_stage} x {num_gpus} GPU, {precision}"
                + (" + fp32 base (autocast)" if keep_base_fp32 else "")
                + f", micro-batch {micro_batch} x {seq_len}"
                + (f", grad. accum. {grad_accum_steps}" if grad_accum_steps > 1 else "")
                + (", act. ckpt" if activation_checkpointing else "")
+               + (", frozen W replicated" if zero_stage == 3 and zero3_frozen_base == "replicate" and not full_rank else "")
                + (", offload opt" if offload_optimizer else "") + (", offload params" if offload_params else ""))
     gpu = states["weights"] + states["grads"] + states["master"] + states["adam"] + acts
     return MemoryEstimate(weights=states["weights"], grads=states["grads"], master=states["master"],

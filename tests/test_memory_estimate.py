@@ -196,8 +196,34 @@ def test_activation_formula_matches_saved_tensors(method, precision):
     measured = _saved_bytes(shape, vocab, batch, seq, dtype, rank if method == "relora" else 0)
     # CPU dropout keeps its mask as a float tensor of the activation dtype (CUDA: 1-byte bool)
     mask = 2 if precision == "bf16" else 4
-    formula = activation_bytes(shape, method, rank, batch, seq, vocab, precision, mask_bytes=mask)
+    # _LoRA is the unfused layer: one dropout per wrapped linear
+    formula = activation_bytes(shape, method, rank, batch, seq, vocab, precision, mask_bytes=mask,
+                               fuse_shared_inputs=False)
     assert relative_error(formula, measured) < 0.03, (formula, measured)
+
+
+def test_activation_formula_matches_fused_relora_layer():
+    """The package's own layer, shared-input fusion on (q/k/v and gate/up share one dropout)."""
+    from ds_relora.models import WRAPPED_TYPES, build_model, llama_config
+    from ds_relora.relora import wrap_model
+
+    shape, vocab, batch, seq, rank = Shape(128, 344, 2, 4), 500, 2, 64, 8
+    model = build_model(llama_config(shape, vocab, seq), seed=0).train()
+    wrap_model(model, rank=rank, alpha=16, dropout=0.1, target_modules=list(WRAPPED_TYPES))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    ids = torch.randint(0, vocab, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    measured = sum(v for k, v in saved.items() if k not in params)
+    formula = activation_bytes(shape, "relora", rank, batch, seq, vocab, "fp32", mask_bytes=4)
+    assert relative_error(formula, measured) < 0.03, (formula, measured)
+    unfused = activation_bytes(shape, "relora", rank, batch, seq, vocab, "fp32", mask_bytes=4, fuse_shared_inputs=False)
+    assert unfused > formula
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,3 +284,15 @@ def test_engine_model_states_match_analytic(engine_results):
             assert relative_error(got["total"], exp["total"]) < 0.02, where
             assert got["weights_gathered"] == 0 and got["other"] < 1024, where
             assert got["host"] == got["total"], where  # a CPU run: everything is host memory
+
+
+def test_zero3_replicated_frozen_base_weights():
+    p, t = 1_000_003, 200_001
+    part = model_state_bytes(p, t, 3, 4, "bf16")
+    rep = model_state_bytes(p, t, 3, 4, "bf16", zero3_frozen_base="replicate")
+    assert rep["weights"] == part["weights"] + 2 * (p - t)
+    assert {k: v for k, v in rep.items() if k != "weights"} == {k: v for k, v in part.items() if k != "weights"}
+    assert model_state_bytes(p, t, 2, 4, "bf16", zero3_frozen_base="replicate") == model_state_bytes(p, t, 2, 4, "bf16")
+    a = estimate_memory("1.3b", "relora", 128, 3, 8, 1, 512)
+    b = estimate_memory("1.3b", "relora", 128, 3, 8, 1, 512, zero3_frozen_base="replicate")
+    assert b.weights - a.weights == 2 * FROZEN_13B and "replicated" in b.setting

@@ -94,6 +94,8 @@ def gpt2_folder(tmp_path_factory):
     (["deepspeed.overrides={zero_optimization: {stage: 3, zero_quantized_weights: true}}"], "zero_quantized_weights=True"),
     (["deepspeed.overrides={zero_optimization: {stage: 3, zero_quantized_nontrainable_weights: true}}"],
      "zero_quantized_nontrainable_weights"),
+    (["relora.zero3_frozen_base=replicate"], "needs ZeRO-3"),
+    (["relora.zero3_frozen_base=replicate", "deepspeed.config=zero3_offload"], "with offload_param is not supported"),
 ])
 def test_bad_config_is_one_line_before_launch(base, overrides, needle):
     # --dry-run stops right before the launch: the check cannot have been spent in a worker.

@@ -16,6 +16,7 @@ high-water mark belongs to that configuration alone. Per configuration it report
 Merges are not in the timed steps (one per reset_every steps; benchmarks/merge_cost.py times one).
 
     python benchmarks/throughput/run.py                       # CPU: 2 gloo ranks, preset 35m, ZeRO 0-3
+    python benchmarks/throughput/run.py --shape 1.3b-layers --stages 0,2,3   # the standard 1.3B-layer row
     python benchmarks/throughput/run.py --device cuda --nprocs 1 --preset 350m --seq-len 1024 \\
         --micro-batch 8 --stages 2 --rank 128 --attn sdpa --peak-tflops 989    # one H100, bf16
 """
@@ -23,6 +24,7 @@ Merges are not in the timed steps (one per reset_every steps; benchmarks/merge_c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -41,6 +43,35 @@ GRAD_CALLERS = ("allreduce_bucket", "reduce_scatter_fn", "average_tensor", "allr
                 "_reduce_and_partition_ipg_grads", "__avg_scatter_grads", "reduce_independent_p_g_buckets_and_remove_grads")
 
 
+# Named standard rows (docs/results.md): the 1.3B model's layer shape at a CPU-sized depth and
+# vocabulary, so that the wrapped linears (not the head) dominate, as they do at 1.3B.
+STANDARD_SHAPES = {
+    "1.3b-layers": {"preset": "1.3b", "layers": 2, "vocab": 2048, "rank": 128, "dropout": 0.0},
+}
+DEFAULTS = {"vocab": 32000, "rank": 32, "dropout": 0.1}
+
+
+def resolve_shape(args) -> None:
+    """Fill ``args.shape_obj`` / ``shape_name`` and the vocab/rank/dropout defaults from --shape,
+    --preset and the per-dimension overrides (an explicit flag always wins)."""
+    from ds_relora.models import preset_shape
+
+    named = STANDARD_SHAPES.get(args.shape, {})
+    preset = named.get("preset", args.preset)
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, named.get(key, default))
+    base = preset_shape(preset)
+    layers = args.layers or named.get("layers") or base.layers
+    args.shape_obj = dataclasses.replace(base, layers=layers, hidden=args.hidden or base.hidden,
+                                         intermediate=args.intermediate or base.intermediate,
+                                         heads=args.heads or base.heads)
+    if args.shape_obj.hidden % args.shape_obj.heads:
+        raise SystemExit(f"error: hidden {args.shape_obj.hidden} is not a multiple of heads {args.shape_obj.heads}")
+    args.shape_name = args.shape or f"preset {preset}" + (" (modified)" if args.shape_obj != base else "")
+    args.preset = preset
+
+
 def current_rss_bytes() -> int:
     import os
 
@@ -54,18 +85,19 @@ def worker(cfg: dict) -> None:
 
     rank, world = init_distributed()
     from ds_relora.config import RunConfig
-    from ds_relora.models import WRAPPED_TYPES, build_model, describe_params, llama_config, preset_shape
+    from ds_relora.models import WRAPPED_TYPES, Shape, build_model, describe_params, llama_config
     from ds_relora.relora import JaggedCosine, wrap_model
     from ds_relora.train.ds_config import build_ds_config
     from ds_relora.train.engine import build_engine
 
     cuda = cfg["device"] == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    shape = preset_shape(cfg["preset"])
+    shape = Shape(**cfg["shape"])
     hf = llama_config(shape, cfg["vocab"], cfg["seq_len"], attn_implementation=cfg["attn"])
     model = build_model(hf, seed=0)
     if cfg["method"] == "relora":
-        wrap_model(model, rank=cfg["rank"], alpha=32.0, dropout=cfg["dropout"], target_modules=list(WRAPPED_TYPES), seed=1)
+        wrap_model(model, rank=cfg["rank"], alpha=32.0, dropout=cfg["dropout"], target_modules=list(WRAPPED_TYPES), seed=1,
+                   fuse_shared_inputs=cfg["fuse_shared_inputs"])
     if cfg["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = describe_params(model)
@@ -76,6 +108,10 @@ def worker(cfg: dict) -> None:
     run.train.micro_batch_size = cfg["micro"]
     ds = build_ds_config(run, world)
     engine = build_engine(model.to(device), ds, lr=1e-4, schedule=JaggedCosine(10**6, 0))
+    if cfg["method"] == "relora" and cfg["stage"] == 3 and cfg["zero3_frozen_base"] != "partition":
+        from ds_relora.relora.zero3_frozen import apply_zero3_frozen_base
+
+        apply_zero3_frozen_base(engine, cfg["zero3_frozen_base"])
     precision = "bf16" if ds["bf16"].get("enabled") else "fp32"
 
     gen = torch.Generator().manual_seed(1234 + rank)
@@ -140,18 +176,23 @@ def worker(cfg: dict) -> None:
     emit(record)
 
 
+def repeat_ratios(records: list[dict], stage: int) -> list[float]:
+    """relora/full tokens/s of each repeat (the two methods of one repeat run back to back)."""
+    tps = {(r["method"], r.get("repeat", 0)): r["tokens_per_s"] for r in records if r["rank"] == 0 and r["stage"] == stage}
+    repeats = sorted({k[1] for k in tps})
+    return [tps[("relora", i)] / tps[("full", i)] for i in repeats if ("relora", i) in tps and ("full", i) in tps]
+
+
 def grad_bytes(comms: dict) -> int:
     return sum(v["bytes"] for name, v in comms.items() if any(c in name for c in GRAD_CALLERS))
 
 
 def report(records: list[dict], args) -> str:
-    from ds_relora.models import preset_shape
-
     try:
         from ds_relora.memory_estimate import model_state_bytes as estimate_states
     except ImportError:
         estimate_states = None
-    shape = preset_shape(args.preset)
+    shape = args.shape_obj
     # With --repeats, keep per (method, stage) the repeat with the fastest median step: the CPU
     # is shared, and interference only ever slows a run down.
     best = {}
@@ -205,6 +246,11 @@ def report(records: list[dict], args) -> str:
                          f"{r['step_time_median'] / f['step_time_median']:.3f}",
                          f"{peak('relora', stage) / peak('full', stage):.3f}",
                          *([""] if "mfu" in f else [])])
+            per_repeat = repeat_ratios(records, stage)
+            if len(per_repeat) > 1:
+                rows.append([f"ZeRO-{stage}", f"relora / full, median of {len(per_repeat)} paired repeats", "",
+                             f"**{statistics.median(per_repeat):.3f}x** (each: {', '.join(f'{x:.2f}' for x in per_repeat)})",
+                             "", "", *([""] if "mfu" in f else [])])
             comm_rows.append([f"ZeRO-{stage}", "relora / full", f"{comm_ratio:.4f}",
                               f"{r['params']['trainable'] / f['params']['trainable']:.4f} (trainable fraction)", "", ""])
     gpu = "peak_gpu_mem" in records[0]
@@ -218,8 +264,10 @@ def report(records: list[dict], args) -> str:
                   + "; relora " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in fl_rel.items())
                   + f"; ratio {ratio_flops:.3f}")
     return "\n".join([
-        f"preset {args.preset} (vocab {args.vocab}), seq {args.seq_len}, micro-batch {args.micro_batch} per rank, "
-        f"{world} rank(s), {records[0]['precision']}, r={args.rank}, adapter dropout {args.dropout}, "
+        f"{args.shape_name} (h {shape.hidden}, f {shape.intermediate}, {shape.layers} layers, {shape.heads} heads, "
+        f"vocab {args.vocab}), seq {args.seq_len}, micro-batch {args.micro_batch} per rank, "
+        f"{world} rank(s), {records[0]['precision']}, r={args.rank}, adapter dropout {args.dropout} "
+        f"(shared-input fusion {'on' if args.fuse_shared_inputs else 'off'}), ZeRO-3 frozen base {args.zero3_frozen_base}, "
         f"{args.warmup} warm-up + {args.steps} timed steps, best of {args.repeats} repeat(s)",
         "", md_table(head, rows), "", flops_line, "",
         "model states per rank (engine tensors between backward and step vs analytic):", "",
@@ -236,17 +284,28 @@ def main() -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--nprocs", type=int, default=2, help="ranks (CPU: processes with 1 thread each; GPU: GPUs)")
-    ap.add_argument("--preset", default="35m")
-    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary (32000: the presets' nominal size)")
+    ap.add_argument("--preset", default="35m", help="model preset (ds_relora.models.PRESETS)")
+    ap.add_argument("--shape", choices=sorted(STANDARD_SHAPES),
+                    help="a named standard row; sets preset/layers/vocab/rank/dropout (explicit flags still win)")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    ap.add_argument("--hidden", type=int, help="hidden size (default: the preset's)")
+    ap.add_argument("--intermediate", type=int, help="MLP intermediate size (default: the preset's)")
+    ap.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
+    ap.add_argument("--vocab", type=int, help="vocabulary (default 32000: the presets' nominal size)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per step")
-    ap.add_argument("--rank", type=int, default=32, help="adapter rank")
-    ap.add_argument("--dropout", type=float, default=0.1, help="adapter dropout (config default 0.1)")
+    ap.add_argument("--rank", type=int, help="adapter rank (default 32)")
+    ap.add_argument("--dropout", type=float, help="adapter dropout (default 0.1, the config default)")
+    ap.add_argument("--no-fuse-shared-inputs", dest="fuse_shared_inputs", action="store_false",
+                    help="one dropout and adapter GEMM per linear (the unfused layer) instead of per shared input")
+    ap.add_argument("--zero3-frozen-base", choices=["partition", "replicate"], default="partition",
+                    help="ZeRO-3 relora: partition the frozen W (DeepSpeed default) or keep it gathered on every rank")
     ap.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3])
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["full", "relora"])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=1, help="run every configuration N times (alternating order), keep the fastest")
+    ap.add_argument("--repeats", type=int, default=1, help="run every configuration N times (alternating order), keep the fastest "
+                    "and also print the median of the per-repeat relora/full ratios")
     ap.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="auto: on GPU only")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     ap.add_argument("--activation-checkpointing", action="store_true")
@@ -256,6 +315,7 @@ def main() -> int:
     if args.worker:
         worker(json.loads(args.worker))
         return 0
+    resolve_shape(args)
 
     bf16 = {"auto": args.device == "cuda", "true": True, "false": False}[args.bf16]
     started = time.time()
@@ -265,7 +325,9 @@ def main() -> int:
     plan = [(repeat, stage, method) for repeat in range(args.repeats) for stage in args.stages
             for method in (args.methods if repeat % 2 == 0 else args.methods[::-1])]
     for repeat, stage, method in plan:
-        cfg = {"method": method, "stage": stage, "device": args.device, "preset": args.preset, "vocab": args.vocab,
+        cfg = {"method": method, "stage": stage, "device": args.device, "shape": dataclasses.asdict(args.shape_obj),
+               "vocab": args.vocab, "fuse_shared_inputs": args.fuse_shared_inputs,
+               "zero3_frozen_base": args.zero3_frozen_base,
                "seq_len": args.seq_len, "micro": args.micro_batch, "rank": args.rank, "dropout": args.dropout,
                "warmup": args.warmup, "steps": args.steps, "bf16": bf16, "attn": args.attn,
                "activation_checkpointing": args.activation_checkpointing, "peak_tflops": args.peak_tflops}
@@ -279,7 +341,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "records": records}))
+    (out / "results.json").write_text(json.dumps({"args": {k: (dataclasses.asdict(v) if k == "shape_obj" else v) for k, v in vars(args).items()},
+                                                   "records": records}))
     print(text)
     return 0
 

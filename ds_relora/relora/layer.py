@@ -4,6 +4,12 @@
 Kaiming-uniform, B (out x r) zero, so a freshly wrapped or re-initialised layer computes
 exactly ``W x + b``. (The reference code initialised A = B = 0, which gives no adapter gradient
 for the whole first cycle.)
+
+Linears that read the same input (q/k/v of attention, gate/up of the MLP) can share it
+(``fuse_shared_inputs``, see ``shared_input.py``): one dropout of the input and one adapter GEMM
+``dropout(x) @ cat(A_q, A_k, A_v).T`` for the group, then each member adds its own slice through
+``B`` into its base output in place (no output-sized temporary). Every module keeps its own
+``lora_A``/``lora_B`` (names, shapes, merge and checkpoints unchanged).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .shared_input import link_shared_inputs
 
 
 def kaiming_uniform_A(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -43,13 +50,25 @@ class ReLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(kaiming_uniform_A((rank, self.in_features), generator).to(device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Set by ``wrap_model`` when this linear shares its input with siblings; kept out of the
+        # module tree (a plain attribute, not a submodule) so that state dicts do not change.
+        self.__dict__["shared_input"] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        group = self.__dict__["shared_input"]
+        u = group.adapter_input(self, x) if group is not None else F.linear(self.dropout(x), self.lora_A)
+        return add_adapter(F.linear(x, self.weight, self.bias), u, self.lora_B, self.scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
+
+
+def add_adapter(y: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``y + scale * u @ B.T`` written into ``y`` (the base output: nothing in its backward needs
+    its value, so autograd allows the in-place ``addmm_``): no output-sized temporary."""
+    out = y.reshape(-1, y.shape[-1])
+    out.addmm_(u.reshape(-1, u.shape[-1]), lora_b.t(), alpha=scale)
+    return out.view(y.shape)
 
 
 def relora_modules(model: nn.Module) -> list[tuple[str, ReLoRALinear]]:
@@ -66,10 +85,12 @@ def wrap_model(
     target_modules: list[str],
     freeze_modules: list[str] = (),
     seed: int = 0,
+    fuse_shared_inputs: bool = True,
 ) -> list[tuple[str, ReLoRALinear]]:
     """Replace every ``nn.Linear`` whose name matches a target regex by a ReLoRA layer, in place.
 
     Other parameters stay trainable full-rank unless their name matches ``freeze_modules``.
+    ``fuse_shared_inputs``: one dropout and one adapter GEMM per shared input (q/k/v, gate/up).
     """
     if rank < 1:
         raise ConfigError(f"relora.rank={rank} must be at least 1")
@@ -96,6 +117,8 @@ def wrap_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ReLoRALinear(mod, rank, alpha, dropout, generator))
+    if fuse_shared_inputs:
+        link_shared_inputs(model)
     freeze = [re.compile(f) for f in freeze_modules]
     for pname, param in model.named_parameters():
         if any(f.search(pname) for f in freeze):

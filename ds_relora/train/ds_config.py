@@ -115,6 +115,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds.setdefault("zero_allow_untested_optimizer", True)
     zero = ds.get("zero_optimization", {})
     check_single_copy_of_w(cfg, zero)
+    check_zero3_frozen_base(cfg, zero)
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
@@ -139,6 +140,17 @@ def check_single_copy_of_w(cfg: RunConfig, zero: dict) -> None:
                 f"that ReLoRA's merges would leave stale: remove {key} from {cfg.deepspeed.config} / deepspeed.overrides "
                 "(ZeRO++ hpZ and quantized weights are not supported with train.method=relora)"
             )
+
+
+def check_zero3_frozen_base(cfg: RunConfig, zero: dict) -> None:
+    if cfg.relora.zero3_frozen_base != "replicate":
+        return
+    if int(zero.get("stage", 0)) != 3:
+        raise ConfigError(f"relora.zero3_frozen_base=replicate needs ZeRO-3 ({cfg.deepspeed.config} is stage "
+                          f"{zero.get('stage', 0)}): remove it, stages 0-2 keep W replicated anyway")
+    if zero.get("offload_param", {}).get("device", "none") not in (None, "none"):
+        raise ConfigError("relora.zero3_frozen_base=replicate with offload_param is not supported (the shard would "
+                          "stay in host memory while the gathered copy lives on the GPU): use partition or no offload")
 
 
 def zero_stage(ds: dict) -> int:

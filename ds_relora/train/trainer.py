@@ -25,6 +25,7 @@ from ..device import comm_device, host_scalars
 from ..errors import CheckpointError
 from ..models import build_model, describe_params, human
 from ..relora import JaggedCosine, merge_points, wrap_model
+from ..relora.zero3_frozen import apply_zero3_frozen_base
 from ..faults import fault_point
 from ..relora.controller import ReLoRAController
 from ..weights import read_meta
@@ -111,7 +112,7 @@ class Trainer:
             r = cfg.relora
             self.modules = wrap_model(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout,
                                       target_modules=r.target_modules, freeze_modules=r.freeze_modules,
-                                      seed=cfg.train.seed + 1)
+                                      seed=cfg.train.seed + 1, fuse_shared_inputs=r.fuse_shared_inputs)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = describe_params(model)
@@ -120,6 +121,8 @@ class Trainer:
         self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps,
                                    weight_decay=o.weight_decay, schedule=schedule)
         _record_grad_norm_without_zero(self.engine)
+        if phase == "adapters" and zero_stage(self.plan.ds_config) == 3:
+            apply_zero3_frozen_base(self.engine, cfg.relora.zero3_frozen_base)
         self.phase, self.phase_offset = phase, offset
         self.controller = None
         if phase == "adapters" and self.plan.merges:

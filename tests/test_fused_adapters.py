@@ -1,0 +1,184 @@
+"""Shared-input fusion (one dropout + one adapter GEMM for q/k/v and gate/up) and the ZeRO-3
+replicated frozen base: same function, same gradients, same training as the unfused layer."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distributed import results, run_workers
+from ds_relora.models import Shape, build_model, llama_config
+from ds_relora.relora import wrap_model
+from ds_relora.relora.layer import ReLoRALinear
+from ds_relora.relora.shared_input import SharedInput, link_shared_inputs, unlink_shared_inputs
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPE = Shape(hidden=48, intermediate=100, layers=2, heads=4)
+VOCAB = 61
+
+
+def tiny_wrapped(dropout: float, fuse: bool = True):
+    model = build_model(llama_config(SHAPE, VOCAB, 32, attn_implementation="eager"), seed=0)
+    wrap_model(model, rank=4, alpha=8.0, dropout=dropout, target_modules=TARGETS, seed=1, fuse_shared_inputs=fuse)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):  # non-zero B, so the adapter path shows up in outputs and grads
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def loss_and_grads(model, x, seed=0):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, tol=1e-6):
+    (la, ga), (lb, gb) = a, b
+    assert torch.allclose(la, lb, atol=tol, rtol=0), (la, lb)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=tol, rtol=1e-5), (n, (ga[n] - gb[n]).abs().max())
+
+
+def test_groups_and_state_dict_unchanged():
+    fused, plain = tiny_wrapped(0.1), tiny_wrapped(0.1, fuse=False)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input is not None
+    assert mlp.gate_proj.shared_input is mlp.up_proj.shared_input is not attn.q_proj.shared_input
+    assert attn.o_proj.shared_input is None and mlp.down_proj.shared_input is None
+    sd_f, sd_p = fused.state_dict(), plain.state_dict()
+    assert list(sd_f) == list(sd_p) and all(sd_f[k].shape == sd_p[k].shape for k in sd_f)
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in plain.named_parameters()]
+
+
+def test_fused_equals_unfused_without_dropout():
+    fused = tiny_wrapped(0.0)
+    plain = copy.deepcopy(fused)
+    unlink_shared_inputs(plain)
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert_same(loss_and_grads(fused, x), loss_and_grads(plain, x))
+
+
+def _group(dropout):
+    g = torch.Generator().manual_seed(0)
+    members = [ReLoRALinear(nn.Linear(12, out), 3, 6.0, dropout, g) for out in (12, 8, 8)]
+    for m in members:
+        nn.init.normal_(m.lora_B, std=0.3)
+    return members, SharedInput(members)
+
+
+def test_one_mask_per_shared_input_matches_reference():
+    """Fused: y_i = W_i x + b_i + s B_i A_i d(x) with ONE dropout d for all members (reference
+    computed by hand with that mask), gradients included."""
+    members, group = _group(0.25)
+    for m in members:
+        m.__dict__["shared_input"] = group
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    torch.manual_seed(7)
+    ys = [m(x) for m in members]
+    assert group._x is None, "the cache is emptied once every member took its slice"
+    sum(y.square().sum() for y in ys).backward()
+    got = [x.grad.clone()] + [p.grad.clone() for m in members for p in (m.lora_A, m.lora_B)]
+
+    x2 = x.detach().clone().requires_grad_(True)
+    for m in members:
+        m.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    xd = F.dropout(x2, 0.25, training=True)
+    refs = [F.linear(x2, m.weight, m.bias) + m.scale * F.linear(F.linear(xd, m.lora_A), m.lora_B) for m in members]
+    for y, r in zip(ys, refs):
+        assert torch.allclose(y, r, atol=1e-6)
+    sum(r.square().sum() for r in refs).backward()
+    want = [x2.grad] + [p.grad for m in members for p in (m.lora_A, m.lora_B)]
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_and_no_grad_match_unfused_with_dropout():
+    fused = tiny_wrapped(0.1)
+    plain = copy.deepcopy(fused)
+    unlink_shared_inputs(plain)
+    fused.eval(), plain.eval()
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(fused(input_ids=x).logits, plain(input_ids=x).logits, atol=1e-6)
+
+
+def test_a_member_called_twice_or_on_another_input_recomputes():
+    members, group = _group(0.0)
+    for m in members:
+        m.__dict__["shared_input"] = group
+    x, z = torch.randn(3, 12), torch.randn(3, 12)
+    q = members[0]
+    ref = lambda m, t: F.linear(t, m.weight, m.bias) + m.scale * F.linear(F.linear(t, m.lora_A), m.lora_B)  # noqa: E731
+    assert torch.allclose(q(x), ref(q, x), atol=1e-6)
+    assert torch.allclose(q(z), ref(q, z), atol=1e-6)          # other input: miss
+    assert torch.allclose(members[1](z), ref(members[1], z), atol=1e-6)
+    assert torch.allclose(q(z), ref(q, z), atol=1e-6)          # q again on z: fresh, not the stale slice
+    z.add_(1.0)                                                # in place: version changes, so a miss
+    assert torch.allclose(members[2](z), ref(members[2], z), atol=1e-6)
+
+
+def test_activation_checkpointing_recomputes_the_same_masks():
+    """Non-reentrant checkpointing recomputes each layer in backward: the recompute must draw the
+    same shared mask (checkpoint restores the RNG) and hit no stale cache entry."""
+    base = tiny_wrapped(0.1)
+    ckpt = copy.deepcopy(base)
+    link_shared_inputs(ckpt)  # deepcopy keeps the links; relinking is idempotent
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.train(), ckpt.train()
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    assert_same(loss_and_grads(base, x, seed=5), loss_and_grads(ckpt, x, seed=5), tol=1e-5)
+
+
+def test_fused_dropout_lowers_saved_activation_bytes():
+    """What backward keeps: one dropped copy + mask per shared input instead of one per linear."""
+    def saved_bytes(model, x):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=x, labels=x).loss
+        return sum(total)
+    x = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(3))
+    fused, plain = tiny_wrapped(0.1), tiny_wrapped(0.1, fuse=False)
+    h, n = SHAPE.hidden, x.numel() * SHAPE.layers
+    # per token and layer, 3 fewer dropped copies of h (2 for q/k/v, 1 for gate/up), each with its
+    # mask (fp32 4 B + mask 4 B: CPU dropout keeps the mask in the activation dtype)
+    saving = saved_bytes(plain, x) - saved_bytes(fused, x)
+    assert saving == pytest.approx(3 * 8 * h * n, rel=0.05), saving
+
+
+@pytest.fixture(scope="module")
+def zero_runs():
+    outs = run_workers(["tests/workers/fused_worker.py", "--configs",
+                        "z0-fused,z3-fused,z3-replicate,z3-unfused-p0,z3-fused-p0"], 2, timeout=600)
+    return {r["name"]: r for r in results(outs) if r["rank"] == 0}, results(outs)
+
+
+def test_zero3_fused_trains_like_zero0_with_dropout(zero_runs):
+    runs, _ = zero_runs
+    ref = runs["z0-fused"]["losses"]
+    assert ref[-1] < ref[0]
+    assert runs["z3-fused"]["losses"] == pytest.approx(ref, abs=1e-5)
+
+
+def test_zero3_fused_equals_unfused(zero_runs):
+    runs, _ = zero_runs
+    assert runs["z3-fused-p0"]["losses"] == pytest.approx(runs["z3-unfused-p0"]["losses"], abs=1e-6)
+
+
+def test_zero3_replicated_base_trains_identically_and_stays_consistent(zero_runs):
+    runs, every = zero_runs
+    rep = [r for r in every if r["name"] == "z3-replicate"]
+    assert all(r["replicated"] == 2 * 7 for r in rep), "every frozen W of both layers kept gathered"
+    assert all(r["gathered_ok"] for r in rep), "gathered W and its shard agree after steps and the merge"
+    assert runs["z3-replicate"]["losses"] == pytest.approx(runs["z3-fused"]["losses"], abs=1e-5)
