@@ -67,7 +67,9 @@ def add_adapter(y: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, scale: f
     """``y + scale * u @ B.T`` written into ``y`` (the base output: nothing in its backward needs
     its value, so autograd allows the in-place ``addmm_``): no output-sized temporary."""
     out = y.reshape(-1, y.shape[-1])
-    out.addmm_(u.reshape(-1, u.shape[-1]), lora_b.t(), alpha=scale)
+    # In-place ops are not autocast: under torch_autocast (keep_base_fp32) y and u come back in
+    # bf16 while B is an fp32 param, so cast the adapter-sized operands to y's dtype.
+    out.addmm_(u.reshape(-1, u.shape[-1]).to(out.dtype), lora_b.t().to(out.dtype), alpha=scale)
     return out.view(y.shape)
 
 
