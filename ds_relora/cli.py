@@ -127,6 +127,16 @@ def cmd_estimate(args) -> int:
                           offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
                           zero3_frozen_base=args.zero3_frozen_base)
     print(format_table(est))
+    if args.gpu_memory_gib:
+        from .stage_advice import format_advice, recommend_stage
+
+        rows, pick = recommend_stage(args.gpu_memory_gib, preset=args.preset, method=args.method, rank=args.rank,
+                                     num_gpus=args.gpus, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                                     vocab_size=args.vocab_size, precision=args.precision,
+                                     keep_base_fp32=args.keep_base_fp32,
+                                     activation_checkpointing=args.activation_checkpointing)
+        print()
+        print(format_advice(args.gpu_memory_gib, rows, pick))
     return 0
 
 
@@ -206,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-params", action="store_true")
     p.add_argument("--zero3-frozen-base", default="partition", choices=["partition", "replicate"],
                    help="ZeRO-3: frozen W partitioned (default) or replicated on every GPU")
+    p.add_argument("--gpu-memory-gib", type=float, help="also recommend the fastest ZeRO setting that fits this much per GPU")
     p.set_defaults(fn=cmd_estimate)
     p = sub.add_parser("config", help="print the resolved config, or every field's help (--explain)")
     _config_args(p)

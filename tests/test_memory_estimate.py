@@ -296,3 +296,19 @@ def test_zero3_replicated_frozen_base_weights():
     a = estimate_memory("1.3b", "relora", 128, 3, 8, 1, 512)
     b = estimate_memory("1.3b", "relora", 128, 3, 8, 1, 512, zero3_frozen_base="replicate")
     assert b.weights - a.weights == 2 * FROZEN_13B and "replicated" in b.setting
+
+
+def test_stage_advice_picks_the_fastest_setting_that_fits():
+    from ds_relora.memory_estimate import GiB
+    from ds_relora.stage_advice import HEADROOM, OPTIONS, format_advice, recommend_stage
+
+    setting = dict(preset="1.3b", method="relora", rank=128, num_gpus=8, micro_batch=8, seq_len=1024)
+    rows, pick = recommend_stage(1000, **setting)
+    assert [label for label, _ in rows] == [label for label, _ in OPTIONS] and pick == "ZeRO-0"
+    totals = {label: est.total for label, est in rows}
+    # A budget between ZeRO-2's and ZeRO-3's totals must pick ZeRO-3, the first that fits.
+    assert totals["ZeRO-3"] < totals["ZeRO-2"]
+    between = (totals["ZeRO-3"] + totals["ZeRO-2"]) / 2 / GiB / HEADROOM
+    assert recommend_stage(between, **setting)[1] == "ZeRO-3"
+    rows, pick = recommend_stage(0.5, **setting)
+    assert pick is None and "nothing fits" in format_advice(0.5, rows, pick)
