@@ -69,6 +69,8 @@ def run_workers(args: list[str], nprocs: int, *, timeout: float = 300, env: dict
         os.unlink(log.name)
     if failed is None and any(p.returncode != 0 for p in procs):
         failed = "a rank exited non-zero"
+    if failed is not None:
+        failed += f" (exit codes {[p.returncode for p in procs]})"
     assert failed is None, f"{failed}\n" + "\n".join(f"--- rank {i} ---\n{o[-6000:]}" for i, o in enumerate(outs))
     return outs
 

@@ -184,6 +184,22 @@ def test_changed_sweep_does_not_overwrite_started_runs(swept):
     assert rc == 2 and len(lines) == 1 and "was started with another config (optim.lr: 0.005 -> 0.1)" in lines[0]
 
 
+def test_a_config_field_added_since_a_run_started_is_not_a_change(swept):
+    """A run folder written before ds_relora grew a field (here: it lacks one) still matches."""
+    import yaml
+
+    resolved = swept["out"] / "relora" / "config.yaml"
+    text = resolved.read_text()
+    try:
+        old = yaml.safe_load(text)
+        old["relora"].pop("fuse_shared_inputs")
+        resolved.write_text(yaml.safe_dump(old))
+        rc, _, err = _cli("sweep", swept["sweep"], "--dry-run")
+        assert rc == 0, err
+    finally:
+        resolved.write_text(text)
+
+
 def test_slurm_array_runs_one_point_per_index(swept, tmp_path):
     rc, out, err = _cli("sweep", swept["sweep"], "--slurm")
     assert rc == 0, err

@@ -365,7 +365,12 @@ def write_points(points: list[Point], out: Path, spec_path: Path) -> None:
     for p in points:
         resolved = p.run_dir / "config.yaml"
         if resolved.is_file() and _started(p.run_dir):
-            old = comparable(yaml.safe_load(resolved.read_text()) or {})
+            old = yaml.safe_load(resolved.read_text()) or {}
+            try:  # fields added to ds_relora since the run started compare at their defaults
+                old = to_dict(from_dict(RunConfig, old))
+            except UserError:
+                pass
+            old = comparable(old)
             diff = first_difference(old, comparable(to_dict(p.cfg)))
             if diff:
                 raise ConfigError(f"sweep point {p.name}: {p.run_dir} was started with another config ({diff}): "
