@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..relora.layer import adopt_frozen_base
 
 KINDS = ("sharing", "rope")
 ROPE_BASE = 10000.0
@@ -170,11 +171,7 @@ class MoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.kind = kind
         self.r_hat = check_layer(name, self.out_features, self.in_features, rank, kind)
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, base)
         device, dtype = base.weight.device, base.weight.dtype
         self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=device, dtype=dtype))
         self.register_buffer("mora_pattern", torch.tensor([int(seed), 0], dtype=torch.int64, device=device))

@@ -31,6 +31,16 @@ def kaiming_uniform_A(shape: tuple[int, int], generator: torch.Generator) -> tor
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
+def adopt_frozen_base(module: nn.Module, base: nn.Linear) -> None:
+    """Take over ``base``'s ``weight`` and ``bias`` under the same names, frozen: the adapter
+    layers of every method (ReLoRA, MoRA) keep a wrapped model's state dict the plain one's."""
+    module.weight = base.weight
+    module.weight.requires_grad_(False)
+    module.bias = base.bias
+    if module.bias is not None:
+        module.bias.requires_grad_(False)
+
+
 class ReLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank adapter. Keeps the base's parameter names
     (``weight``, ``bias``) so a wrapped model's state dict is the plain model's plus
@@ -41,11 +51,7 @@ class ReLoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = rank
         self.scale = alpha / rank
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        adopt_frozen_base(self, base)
         device, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(kaiming_uniform_A((rank, self.in_features), generator).to(device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
