@@ -97,6 +97,21 @@ def _port_busy(port: int) -> str | None:
             return f"master port {port} is already in use on this node: pick another with --set launch.master_port=N"
 
 
+def _single_node_port(c: _Ctx) -> int:
+    """The rendezvous port of a one-node run. Left at the default and busy (a second run or sweep on
+    the same machine), any free port does: every rank of a one-node run is started from here and
+    told the port. A port the user chose is kept, and a busy one is an error."""
+    port = c.l.master_port
+    if err := _port_busy(port):
+        if port != DEFAULT_PORT:
+            c.issues.append(err)
+            return port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    return port
+
+
 def _which(name: str, env: Mapping[str, str]) -> str | None:
     found = shutil.which(name, path=env.get("PATH", os.defpath))
     if found:
@@ -191,10 +206,9 @@ def _local(c: _Ctx) -> LaunchPlan:
     visible = [d for d in c.env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if visible and len(visible) != l.num_gpus:
         raise LaunchError(f"launch.num_gpus={l.num_gpus} but CUDA_VISIBLE_DEVICES exposes {len(visible)} GPUs: set launch.num_gpus={len(visible)} or unset CUDA_VISIBLE_DEVICES")
-    if err := _port_busy(l.master_port):
-        c.issues.append(err)
+    port = _single_node_port(c)
     gpus = [] if visible else ["--num_gpus", str(l.num_gpus)]
-    cmd = [c.exe("deepspeed"), *gpus, "--master_port", str(l.master_port), *launcher_quiet(l.extra_args, c.env), *l.extra_args,
+    cmd = [c.exe("deepspeed"), *gpus, "--master_port", str(port), *launcher_quiet(l.extra_args, c.env), *l.extra_args,
            "--module", WORKER, *c.args]
     return LaunchPlan("local", [cmd], world_size=l.num_gpus)
 
@@ -289,9 +303,8 @@ def _none(c: _Ctx) -> LaunchPlan:
     l = c.l
     if l.num_nodes != 1 or l.num_gpus != 1:
         raise LaunchError(f"launch.launcher=none runs one rank in this process but asks for {l.num_nodes} node(s) x {l.num_gpus} GPU(s): set num_nodes=1 and num_gpus=1, or use launcher=local")
-    if err := _port_busy(l.master_port):
-        c.issues.append(err)
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(l.master_port)}
+    port = _single_node_port(c)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     return LaunchPlan("none", [[sys.executable, "-m", WORKER, *c.args]], env=env, in_process=True)
 
 

@@ -322,6 +322,20 @@ def test_busy_port(fakebin):
         one_line_error(L.build_launch, LaunchConfig(master_port=port), ARGS, fakebin, match="already in use")
 
 
+@pytest.mark.parametrize("launcher", ["local", "none"])
+def test_busy_default_port_is_replaced_on_one_node(fakebin, launcher):
+    # A second one-node run (or sweep) on the same machine must not collide on the default port.
+    with socket.socket() as s:
+        try:
+            s.bind(("", L.DEFAULT_PORT))
+        except OSError:
+            pass  # someone else holds it: busy either way
+        s.listen()
+        plan = L.build_launch(LaunchConfig(launcher=launcher, num_gpus=1), ARGS, fakebin)
+    text = " ".join(plan.commands[0]) + " " + str(plan.env)
+    assert str(L.DEFAULT_PORT) not in text
+
+
 def test_master_addr_does_not_resolve(fakebin, hostfile):
     c = cfg(launcher="deepspeed", num_nodes=2, num_gpus=2, hostfile=hostfile, master_addr="no-such-host.invalid")
     one_line_error(L.build_launch, c, ARGS, fakebin, match="does not resolve")
