@@ -29,8 +29,14 @@ def counts(shape: Shape, vocab: int, rank: int | None) -> dict[str, int]:
             "norms": (2 * shape.layers + 1) * h}
 
 
+def _adapted(method: str) -> bool:
+    # Every adapter method trains about r(out+in) params per wrapped linear (MoRA's r̂², GaLore's C
+    # plus its projector) and skips the frozen W's weight-gradient GEMM: ReLoRA's counts apply.
+    return method not in ("full", "control")
+
+
 def flops_per_token(shape: Shape, vocab: int, seq_len: int, method: str, rank: int | None = None) -> dict[str, float]:
-    c = counts(shape, vocab, rank if method == "relora" else None)
+    c = counts(shape, vocab, rank if _adapted(method) else None)
     parts = {
         "linears": (6 if method == "full" else 4) * c["linear"],
         "adapters": 6 * c["adapters"],
@@ -50,7 +56,7 @@ def speed_ratio(shape: Shape, vocab: int, seq_len: int, rank: int) -> float:
 
 def params(shape: Shape, vocab: int, method: str, rank: int | None = None) -> dict[str, int]:
     """Total / trainable / frozen params of the model as built (adapters included for ReLoRA)."""
-    c = counts(shape, vocab, rank if method == "relora" else None)
+    c = counts(shape, vocab, rank if _adapted(method) else None)
     other = c["embedding"] + c["head"] + c["norms"]
     total = c["linear"] + c["adapters"] + other
     trainable = total if method == "full" else c["adapters"] + other

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
+from .memory_estimate import METHODS as MEMORY_METHODS
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_spectrum)
     p = sub.add_parser("estimate-memory", help="analytic per-GPU memory planner")
     p.add_argument("--preset", default="1.3b")
-    p.add_argument("--method", default="relora", choices=["full", "relora", "lora"])
+    p.add_argument("--method", default="relora", choices=list(MEMORY_METHODS))
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     p.add_argument("--gpus", type=int, default=8)

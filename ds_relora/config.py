@@ -24,7 +24,7 @@ import yaml
 from .config_base import Checked, apply_overrides, doc, from_dict, to_dict
 from .errors import ConfigError
 
-Method = Literal["full", "lora", "relora", "control"]
+Method = Literal["full", "lora", "relora", "control", "mora", "remora", "galore"]
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class ReLoRAConfig(Checked):
     freeze_modules: list[str] = doc(help="regexes of further parameter names to freeze (embeddings, norms and lm_head train full-rank by default)", factory=list)
     reset_every: int = doc(1000, "steps between merge-and-reinit (the cycle length C)")
     restart_warmup_steps: int = doc(50, "steps of linear LR re-warm-up after each reset")
-    warm_start_steps: int = doc(0, "full-rank steps before switching to ReLoRA inside the same run (method relora/lora)")
+    warm_start_steps: int = doc(0, "full-rank steps before switching to the adapter method inside the same run (lora, relora, mora, remora, galore)")
     warm_start_from: Optional[str] = doc(None, "checkpoint folder (step-N) of a full-rank run to start ReLoRA from")
     optimizer_reset: Literal["magnitude", "random", "full", "none"] = doc("magnitude", "how the adapters' Adam moments are reset at each merge")
     prune_ratio: float = doc(0.99, "fraction of each adapter's moments pruned by the optimizer reset, in [0, 1)")
@@ -81,6 +81,39 @@ class ReLoRAConfig(Checked):
                     re.compile(pattern)
                 except re.error as exc:
                     raise ConfigError(f"relora.{name} entry {pattern!r} is not a valid regex ({exc}): fix or quote it") from None
+
+
+@dataclasses.dataclass
+class MoRAConfig(Checked):
+    """MoRA / ReMoRA (seed 003). ReMoRA merges with the ``relora`` section's reset_every,
+    optimizer_reset, jagged_schedule and warm start; the targets are ``relora.target_modules``."""
+
+    rank: Optional[int] = doc(None, "LoRA-equivalent rank r (null: relora.rank); each layer's square M is r̂ x r̂ with r̂ = int(sqrt((in + out) * r) + 0.5), as many params as LoRA of rank r")
+    compression: Literal["sharing", "rope"] = doc("sharing", "compression of the input to r̂ dims: sharing (Eq. 6, for large r; the paper's pre-training choice) or rope (Eq. 8-10, for small r)")
+    switch_groups: bool = doc(True, "remora: change the grouping after every merge (false: merged updates share one pattern and the rank of the accumulated update does not grow; ablation)")
+
+    SECTION = "mora"
+
+    def validate(self) -> None:
+        self.require("rank", self.rank is None or self.rank >= 1, "must be at least 1: or null for relora.rank")
+
+
+@dataclasses.dataclass
+class GaLoreConfig(Checked):
+    """GaLore (seed 001), as its reference package galore-torch defines it. The projected layers
+    are ``relora.target_modules``; embeddings, norms and the head train with plain Adam."""
+
+    rank: Optional[int] = doc(None, "projection rank r (null: relora.rank): top-r singular vectors of the gradient, on the smaller side")
+    update_proj_gap: int = doc(200, "steps between projector updates (an SVD of the step's gradient)")
+    scale: float = doc(0.25, "GaLore's scale alpha: the projected-back update is multiplied by it")
+    proj_type: Literal["std"] = doc("std", "projection side: std (the smaller side, galore-torch's default; the only one supported)")
+
+    SECTION = "galore"
+
+    def validate(self) -> None:
+        self.require("rank", self.rank is None or self.rank >= 1, "must be at least 1: or null for relora.rank")
+        self.require("update_proj_gap", self.update_proj_gap >= 1, "must be at least 1: steps between projector updates, e.g. 200")
+        self.require("scale", self.scale > 0, "must be positive: e.g. 0.25")
 
 
 @dataclasses.dataclass
@@ -143,7 +176,7 @@ class PrepareConfig(Checked):
 
 @dataclasses.dataclass
 class TrainConfig(Checked):
-    method: Method = doc("relora", "full (full-rank), lora (adapters, never merged), relora, control (smaller full-rank model with ReLoRA's trainable params)")
+    method: Method = doc("relora", "full (full-rank), lora (adapters, never merged), relora, control (smaller full-rank model with ReLoRA's trainable params), mora (square adapter, never merged), remora (MoRA merged ReLoRA-style), galore (gradient low-rank projection)")
     total_steps: int = doc(1000, "optimizer steps in the whole run, warm start included")
     micro_batch_size: int = doc(8, "sequences per rank per micro-step")
     global_batch_size: Optional[int] = doc(None, "sequences per optimizer step over all ranks; default micro_batch_size x world size (gradient accumulation = global / (micro x world))")
@@ -205,7 +238,9 @@ class LaunchConfig:
 @dataclasses.dataclass
 class RunConfig:
     model: ModelConfig = doc(help="model shape", factory=ModelConfig)
-    relora: ReLoRAConfig = doc(help="adapter and reset settings", factory=ReLoRAConfig)
+    relora: ReLoRAConfig = doc(help="adapter-phase settings: ReLoRA's adapter, and for every adapter method the targets, warm start, LR, reset cycle", factory=ReLoRAConfig)
+    mora: MoRAConfig = doc(help="MoRA / ReMoRA square-adapter settings (train.method mora, remora)", factory=MoRAConfig)
+    galore: GaLoreConfig = doc(help="GaLore projection settings (train.method galore)", factory=GaLoreConfig)
     optim: OptimConfig = doc(help="optimizer and LR schedule", factory=OptimConfig)
     data: DataConfig = doc(help="prepared training data", factory=DataConfig)
     prepare: PrepareConfig = doc(help="`ds-relora prepare-data` settings", factory=PrepareConfig)

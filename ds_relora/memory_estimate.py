@@ -61,7 +61,25 @@ import math
 from .errors import ConfigError
 from .models import Shape, control_shape, param_counts, preset_shape
 
-METHODS = ("full", "relora", "lora", "control")
+METHODS = ("full", "relora", "lora", "control", "mora", "remora", "galore")
+
+
+def method_adapter_params(shape: Shape, method: str, rank: int) -> tuple[int, int]:
+    """(trainable adapter params, frozen adapter buffers) of a method on every wrapped linear:
+    LoRA/ReLoRA r(out+in); MoRA/ReMoRA r̂² with r̂ = int(sqrt((out+in) r) + 0.5) (the same count
+    up to rounding); GaLore its C, r max(out, in), plus the projector buffer r min(out, in)."""
+    from .models import linear_shapes
+
+    trainable = frozen = 0
+    for o, i in linear_shapes(shape).values():
+        if method in ("mora", "remora"):
+            trainable += int(math.sqrt((o + i) * rank) + 0.5) ** 2
+        elif method == "galore":
+            trainable += rank * max(o, i)
+            frozen += rank * min(o, i)
+        else:
+            trainable += rank * (o + i)
+    return trainable * shape.layers, frozen * shape.layers
 PRECISIONS = ("bf16", "fp32")
 GiB = 1024**3
 
@@ -199,17 +217,20 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
         shape = control_shape(shape, vocab_size, rank)
         name += f" -> h{shape.hidden}"
     full_rank = method in ("full", "control")
-    counts = param_counts(shape, vocab_size, None if full_rank else rank)
+    counts = param_counts(shape, vocab_size)
     if full_rank:
         total = trainable = counts["total"]
     else:
-        total = counts["total"] + counts["adapters"]
-        trainable = counts["other"] + counts["adapters"]
+        adapters, buffers = method_adapter_params(shape, method, rank)
+        total = counts["total"] + adapters + buffers
+        trainable = counts["other"] + adapters
     states = model_state_bytes(total, trainable, zero_stage, num_gpus, precision, keep_base_fp32,
                                offload_optimizer, offload_params, grad_accum_steps,
                                zero3_frozen_base if zero_stage == 3 else "partition")
+    # MoRA and GaLore have no adapter dropout; their saved low-dim tensors are about LoRA's.
+    dropout = lora_dropout if method in ("lora", "relora") else 0.0
     acts = activation_bytes(shape, "full" if full_rank else method, rank, micro_batch, seq_len, vocab_size,
-                            precision, activation_checkpointing, lora_dropout, attn_implementation,
+                            precision, activation_checkpointing, dropout, attn_implementation,
                             fuse_shared_inputs=fuse_shared_inputs)
     setting = (f"{name} {method}" + (f" r={rank}" if method != "full" else "")
                + f", ZeRO-{zero_stage} x {num_gpus} GPU, {precision}"

@@ -1,8 +1,9 @@
 """Reading consolidated weights from a checkpoint folder or an exported HF model folder.
 
 A training checkpoint ``step-N/`` holds ``model_fp32.safetensors``: every parameter of the
-training model by its HF name, in fp32, adapters (``*.lora_A``, ``*.lora_B``) included, and
-``meta.json`` with ``lora_scale`` (alpha / r). An exported model folder holds HF's
+training model by its HF name, in fp32, adapters (``*.lora_A``/``*.lora_B``, ``*.mora_M`` and its
+``*.mora_pattern``, ``*.galore_C`` and its ``*.galore_proj``) included, and ``meta.json`` with
+the method and what its fold needs (``lora_scale``, ``mora_compression``, ``galore_scale``). An exported model folder holds HF's
 ``model.safetensors`` (adapters already merged).
 """
 
@@ -31,14 +32,21 @@ def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, to
     return merged
 
 
+def fold_adapters(state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint's method folds its adapters into W (ReLoRA's B A, MoRA's M, GaLore's P C).
+    Checkpoints without ``method`` (format 1) held ReLoRA/LoRA adapters or none."""
+    from .methods import get_method
+
+    return get_method(meta.get("method") or "relora").fold(state, meta)
+
+
 def read_effective_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """The weights the model computes with (adapters merged), from a checkpoint or an export."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if (folder / CONSOLIDATED).is_file():
-        scale = read_meta(folder).get("lora_scale") or 0.0
-        return merge_adapters(load_file(str(folder / CONSOLIDATED)), scale)
+        return fold_adapters(load_file(str(folder / CONSOLIDATED)), read_meta(folder))
     exported = sorted(folder.glob("model*.safetensors"))
     if exported:
         state: dict[str, torch.Tensor] = {}

@@ -306,15 +306,18 @@ def test_galore_eps_and_bad_rank():
         gl.GaLoreLinear(nn.Linear(20, 8), 9, SCALE, "l3")
 
 
-def test_registered_methods_validate_wrap_and_fold():
-    from types import SimpleNamespace
+def _cfg(**sections):
+    from ds_relora.config import RunConfig
+    from ds_relora.config_base import from_dict
 
+    return from_dict(RunConfig, sections)
+
+
+def test_registered_methods_validate_wrap_and_fold():
     from ds_relora.methods import METHODS, MergeableLayer
 
-    assert {"mora", "remora", "galore"} <= set(METHODS)
-    cfg = SimpleNamespace(optim=SimpleNamespace(weight_decay=0.0),
-                          mora=mora.MoRAConfig(rank=1, compression="rope", target_modules=["l[12]"]),
-                          galore=gl.GaLoreConfig(rank=RANK, update_proj_gap=GAP, scale=SCALE, target_modules=["l"]))
+    assert {"full", "control", "lora", "relora", "mora", "remora", "galore"} <= set(METHODS)
+    cfg = _cfg(mora={"rank": 1, "compression": "rope"}, relora={"target_modules": ["l[12]"]})
     torch.manual_seed(0)
     model = Net()
     layers = get_method("remora").wrap(model, cfg, seed=3)
@@ -327,17 +330,20 @@ def test_registered_methods_validate_wrap_and_fold():
     plain.load_state_dict(get_method("remora").fold(model.state_dict(), {"mora_compression": "rope"}))
     torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
 
+    galore_cfg = _cfg(galore={"rank": RANK, "update_proj_gap": GAP, "scale": SCALE}, relora={"target_modules": ["l"]})
     galore_model = Net()
-    get_method("galore").wrap(galore_model, cfg, seed=0)
-    groups = get_method("galore").param_groups(galore_model, cfg)
+    get_method("galore").wrap(galore_model, galore_cfg, seed=0)
+    groups = get_method("galore").param_groups(galore_model, galore_cfg)
     assert [g["eps_scale"] for g in groups] == [1.0, SCALE] and len(groups[1]["params"]) == 3
-    for bad, match in ((dict(update_proj_gap=0), r"galore\.update_proj_gap=0 must be at least 1"),
-                       (dict(proj_type="full"), r"galore\.proj_type='full' is not supported")):
-        with pytest.raises(ConfigError, match=match):
-            get_method("galore").validate(SimpleNamespace(optim=cfg.optim, galore=gl.GaLoreConfig(**bad)), 3)
+    with pytest.raises(ConfigError, match=r"galore\.update_proj_gap=0 must be at least 1"):
+        _cfg(galore={"update_proj_gap": 0})
+    with pytest.raises(ConfigError, match=r"galore\.proj_type"):
+        _cfg(galore={"proj_type": "full"})
     with pytest.raises(ConfigError, match=r"optim\.weight_decay=0\.1 cannot be honoured .*set optim\.weight_decay=0"):
-        get_method("galore").validate(SimpleNamespace(optim=SimpleNamespace(weight_decay=0.1)), 0)
-    with pytest.raises(ConfigError, match=r"mora\.compression='x' is unknown"):
-        get_method("mora").validate(SimpleNamespace(mora=mora.MoRAConfig(compression="x")), 2)
+        get_method("galore").validate(_cfg(optim={"weight_decay": 0.1}), 0)
+    with pytest.raises(ConfigError, match=r"mora\.compression"):
+        _cfg(mora={"compression": "x"})
     with pytest.raises(ConfigError, match=r"mora\.rank=64 gives r̂=.*layer 'l1'"):
-        get_method("mora").wrap(Net(), SimpleNamespace(mora=mora.MoRAConfig(rank=64, target_modules=["l1"])), 0)
+        get_method("mora").wrap(Net(), _cfg(mora={"rank": 64}, relora={"target_modules": ["l1"]}), 0)
+    # mora.rank / galore.rank default to relora.rank: one rank for a method comparison.
+    assert get_method("mora").wrap(Net(), _cfg(relora={"rank": 2, "target_modules": ["l2"]}), 0)[0][1].r_hat == 9

@@ -160,3 +160,15 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
     ours = evaluate_model(exported, meta["data_path"], 32, batch_size=4, max_batches=4)
     assert ours["sequences"] == 16
     assert ours["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+def test_warm_start_switch_frees_the_full_rank_engine(prepared_data, tmp_path):
+    # The full-rank masters and moments (~14 bytes/param/rank) must not outlive the switch.
+    from distributed import results
+
+    configs = [write_config(tmp_path / f"z{stage}.yaml",
+                            tiny_run_config(prepared_data, tmp_path / f"z{stage}", stage, train={"total_steps": 16}))
+               for stage in (2, 3)]
+    for rank_result in results(run_workers(["tests/workers/switch_frees_worker.py", *map(str, configs)], 2, timeout=600)):
+        for path, alive in rank_result.items():
+            assert alive == {"engine": False, "optimizer": False, "module": False}, (path, alive)

@@ -86,7 +86,8 @@ def worker(cfg: dict) -> None:
     rank, world = init_distributed()
     from ds_relora.config import RunConfig
     from ds_relora.models import WRAPPED_TYPES, Shape, build_model, describe_params, llama_config
-    from ds_relora.relora import JaggedCosine, wrap_model
+    from ds_relora.methods import get_method
+    from ds_relora.relora import JaggedCosine
     from ds_relora.train.ds_config import build_ds_config
     from ds_relora.train.engine import build_engine
 
@@ -95,9 +96,15 @@ def worker(cfg: dict) -> None:
     shape = Shape(**cfg["shape"])
     hf = llama_config(shape, cfg["vocab"], cfg["seq_len"], attn_implementation=cfg["attn"])
     model = build_model(hf, seed=0)
-    if cfg["method"] == "relora":
-        wrap_model(model, rank=cfg["rank"], alpha=32.0, dropout=cfg["dropout"], target_modules=list(WRAPPED_TYPES), seed=1,
-                   fuse_shared_inputs=cfg["fuse_shared_inputs"])
+    if get_method(cfg["method"]).adapters:
+        # The method's own wrap, as the trainer does it (GaLore's projector updates are not timed:
+        # one probe step every update_proj_gap steps).
+        setting = RunConfig()
+        setting.train.method = cfg["method"]
+        setting.relora.rank, setting.relora.alpha, setting.relora.dropout = cfg["rank"], 32.0, cfg["dropout"]
+        setting.relora.target_modules = list(WRAPPED_TYPES)
+        setting.relora.fuse_shared_inputs = cfg["fuse_shared_inputs"]
+        get_method(cfg["method"]).wrap(model, setting, seed=1)
     if cfg["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = describe_params(model)
@@ -107,8 +114,9 @@ def worker(cfg: dict) -> None:
     run.deepspeed.overrides = {"bf16": {"enabled": cfg["bf16"]}}
     run.train.micro_batch_size = cfg["micro"]
     ds = build_ds_config(run, world)
-    engine = build_engine(model.to(device), ds, lr=1e-4, schedule=JaggedCosine(10**6, 0))
-    if cfg["method"] == "relora" and cfg["stage"] == 3 and cfg["zero3_frozen_base"] != "partition":
+    groups = get_method(cfg["method"]).param_groups(model, RunConfig())
+    engine = build_engine(model.to(device), ds, lr=1e-4, schedule=JaggedCosine(10**6, 0), groups=groups)
+    if cfg["method"] != "full" and cfg["stage"] == 3 and cfg["zero3_frozen_base"] != "partition":
         from ds_relora.relora.zero3_frozen import apply_zero3_frozen_base
 
         apply_zero3_frozen_base(engine, cfg["zero3_frozen_base"])
@@ -238,7 +246,7 @@ def report(records: list[dict], args) -> str:
                               sum(v["bytes"] for v in r0["comms"].values())])
             detail.append(f"ZeRO-{stage} {method}: " + "; ".join(
                 f"{k} x{v['count']} {v['bytes']:,} B" for k, v in sorted(r0["comms"].items())))
-        if len(pair) == 2:
+        if "full" in pair and "relora" in pair:
             f, r = pair["full"], pair["relora"]
             comm_ratio = grad_bytes(r["comms"]) / max(1, grad_bytes(f["comms"]))
             rows.append([f"ZeRO-{stage}", "**relora / full**", f"{r['params']['trainable'] / f['params']['trainable']:.3f}",

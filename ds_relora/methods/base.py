@@ -18,16 +18,11 @@ A method is a small class registered under its ``train.method`` name (torchtitan
 * ``fold(state, meta)``: a pure tensor function from a consolidated fp32 state dict to the
   effective weights (eval, export, spectrum, warm-start hand-off).
 
-How today's methods map onto it (they move next session, their tests unchanged):
-
-* ``full``: validate nothing extra, ``wrap`` returns [], the default decay/no-decay groups,
-  plain cosine, no hooks, ``fold`` is the identity.
-* ``control``: as ``full``; its only decision is the model shape (``models.control_shape``),
-  which becomes a ``build_shape(shape, vocab, cfg)`` hook called by ``plan.build_hf_config``.
-* ``lora``: ``wrap`` = ``relora.layer.wrap_model``; one ramp after a warm start; no
-  ``after_step``; ``fold`` = ``weights.merge_adapters(state, alpha / r)``.
-* ``relora``: as ``lora`` plus a jagged schedule and ``after_step`` = the merge at
-  ``merge_points`` (today ``ReLoRAController`` + ``merge_and_reinit``).
+The methods: ``full`` and ``control`` (``full.py``), ``lora`` and ``relora`` (``lora.py``),
+``mora`` and ``remora`` (``mora.py``), ``galore`` (``galore.py``). Adapter methods share the
+``relora`` section's phase settings (targets, freeze list, warm start, adapter-phase LR, and for
+the merging ones reset_every / optimizer_reset / jagged schedule); their own sections hold only
+what is theirs (``mora``, ``galore``).
 
 The ZeRO-exact layer every method shares (not a ReLoRA detail):
 
@@ -36,7 +31,7 @@ The ZeRO-exact layer every method shares (not a ReLoRA detail):
   every stage (collective on ZeRO 1/2/3, same value on every rank for the setters);
 * a merge adds ΔW into the frozen W: replicated on ZeRO 0-2 (every rank adds the same delta), and
   on ZeRO-3 each rank adds only the rows of ΔW that cover its flat shard ``W.ds_tensor``
-  (:func:`shard_delta` here; today ``merge._add_delta_to_base`` does it for ``s * B @ A``).
+  (``relora.merge.add_delta_rows``; :func:`shard_delta` is the same slice arithmetic, pure).
   So a method only supplies :meth:`MergeableLayer.delta_rows`: rows ``row0:row1`` of its ΔW
   from the full adapter values (M for MoRA, C and the projector for GaLore, A and B for ReLoRA);
 * re-inits are written to the module tensors *and* the masters (otherwise DeepSpeed's next
@@ -95,11 +90,18 @@ def shard_delta(start: int, end: int, cols: int, rows: Callable[[int, int], torc
 
 
 class Method:
-    """Base class: the full-rank defaults. Subclasses override what they decide."""
+    """Base class: the full-rank defaults. Subclasses override what they decide.
+
+    One instance per run and rank: ``wrap`` keeps the layers it made (``self.layers``) for the
+    hooks that need them."""
 
     name: ClassVar[str] = ""
     adapters: ClassVar[bool] = False   # the method wraps linears (a frozen W plus trainables)
-    merges: ClassVar[bool] = False     # after_step / before_step may rewrite W
+    merges: ClassVar[bool] = False     # merge-and-reinit at relora.reset_every (jagged LR, optimizer reset)
+    resume_keys: ClassVar[tuple[str, ...]] = ()  # "section.key" settings a resume must not change
+
+    def __init__(self):
+        self.layers: list[tuple[str, nn.Module]] = []
 
     def validate(self, cfg, zero_stage: int) -> None:
         """Raise a one-line ConfigError for anything this method cannot honour."""
@@ -111,16 +113,7 @@ class Method:
         return []
 
     def param_groups(self, model: nn.Module, cfg) -> list[dict]:
-        """Matrices decay, vectors (norms, biases) do not; frozen params are left out."""
-        decay, no_decay = [], []
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        wd = cfg.optim.weight_decay
-        groups = [{"params": decay, "weight_decay": wd}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        return default_param_groups(model, cfg.optim.weight_decay)
 
     def schedule(self, cfg, start: int) -> ScheduleSpec:
         return ScheduleSpec()
@@ -131,8 +124,27 @@ class Method:
     def after_step(self, engine, step: int) -> dict | None:
         return None
 
+    def after_merge(self, layer: nn.Module) -> None:
+        """Called on every rank after each layer's merge (ReMoRA switches its grouping)."""
+
+    def meta(self, cfg) -> dict:
+        """Checkpoint metadata ``fold`` needs later (e.g. the adapter scale)."""
+        return {}
+
     def fold(self, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
         return dict(state)
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices decay, vectors (norms, biases) do not; frozen params are left out."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -169,6 +181,59 @@ def target_linears(model: nn.Module, patterns: list[str], section: str) -> list[
             f"like {names}; set {section}.target_modules to regexes of those names"
         )
     return found
+
+
+def wrap_targets(model: nn.Module, cfg, make: Callable[[str, nn.Linear], nn.Module],
+                 check: Callable[[list[tuple[str, int, int]]], None]) -> list[tuple[str, nn.Module]]:
+    """Replace every ``relora.target_modules`` linear by ``make(name, linear)`` (all shapes checked
+    first), then freeze ``relora.freeze_modules``. Returns ``[(name, layer)]`` in module order."""
+    import re
+
+    targets = target_linears(model, cfg.relora.target_modules, "relora")
+    check([(n, t.out_features, t.in_features) for n, t in targets])
+    layers = []
+    for name, base in targets:
+        layer = make(name, base)
+        replace_module(model, name, layer)
+        layers.append((name, layer))
+    freeze = [re.compile(f) for f in cfg.relora.freeze_modules]
+    for pname, param in model.named_parameters():
+        if any(f.search(pname) for f in freeze):
+            param.requires_grad_(False)
+    return layers
+
+
+def adapter_rank(cfg, section: str) -> int:
+    """``<section>.rank``, or ``relora.rank`` when it is null (one rank for a method comparison)."""
+    rank = getattr(getattr(cfg, section), "rank", None)
+    return cfg.relora.rank if rank is None else rank
+
+
+ADAPTER_BUFFER_SUFFIXES = (".mora_pattern", ".galore_proj")  # what load_adapter_state reads back
+
+
+def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The saved state of adapter layers that is not a parameter (MoRA's pattern, GaLore's
+    projector), by full name: replicated on every stage (ZeRO partitions parameters only)."""
+    out = {}
+    for name, mod in model.named_modules():
+        for key, buf in getattr(mod, "adapter_buffers", dict)().items():
+            out[f"{name}.{key}" if name else key] = buf
+    return out
+
+
+def load_adapter_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Write saved adapter buffers back (resume); a missing one is a damaged checkpoint."""
+    from ..errors import CheckpointError
+
+    for name, mod in model.named_modules():
+        own = getattr(mod, "adapter_buffers", dict)()
+        if own:
+            try:
+                mod.load_adapter_buffers({k: values[f"{name}.{k}"] for k in own})
+            except KeyError as exc:
+                raise CheckpointError(f"the checkpoint has no adapter buffer {exc}: it was written by another method "
+                                      "or is damaged; resume from a checkpoint of this run") from None
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .base import Method, ScheduleSpec, adapter_rank, register, wrap_targets
 
 
 def check_layer(name: str, out_features: int, in_features: int, rank: int) -> None:
@@ -111,13 +112,20 @@ class GaLoreLinear(nn.Module):
         """Rows of ``s P C`` / ``s C Q`` from the full fp32 C (its master) and the projector."""
         c = values["galore_C"]
         work = torch.promote_types(c.dtype, torch.float32)
-        c, proj = c.to(work), values.get("galore_proj", self.galore_proj).to(work)
+        c = c.to(work)
+        proj = values.get("galore_proj", self.galore_proj).to(c.device, work)
         if self.side == "left":
             return self.scale * (proj[row0:row1] @ c)
         return self.scale * (c[row0:row1] @ proj)
 
     def reset_values(self, values: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
         return {"galore_C": torch.zeros_like(values["galore_C"])}
+
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        return {"galore_proj": self.galore_proj}
+
+    def load_adapter_buffers(self, values: dict[str, torch.Tensor]) -> None:
+        self.galore_proj.copy_(values["galore_proj"])
 
     @torch.no_grad()
     def update_projection_local(self, grad: torch.Tensor) -> None:
@@ -183,62 +191,61 @@ def fold_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------- the method
-import dataclasses  # noqa: E402
+def _update_projectors(engine, layers, grads: dict[str, torch.Tensor], rank: int) -> None:
+    """For every layer, in the same order on every rank: ``W0 += s P C`` through the shared
+    ZeRO-exact merge (this rank's rows of W0 only on ZeRO-3), C = 0 in the module and the master
+    (its Adam moments are kept, as galore-torch keeps them), then the new projector from the
+    all-reduced gradient, computed on rank 0 and broadcast so every rank holds the same one."""
+    import torch.distributed as dist
 
-from ..config_base import doc  # noqa: E402
-from .base import Method, ScheduleSpec, register, replace_module, target_linears  # noqa: E402
+    from ..relora.merge import merge_layer
 
-
-@dataclasses.dataclass
-class GaLoreConfig:
-    rank: int = doc(128, "projection rank r (top-r singular vectors of the gradient, on the smaller side)")
-    update_proj_gap: int = doc(200, "steps between projector updates (an SVD of the current gradient)")
-    scale: float = doc(0.25, "GaLore's scale alpha: the projected-back update is multiplied by it")
-    proj_type: str = doc("std", "projection side: std (the smaller side, galore-torch's default; the only one supported)")
-    target_modules: list[str] = doc(help="regexes (re.search) of the projected linear layers (the reference: attention and MLP)", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-
-
-def _section(cfg) -> GaLoreConfig:
-    return getattr(cfg, "galore", None) or GaLoreConfig()
+    for name, layer in layers:
+        g = grads.pop(name)
+        dist.all_reduce(g)
+        new = projector(g, rank) if dist.get_rank() == 0 else torch.empty(layer.galore_proj.shape, device=g.device)
+        del g
+        dist.broadcast(new, 0)
+        merge_layer(engine, layer, None)
+        layer.galore_proj.copy_(new.to(layer.galore_proj.dtype))
 
 
 @register
 class GaLoreMethod(Method):
-    """``train.method: galore``: GaLoreLinear layers, projector updates before every
-    ``update_proj_gap``-th update, embeddings/norms/head with plain Adam."""
+    """``train.method: galore``: GaLoreLinear layers on ``relora.target_modules``, a projector
+    update before every ``update_proj_gap``-th update of the phase, embeddings/norms/head with
+    plain Adam. A frozen-projection adapter, not an optimizer wrapper: see the module docstring."""
 
     name = "galore"
     adapters = True
-    merges = True
+    resume_keys = ("galore.rank", "galore.scale", "relora.rank", "relora.target_modules")
 
     def validate(self, cfg, zero_stage: int) -> None:
-        g = _section(cfg)
+        g = cfg.galore
         if g.update_proj_gap < 1:
             raise ConfigError(f"galore.update_proj_gap={g.update_proj_gap} must be at least 1")
         if g.proj_type != "std":
             raise ConfigError(f"galore.proj_type='{g.proj_type}' is not supported: use std (the smaller side)")
-        if g.rank < 1:
-            raise ConfigError(f"galore.rank={g.rank} must be at least 1")
+        if adapter_rank(cfg, "galore") < 1:
+            raise ConfigError(f"galore.rank={adapter_rank(cfg, 'galore')} must be at least 1")
         if cfg.optim.weight_decay:
             raise ConfigError(
                 f"optim.weight_decay={cfg.optim.weight_decay} cannot be honoured by train.method=galore yet "
                 "(the frozen W0 is not decayed): set optim.weight_decay=0"
             )
+        if cfg.relora.keep_base_fp32:
+            raise ConfigError("relora.keep_base_fp32 is not supported by train.method=galore: set it to false")
 
     def check_shapes(self, cfg, shapes) -> None:
         for name, out_features, in_features in shapes:
-            check_layer(name, out_features, in_features, _section(cfg).rank)
+            check_layer(name, out_features, in_features, adapter_rank(cfg, "galore"))
 
     def wrap(self, model, cfg, seed: int):
-        g = _section(cfg)
-        targets = target_linears(model, g.target_modules, "galore")
-        self.check_shapes(cfg, [(n, t.out_features, t.in_features) for n, t in targets])
-        layers = []
-        for name, base in targets:
-            layer = GaLoreLinear(base, g.rank, g.scale, name)
-            replace_module(model, name, layer)
-            layers.append((name, layer))
-        return layers
+        g = cfg.galore
+        self.rank, self.gap, self.eps = adapter_rank(cfg, "galore"), g.update_proj_gap, cfg.optim.eps
+        self.layers = wrap_targets(model, cfg, lambda name, base: GaLoreLinear(base, self.rank, g.scale, name),
+                                   lambda shapes: self.check_shapes(cfg, shapes))
+        return self.layers
 
     def param_groups(self, model, cfg) -> list[dict]:
         """C's group gets ``eps_scale = scale`` (its gradient is scale x GaLore's projected one)."""
@@ -246,15 +253,34 @@ class GaLoreMethod(Method):
         ids = {id(c) for c in cs}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": rest, "weight_decay": 0.0, "eps_scale": 1.0}] if rest else []
-        return groups + [{"params": cs, "weight_decay": 0.0, "eps_scale": _section(cfg).scale}]
+        return groups + [{"params": cs, "weight_decay": 0.0, "eps_scale": cfg.galore.scale}]
 
     def schedule(self, cfg, start: int) -> ScheduleSpec:
         return ScheduleSpec(galore_eps=True)
 
     def before_step(self, engine, step: int, micro_batches):
-        # Probe (full_gradients, all-reduced), SVD, ZeRO-exact merge of s P C via shard_delta and
-        # a projector broadcast: wired into the trainer next session; refuse rather than skip.
-        raise NotImplementedError("galore's engine projector update is not wired into the trainer yet")
+        """Before the phase's update ``step`` (0-based): galore-torch's eps for it, and on every
+        ``update_proj_gap``-th one a probe forward/backward on this step's micro-batches (the
+        gradient of W at the current weights: what galore-torch projects), then the update."""
+        import time
+
+        set_galore_eps(engine.optimizer, step + 1, self.eps)
+        if step % self.gap:
+            return None
+        started = time.perf_counter()
+        device = engine.device
+        # engine.module, not engine(...): DeepSpeed's forward hangs backward hooks on the loss that
+        # start its gradient reduction (ZeRO 1/2 epilogue) when any backward runs; the probe
+        # differentiates w.r.t. layer outputs only and must leave the optimizer's state alone.
+        # ZeRO-3's parameter gathers are module hooks, so they still run.
+        grads = full_gradients(engine.module, self.layers, micro_batches,
+                               lambda model, mb: model(input_ids=mb.to(device), labels=mb.to(device)).loss)
+        _update_projectors(engine, self.layers, grads, self.rank)
+        return {"event": "projection", "step": step, "modules": len(self.layers),
+                "seconds": time.perf_counter() - started}
+
+    def meta(self, cfg) -> dict:
+        return {"galore_scale": cfg.galore.scale}
 
     def fold(self, state, meta):
-        return fold_state(state, meta.get("galore_scale", _section(None).scale))
+        return fold_state(state, meta.get("galore_scale", 0.25))

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..relora.layer import adopt_frozen_base
+from .base import Method, adapter_rank, register, wrap_targets
 
 KINDS = ("sharing", "rope")
 ROPE_BASE = 10000.0
@@ -183,8 +184,8 @@ class MoRALinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._pattern_key = tuple(int(v) for v in self.mora_pattern.tolist())
 
-    def pattern(self) -> Pattern:
-        device = self.mora_pattern.device
+    def pattern(self, device=None) -> Pattern:
+        device = self.mora_pattern.device if device is None else device
         key = (*self._pattern_key, device)
         if self._pattern_cache is None or self._pattern_cache[0] != key:
             seed, index = self._pattern_key
@@ -197,7 +198,8 @@ class MoRALinear(nn.Module):
 
     def delta_rows(self, values: dict[str, torch.Tensor], row0: int, row1: int) -> torch.Tensor:
         """Rows of ΔW from the full fp32 value of M (read from the optimizer's master)."""
-        return delta_rows(values["mora_M"], row0, row1, self.pattern())
+        m = values["mora_M"]
+        return delta_rows(m, row0, row1, self.pattern(m.device))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"mora_M": self.mora_M}
@@ -205,6 +207,13 @@ class MoRALinear(nn.Module):
     def reset_values(self, values: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
         """M = 0 after a merge (a fresh MoRA layer computes exactly W x)."""
         return {"mora_M": torch.zeros_like(values["mora_M"])}
+
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        return {"mora_pattern": self.mora_pattern}
+
+    def load_adapter_buffers(self, values: dict[str, torch.Tensor]) -> None:
+        self.mora_pattern.copy_(values["mora_pattern"])
+        self._pattern_key = tuple(int(v) for v in values["mora_pattern"].tolist())
 
     def switch_pattern(self) -> None:
         """Next grouping (ReMoRA); deterministic, so every rank does the same."""
@@ -241,74 +250,53 @@ def fold_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
 
 
 # ----------------------------------------------------------------------------- the methods
-import dataclasses  # noqa: E402
-
-from ..config_base import doc  # noqa: E402
-from .base import Method, ScheduleSpec, register, replace_module, target_linears  # noqa: E402
-
-
-@dataclasses.dataclass
-class MoRAConfig:
-    rank: int = doc(128, "LoRA-equivalent rank r: M is r̂ x r̂ with r̂ = int(sqrt((in + out) * r) + 0.5) per layer")
-    compression: str = doc("sharing", "sharing (Eq. 6, large r; the paper's pre-training choice) or rope (Eq. 8-10, small r)")
-    switch_groups: bool = doc(True, "remora: change the grouping after every merge (otherwise the merged rank does not grow)")
-    target_modules: list[str] = doc(help="regexes (re.search) of the linear layers that get an M", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-
-
-def _section(cfg) -> MoRAConfig:
-    # The lead adds ``mora: MoRAConfig`` to RunConfig; until then the defaults apply.
-    return getattr(cfg, "mora", None) or MoRAConfig()
 
 
 @register
 class MoRAMethod(Method):
-    """``train.method: mora``: M trained, never merged (``remora`` merges)."""
+    """``train.method: mora``: M trained, never merged (``remora`` merges). Targets, freeze list,
+    warm start and the adapter-phase LR come from the ``relora`` section."""
 
     name = "mora"
     adapters = True
+    resume_keys = ("mora.rank", "mora.compression", "relora.rank", "relora.target_modules")
 
     def validate(self, cfg, zero_stage: int) -> None:
-        m = _section(cfg)
-        if m.compression not in KINDS:
-            raise ConfigError(f"mora.compression='{m.compression}' is unknown: use one of {', '.join(KINDS)}")
-        if m.rank < 1:
-            raise ConfigError(f"mora.rank={m.rank} must be at least 1")
+        if cfg.mora.compression not in KINDS:
+            raise ConfigError(f"mora.compression='{cfg.mora.compression}' is unknown: use one of {', '.join(KINDS)}")
+        if adapter_rank(cfg, "mora") < 1:
+            raise ConfigError(f"mora.rank={adapter_rank(cfg, 'mora')} must be at least 1")
 
     def check_shapes(self, cfg, shapes) -> None:
-        m = _section(cfg)
         for name, out_features, in_features in shapes:
-            check_layer(name, out_features, in_features, m.rank, m.compression)
+            check_layer(name, out_features, in_features, adapter_rank(cfg, "mora"), cfg.mora.compression)
 
     def wrap(self, model, cfg, seed: int):
-        m = _section(cfg)
-        targets = target_linears(model, m.target_modules, "mora")
-        self.check_shapes(cfg, [(n, t.out_features, t.in_features) for n, t in targets])
-        layers = []
-        for name, base in targets:
-            layer = MoRALinear(base, m.rank, m.compression, seed=seed, name=name)
-            replace_module(model, name, layer)
-            layers.append((name, layer))
-        return layers
+        rank, kind = adapter_rank(cfg, "mora"), cfg.mora.compression
+        self.layers = wrap_targets(model, cfg, lambda name, base: MoRALinear(base, rank, kind, seed=seed, name=name),
+                                   lambda shapes: self.check_shapes(cfg, shapes))
+        return self.layers
+
+    def meta(self, cfg) -> dict:
+        return {"mora_compression": cfg.mora.compression}
 
     def fold(self, state, meta):
-        return fold_state(state, meta.get("mora_compression", _section(None).compression))
+        return fold_state(state, meta.get("mora_compression", "sharing"))
 
 
 @register
 class ReMoRAMethod(MoRAMethod):
     """``train.method: remora``: MoRA plus ReLoRA's merge-and-reinit (``relora.reset_every``,
-    optimizer reset, jagged schedule) and a grouping switch after every merge."""
+    optimizer reset, jagged schedule) through the shared ZeRO-exact merge, and a grouping switch
+    after every merge (``mora.switch_groups``)."""
 
     name = "remora"
     merges = True
 
-    def schedule(self, cfg, start: int) -> ScheduleSpec:
-        r = cfg.relora
-        if not r.jagged_schedule:
-            return ScheduleSpec()
-        return ScheduleSpec(restart_every=r.reset_every, restart_warmup_steps=r.restart_warmup_steps)
+    def wrap(self, model, cfg, seed: int):
+        self.switch = cfg.mora.switch_groups
+        return super().wrap(model, cfg, seed)
 
-    def after_step(self, engine, step: int):
-        # The ZeRO-exact merge (zero_state masters + shard_delta rows, then switch_pattern on
-        # every rank) is wired into the trainer next session; refuse loudly rather than not merge.
-        raise NotImplementedError("remora's engine merge is not wired into the trainer yet")
+    def after_merge(self, layer) -> None:
+        if self.switch:
+            layer.switch_pattern()

@@ -15,7 +15,7 @@ from .merge import merge_and_reinit
 
 class ReLoRAController:
     def __init__(self, engine, modules, *, merge_at, offset: int, seed: int,
-                 optimizer_reset: str, prune_ratio: float):
+                 optimizer_reset: str, prune_ratio: float, after_merge=None):
         self.engine = engine
         self.modules = modules
         self.merge_at = set(merge_at)
@@ -23,6 +23,7 @@ class ReLoRAController:
         self.seed = seed
         self.optimizer_reset = optimizer_reset
         self.prune_ratio = prune_ratio
+        self.after_merge = after_merge
         self.sync_with_scheduler()
 
     def sync_with_scheduler(self) -> None:
@@ -44,5 +45,6 @@ class ReLoRAController:
             return None
         fault_point("merge", step + 1)  # numbered like the step record of the update just taken
         stats = merge_and_reinit(self.engine, self.modules, seed=self.seed, step=step,
-                                 optimizer_reset=self.optimizer_reset, prune_ratio=self.prune_ratio)
+                                 optimizer_reset=self.optimizer_reset, prune_ratio=self.prune_ratio,
+                                 after_merge=self.after_merge)
         return {"event": "merge", "step": step, **stats}

@@ -31,6 +31,19 @@ def kaiming_uniform_A(shape: tuple[int, int], generator: torch.Generator) -> tor
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
+def base_delta(a: torch.Tensor, b: torch.Tensor, scale: float, device: torch.device,
+               rows: slice = slice(None)) -> torch.Tensor:
+    """``scale * b[rows] @ a`` in fp32 on ``device``."""
+    return scale * (b[rows].to(device, torch.float32) @ a.to(device, torch.float32))
+
+
+def reinit_values(shape_a, shape_b, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh fp32 A (Kaiming, drawn from the CPU ``generator``: the same values on every
+    device and rank) and B = 0, both on ``device``."""
+    new_a = kaiming_uniform_A(tuple(shape_a), generator).to(device)
+    return new_a, torch.zeros(tuple(shape_b), dtype=torch.float32, device=device)
+
+
 def adopt_frozen_base(module: nn.Module, base: nn.Linear) -> None:
     """Take over ``base``'s ``weight`` and ``bias`` under the same names, frozen: the adapter
     layers of every method (ReLoRA, MoRA) keep a wrapped model's state dict the plain one's."""
@@ -64,6 +77,20 @@ class ReLoRALinear(nn.Module):
         group = self.__dict__["shared_input"]
         u = group.adapter_input(self, x) if group is not None else F.linear(self.dropout(x), self.lora_A)
         return add_adapter(F.linear(x, self.weight, self.bias), u, self.lora_B, self.scale)
+
+    # The MergeableLayer protocol (methods/base.py): what the shared ZeRO-exact merge needs.
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def delta_rows(self, values: dict[str, torch.Tensor], row0: int, row1: int) -> torch.Tensor:
+        """Rows ``row0:row1`` of ``s * B @ A`` in fp32, on the device of ``values``."""
+        a = values["lora_A"]
+        return base_delta(a, values["lora_B"], self.scale, a.device, slice(row0, row1))
+
+    def reset_values(self, values: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        a = values["lora_A"]
+        new_a, new_b = reinit_values(tuple(a.shape), tuple(values["lora_B"].shape), generator, a.device)
+        return {"lora_A": new_a, "lora_B": new_b}
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"

@@ -301,7 +301,10 @@ def apply_derive(cfg: RunConfig, d: DeriveSpec) -> None:
             raise ConfigError(f"derive.{field}={value} must be in [0, 1)")
     if d.warmup_fraction is not None:
         cfg.optim.warmup_steps = max(1, round(d.warmup_fraction * t.total_steps))
-    adapters = t.method in ("lora", "relora")
+    from ..methods import get_method
+
+    method = get_method(t.method)
+    adapters = method.adapters
     if d.warm_start_fraction is not None and adapters:
         r.warm_start_steps = round(d.warm_start_fraction * t.total_steps)
     # Only fields the method reads are set: full/control ignore relora.*, LoRA never merges
@@ -315,10 +318,10 @@ def apply_derive(cfg: RunConfig, d: DeriveSpec) -> None:
         if every < 1:
             raise ConfigError(f"derive.cycles={d.cycles} leaves cycles shorter than one step in "
                               f"{t.total_steps - warm} steps: lower cycles or raise the budget")
-        if t.method == "relora":
+        if method.merges:
             r.reset_every = every
             t.total_steps = warm + d.cycles * every
-    ramps = t.method == "relora" or (t.method == "lora" and warm > 0)
+    ramps = method.merges or (adapters and warm > 0)
     if d.restart_warmup_fraction is not None and ramps:
         r.restart_warmup_steps = max(d.restart_warmup_min, round(d.restart_warmup_fraction * every))
     if d.evals is not None:

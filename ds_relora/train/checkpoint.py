@@ -113,6 +113,8 @@ def gather_full_state(engine) -> dict[str, torch.Tensor]:
     master, frozen ones from the module (gathered under ZeRO-3). Collective."""
     import deepspeed
 
+    from ..methods import adapter_buffers
+
     state = {}
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
@@ -120,6 +122,9 @@ def gather_full_state(engine) -> dict[str, torch.Tensor]:
         else:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=is_zero3_param(p)):
                 state[name] = p.data.detach().float().clone().reshape(full_shape(p))
+    # MoRA's grouping pattern and GaLore's projector: needed by every fold and by a resume.
+    for name, buf in adapter_buffers(engine.module).items():
+        state[name] = (buf.float() if buf.is_floating_point() else buf).detach().clone()
     return state
 
 
@@ -226,6 +231,17 @@ def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client
+
+
+def load_adapter_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter buffers (MoRA patterns, GaLore projectors) of a checkpoint, read without
+    loading its weights."""
+    from safetensors import safe_open
+
+    from ..methods.base import ADAPTER_BUFFER_SUFFIXES
+
+    with safe_open(str(Path(folder) / CONSOLIDATED), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.endswith(ADAPTER_BUFFER_SUFFIXES)}
 
 
 def load_consolidated(folder: Path) -> dict[str, torch.Tensor]:

@@ -131,14 +131,17 @@ SECOND_COPY_KEYS = {
 
 
 def check_single_copy_of_w(cfg: RunConfig, zero: dict) -> None:
-    if cfg.train.method != "relora":  # only merges write W; LoRA never does
+    from ..methods import get_method
+
+    method = get_method(cfg.train.method)
+    if not (method.merges or method.name == "galore"):  # only merges write W; LoRA/MoRA never do
         return
     for key, active in SECOND_COPY_KEYS.items():
         if key in zero and active(zero[key]):
             raise ConfigError(
                 f"DeepSpeed config sets zero_optimization.{key}={zero[key]}, which keeps a second copy of every frozen W "
                 f"that ReLoRA's merges would leave stale: remove {key} from {cfg.deepspeed.config} / deepspeed.overrides "
-                "(ZeRO++ hpZ and quantized weights are not supported with train.method=relora)"
+                f"(ZeRO++ hpZ and quantized weights are not supported with train.method={cfg.train.method})"
             )
 
 

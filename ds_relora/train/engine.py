@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from ..methods.base import default_param_groups
 from ..relora.schedule import JaggedCosine, make_scheduler
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay, vectors (norms, biases) do not. Frozen params are left out."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, schedule: JaggedCosine):
-    """``deepspeed.initialize`` with a client AdamW and the jagged LambdaLR (stepped by DeepSpeed
-    once per successful optimizer step)."""
+                 weight_decay: float = 0.0, schedule: JaggedCosine, groups: list[dict] | None = None):
+    """``deepspeed.initialize`` with a client AdamW over the method's param ``groups`` (default:
+    matrices decay, vectors do not) and the jagged LambdaLR (stepped by DeepSpeed once per
+    successful optimizer step)."""
     import deepspeed
 
     fused = torch.cuda.is_available() and not _offloads_optimizer(ds_config)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                                  fused=fused or None)
+    groups = groups if groups is not None else default_param_groups(model, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -35,6 +25,39 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
         config=ds_config,
     )
     return engine
+
+
+def release_engine(engine) -> None:
+    """Free an engine that is done (the warm-start switch): its optimizer's masters and moments
+    must not sit next to the next engine's. ``destroy`` releases DeepSpeed's own buffers; under
+    ZeRO-3 the root module also stays in DeepSpeed's module-level ``FWD_MODULE_STACK`` (appended
+    at initialisation, never popped), whose hooks would keep the whole engine reachable."""
+    import gc
+
+    module = engine.module
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:
+        parameter_offload = PartitionedParameterCoordinator = None
+    if parameter_offload is not None:
+        stack = parameter_offload.FWD_MODULE_STACK
+        stack[:] = [m for m in stack if m is not module]
+    # An lru_cache on a method (class level, keyed by self) keeps every ZeRO-3 parameter
+    # coordinator, and through it the module, alive (DeepSpeed 0.19).
+    cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    while cached is not None and not hasattr(cached, "cache_clear"):  # under DeepSpeed's nvtx wrapper
+        inner = getattr(cached, "__wrapped__", None)
+        if inner is None:
+            cells = [c.cell_contents for c in (getattr(cached, "__closure__", None) or ()) if callable(c.cell_contents)]
+            inner = cells[0] if cells else None
+        cached = inner
+    if cached is not None:
+        cached.cache_clear()
+    del module, engine
+    gc.collect()
 
 
 def _offloads_optimizer(ds_config: dict) -> bool:

@@ -92,13 +92,17 @@ def build_hf_config(cfg: RunConfig, meta: dict):
                         attn_implementation=attn, init_std=cfg.model.init_std)
 
 
-def check_relora(cfg: RunConfig) -> tuple[bool, bool, int]:
-    method, r, total = cfg.train.method, cfg.relora, cfg.train.total_steps
+def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int]:
+    """The adapter phase's settings (any adapter method): returns (adapters, merges, start step)."""
+    from ..methods import get_method
+
+    r, total = cfg.relora, cfg.train.total_steps
+    method = get_method(cfg.train.method)
     if total < 1:
         raise ConfigError(f"train.total_steps={total} must be at least 1")
-    adapters = method in ("lora", "relora")
-    if not adapters:
+    if not method.adapters:
         return False, False, 0
+    method.validate(cfg, zero_stage)
     check_reset_args(r.optimizer_reset, r.prune_ratio)
     if not 0.0 <= r.dropout < 1.0:
         raise ConfigError(f"relora.dropout={r.dropout} must be in [0, 1)")
@@ -119,7 +123,7 @@ def check_relora(cfg: RunConfig) -> tuple[bool, bool, int]:
             f"the ReLoRA phase would start at step {start} (relora.warm_start_steps or the warm_start_from "
             f"checkpoint's step), not before train.total_steps={total}: raise total_steps"
         )
-    if method == "relora":
+    if method.merges:
         phase = total - start
         if r.reset_every > phase:
             raise ConfigError(
@@ -136,20 +140,22 @@ def check_relora(cfg: RunConfig) -> tuple[bool, bool, int]:
         # Builds the schedule once to surface its own checks (restart warm-up vs cycle).
         JaggedCosine(total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, restart_every=r.reset_every,
                      restart_warmup_steps=r.restart_warmup_steps, cycle_start=start)
-    return True, method == "relora", start
+    return True, method.merges, start
 
 
 def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
-    adapters, merges, start = check_relora(cfg)
+    from .ds_config import zero_stage
+
+    ds = build_ds_config(cfg, world_size)
+    adapters, merges, start = check_relora(cfg, zero_stage(ds))
     if not 0 <= cfg.optim.warmup_steps < cfg.train.total_steps:
         raise ConfigError(
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be below train.total_steps={cfg.train.total_steps}"
         )
     micro, accum, global_batch = batch_layout(cfg, world_size)
-    ds = build_ds_config(cfg, world_size)
     meta = _read_data_meta(cfg.data.path)
     hf = build_hf_config(cfg, meta)
-    if adapters:
+    if adapters and cfg.train.method in ("lora", "relora"):
         dims = [getattr(hf, k, None) for k in ("hidden_size", "intermediate_size")]
         limit = min(d for d in dims if d) if any(dims) else None
         if limit is not None and cfg.relora.rank > limit:
@@ -157,6 +163,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
                 f"relora.rank={cfg.relora.rank} exceeds the smallest wrapped dimension ({limit}) of this model: "
                 f"set relora.rank to at most {limit}"
             )
+    if adapters:
         check_adapter_phase(cfg, hf)
         if cfg.relora.warm_start_from:
             check_same_model(Path(cfg.relora.warm_start_from), hf, "start from a checkpoint of the same model "
@@ -195,7 +202,7 @@ def check_adapter_phase(cfg: RunConfig, hf) -> int:
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from ..relora.layer import wrap_model
+    from ..methods import get_method
 
     r = cfg.relora
     model = _meta_model(hf)
@@ -205,11 +212,10 @@ def check_adapter_phase(cfg: RunConfig, hf) -> int:
     if conv and (not linear_hits or any(p.search(n) for n in conv for p in patterns)):
         raise ConfigError(
             f"model {hf.model_type!r} uses transformers Conv1D projections ({conv[0]}, ...; GPT-2 style), which "
-            "ReLoRA cannot wrap (it wraps nn.Linear): use a LLaMA-style model (model.preset, or a Llama/Mistral/Qwen "
-            "model.name_or_path)"
+            f"train.method={cfg.train.method} cannot wrap (it wraps nn.Linear): use a LLaMA-style model "
+            "(model.preset, or a Llama/Mistral/Qwen model.name_or_path)"
         )
-    modules = wrap_model(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout, target_modules=r.target_modules,
-                         freeze_modules=r.freeze_modules, seed=cfg.train.seed)
+    modules = get_method(cfg.train.method).wrap(model, cfg, seed=cfg.train.seed)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("relora.freeze_modules freezes every parameter, adapters included: narrow its regexes")
     return len(modules)
@@ -251,7 +257,7 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
     written = meta.get("world_size")
     if written is not None and int(written) != plan.world_size:
         alt = (f", or start a new run from it with relora.warm_start_from={folder}" if meta.get("phase") == "full"
-               and cfg.train.method in ("relora", "lora") else "")
+               and plan.adapters else "")
         raise CheckpointError(
             f"{folder} was written by {written} ranks but this run has {plan.world_size} (launch.num_nodes x num_gpus): "
             f"resume with {written} ranks (DeepSpeed's optimizer shards are per rank){alt}"
@@ -266,13 +272,17 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
                      "data (data.path, its tokenizer), or use another train.run_dir")
     config_file = folder / "config.yaml"
     if plan.adapters and meta.get("phase") == "adapters" and config_file.is_file():
+        from ..methods import get_method
+
         try:
-            saved_relora = (yaml.safe_load(config_file.read_text()) or {}).get("relora", {})
+            saved = yaml.safe_load(config_file.read_text()) or {}
         except yaml.YAMLError:
-            saved_relora = {}
-        for key in ("rank", "target_modules"):
-            if key in saved_relora and saved_relora[key] != getattr(cfg.relora, key):
+            saved = {}
+        for dotted in get_method(cfg.train.method).resume_keys:
+            section, key = dotted.split(".")
+            theirs, ours = saved.get(section, {}).get(key, None), getattr(getattr(cfg, section), key)
+            if key in saved.get(section, {}) and theirs != ours:
                 raise CheckpointError(
-                    f"{folder} has adapters with relora.{key}={saved_relora[key]} but this run sets "
-                    f"{getattr(cfg.relora, key)}: resume with the same relora.{key}, or use another train.run_dir"
+                    f"{folder} has adapters with {dotted}={theirs} but this run sets {ours}: resume with the same "
+                    f"{dotted}, or use another train.run_dir"
                 )

@@ -8,7 +8,6 @@ around the wrapped model with a fresh optimizer.
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
 import time
@@ -24,14 +23,16 @@ from ..data import DistributedBatchIterator, PackedDataset, validation_batches
 from ..device import comm_device, host_scalars
 from ..errors import CheckpointError
 from ..models import build_model, describe_params, human
-from ..relora import JaggedCosine, merge_points, wrap_model
+from ..methods import get_method, load_adapter_buffers
+from ..relora import JaggedCosine, merge_points
 from ..relora.zero3_frozen import apply_zero3_frozen_base
 from ..faults import fault_point
 from ..relora.controller import ReLoRAController
 from ..weights import read_meta
-from .checkpoint import agree_on_resume, gather_full_state, load_checkpoint, load_consolidated, save_checkpoint
+from .checkpoint import (agree_on_resume, gather_full_state, load_adapter_state, load_checkpoint, load_consolidated,
+                         save_checkpoint)
 from .ds_config import zero_stage
-from .engine import build_engine
+from .engine import build_engine, release_engine
 from .job_limits import REQUEUE_EXIT_CODE, JobLimits
 from .metrics import MetricsLogger
 from .plan import plan_run
@@ -49,6 +50,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.plan = plan_run(cfg, self.world)
+        self.method = get_method(cfg.train.method)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.seq_len = cfg.data.seq_len
@@ -86,10 +88,9 @@ class Trainer:
     def _build_phase(self, phase: str, offset: int, init_state: dict | None) -> None:
         cfg = self.cfg
         if self.engine is not None:
-            if hasattr(self.engine, "destroy"):
-                self.engine.destroy()
-            self.engine = None
-            gc.collect()
+            old, self.engine, self.controller, self.modules = self.engine, None, None, []
+            release_engine(old)
+            del old
         if cfg.model.name_or_path and cfg.model.from_pretrained and init_state is None:
             from transformers import AutoModelForCausalLM
 
@@ -109,17 +110,16 @@ class Trainer:
                 )
         self.modules = []
         if phase == "adapters":
-            r = cfg.relora
-            self.modules = wrap_model(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout,
-                                      target_modules=r.target_modules, freeze_modules=r.freeze_modules,
-                                      seed=cfg.train.seed + 1, fuse_shared_inputs=r.fuse_shared_inputs)
+            self.modules = self.method.wrap(model, cfg, seed=cfg.train.seed + 1)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = describe_params(model)
         lr, schedule = self._phase_lr_and_schedule(phase, offset)
         o = cfg.optim
-        self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps,
-                                   weight_decay=o.weight_decay, schedule=schedule)
+        # The full-rank phase of any method trains like method full (the base Method's groups).
+        groups = (self.method if phase == "adapters" else get_method("full")).param_groups(model, cfg)
+        self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps, schedule=schedule,
+                                   groups=groups)
         _record_grad_norm_without_zero(self.engine)
         if phase == "adapters" and zero_stage(self.plan.ds_config) == 3:
             apply_zero3_frozen_base(self.engine, cfg.relora.zero3_frozen_base)
@@ -129,7 +129,8 @@ class Trainer:
             self.controller = ReLoRAController(
                 self.engine, self.modules, seed=cfg.train.seed, offset=offset,
                 merge_at=merge_points(cfg.train.total_steps, cfg.relora.reset_every, self.relora_start),
-                optimizer_reset=cfg.relora.optimizer_reset, prune_ratio=cfg.relora.prune_ratio)
+                optimizer_reset=cfg.relora.optimizer_reset, prune_ratio=cfg.relora.prune_ratio,
+                after_merge=self.method.after_merge)
 
     @property
     def step(self) -> int:
@@ -163,7 +164,7 @@ class Trainer:
             "phase_offset": self.phase_offset, "relora_start": self.relora_start,
             "method": self.cfg.train.method, "world_size": self.world,
             "zero_stage": zero_stage(self.plan.ds_config),
-            "lora_scale": self.cfg.relora.alpha / self.cfg.relora.rank if adapters else None,
+            "lora_scale": None, **(self.method.meta(self.cfg) if adapters else {}),
             "consumed_samples": self.iterator.state_dict()["consumed_samples"],
             "tokens_seen": self.tokens_seen, **self._layout(),
             "data_path": self.cfg.data.path, "params": self.params,
@@ -208,6 +209,8 @@ class Trainer:
             self.iterator.load_state_dict(client["data"])
             self.tokens_seen = client["tokens_seen"]
             self.resumed_at = self.last_saved_step = self.step
+            if self.phase == "adapters":
+                load_adapter_buffers(self.engine.module, load_adapter_state(resume))
             if self.controller is not None:
                 self.controller.sync_with_scheduler()
         self.resumed_from = resume
@@ -256,12 +259,15 @@ class Trainer:
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             batches = self.iterator.next_step()
+            pre_event = self.method.before_step(self.engine, self.engine.lr_scheduler.last_epoch, batches) \
+                if self.phase == "adapters" else None
             for mb in batches:
                 mb = mb.to(device)
                 loss = self.engine(input_ids=mb, labels=mb).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 loss_sum += loss.detach().float()
+            del loss  # its graph's hooks reference the engine (which the warm-start switch frees)
             event = self.controller.after_step() if self.controller else None
             loss_mean = _all_reduce_mean(loss_sum / len(batches), self.world)
             fault_point("signal", self.step)
@@ -275,11 +281,14 @@ class Trainer:
                 "tokens": self.tokens_seen, "tokens_per_s": self.tokens_per_step / elapsed,
                 "step_time": elapsed, "grad_norm": norm,
             })
+            if pre_event:
+                fields = {k: v for k, v in pre_event.items() if k not in ("event", "step")}
+                self.metrics.event(pre_event["event"], self.step, lr_index=self.phase_offset + pre_event["step"], **fields)
             if event:
                 fields = {k: v for k, v in event.items() if k not in ("event", "step")}
                 self.metrics.event(event["event"], self.step, lr_index=event["step"], **fields)
                 pruned = fields.get("moments_pruned_fraction")
-                self.metrics.info(f"step {self.step}: merged {fields['modules']} adapters into W in "
+                self.metrics.info(f"step {self.step}: merged {fields['modules']} {cfg.train.method} adapters into W in "
                                   f"{fields['seconds']:.2f}s, pruned "
                                   f"{'no' if pruned is None else f'{pruned:.1%} of their'} Adam moments")
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
