@@ -17,6 +17,8 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -64,6 +66,7 @@ def _init_worker(payload: tuple[str, object], eos: int, dtype: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One worker is one core: num_workers, not Rust threads per worker, sets the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _exit_with_parent()
     kind, data = payload
     if kind == "backend-json":
         from tokenizers import Tokenizer
@@ -76,6 +79,19 @@ def _init_worker(payload: tuple[str, object], eos: int, dtype: str) -> None:
         tok = pickle.loads(data)
         _encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
     _eos, _dtype = eos, np.dtype(dtype)
+
+
+def _exit_with_parent() -> None:
+    """Exit when the parent is gone: a SIGKILLed prepare-data would otherwise leave its workers
+    waiting forever on a queue that they themselves hold open."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _encode_chunk(texts: list[str]) -> Chunk:

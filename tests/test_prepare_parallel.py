@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,25 +165,41 @@ def test_resume_with_other_worker_count_and_a_settings_change_starts_over(tmp_pa
     assert_same_output(prepare_data(cfg(src, seed=2), tmp_path / "want2", log=quiet), tmp_path / "out2")
 
 
-def test_sigkill_midway_then_rerun_gives_the_same_bytes(tmp_path):
+def _processes_with_env(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_sigkill_midway_then_rerun_gives_the_same_bytes_and_no_worker_outlives_it(tmp_path):
     # The real thing: DS_RELORA_FAULT=prepare:2 SIGKILLs the process right after checkpoint 2.
     src = corpus(tmp_path)
     out = tmp_path / "out"
     script = (
-        "import sys; from ds_relora.data import prepare as p; from ds_relora.config import PrepareConfig\n"
+        "from ds_relora.data import prepare as p; from ds_relora.config import PrepareConfig\n"
         "p.CHECKPOINT_SECONDS = 0.0; p._BATCH_DOCS = 7\n"
-        f"p.prepare_data(PrepareConfig(source={str(src)!r}, vocab_size=300, val_fraction=0.25, shard_tokens=500), {str(out)!r})\n"
+        f"p.prepare_data(PrepareConfig(source={str(src)!r}, vocab_size=300, val_fraction=0.25, shard_tokens=500, num_workers=2), {str(out)!r})\n"
     )
-    env = {**os.environ, "DS_RELORA_FAULT": "prepare:2", "PYTHONPATH": str(REPO)}
+    marker = f"DS_RELORA_TEST_MARKER={tmp_path}"
+    env = {**os.environ, "DS_RELORA_FAULT": "prepare:2", "PYTHONPATH": str(REPO), "DS_RELORA_TEST_MARKER": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     part = prepare_mod.partial_dir(out)
     assert not out.exists() and json.loads((part / prepare_mod.PROGRESS_FILE).read_text())["documents_read"] == 2 * 7
 
     logs: list[str] = []
-    prepare_data(cfg(src), out, log=logs.append)
-    assert any("resuming" in m for m in logs)  # with other batch sizes than the killed run: chunking is not in the bytes
+    prepare_data(cfg(src), out, log=logs.append)  # other batch sizes than the killed run: chunking is not in the bytes
+    assert any("resuming" in m for m in logs)
     assert_same_output(prepare_data(cfg(src), tmp_path / "want", log=quiet), out)
+    deadline = time.time() + 10
+    while _processes_with_env(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with_env(marker), "worker processes outlived their killed parent"
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
