@@ -227,6 +227,8 @@ def _locked(part: Path, out_dir: Path) -> Iterator[None]:
                 f"another prepare-data is writing {out_dir} (its partial folder {part} is locked): "
                 "wait for it to finish, or stop it and run this command again to continue its work"
             ) from None
+        except OSError:
+            pass  # a filesystem without flock (some NFS mounts): run unlocked, as before locks existed
         yield
     finally:
         os.close(fd)
