@@ -60,13 +60,13 @@ def tokenizer_payload(tok) -> tuple[str, object]:
     return "pickle", pickle.dumps(tok)
 
 
-def _init_worker(payload: tuple[str, object], eos: int, dtype: str) -> None:
+def _init_worker(payload: tuple[str, object], eos: int, dtype: str, parent: int) -> None:
     global _encode, _eos, _dtype
     # The parent handles Ctrl-C and stops the pool; a worker traceback per process would bury it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One worker is one core: num_workers, not Rust threads per worker, sets the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _exit_with_parent()
+    _exit_with_parent(parent)
     kind, data = payload
     if kind == "backend-json":
         from tokenizers import Tokenizer
@@ -81,10 +81,10 @@ def _init_worker(payload: tuple[str, object], eos: int, dtype: str) -> None:
     _eos, _dtype = eos, np.dtype(dtype)
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(parent: int) -> None:
     """Exit when the parent is gone: a SIGKILLed prepare-data would otherwise leave its workers
-    waiting forever on a queue that they themselves hold open."""
-    parent = os.getppid()
+    waiting forever on a queue that they themselves hold open. ``parent`` is the pid the parent
+    sent (not our getppid() at start: the parent may already have died while we were starting)."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -105,7 +105,7 @@ def encode_in_order(batches: Iterable[list[str]], tok, eos: int, dtype: np.dtype
     lets the workers exit after their current batch.
     """
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(tokenizer_payload(tok), eos, dtype.str))
+                               initializer=_init_worker, initargs=(tokenizer_payload(tok), eos, dtype.str, os.getpid()))
     in_flight: deque[Future] = deque()
     finished = False
     try:
