@@ -162,6 +162,7 @@ class PrepareConfig(Checked):
     val_fraction: float = doc(0.02, "fraction of documents held out for validation")
     shard_tokens: int = doc(50_000_000, "tokens per shard file")
     seed: int = doc(0, "seed of the train/validation split")
+    num_workers: int = doc(1, "processes that tokenize on this node (1: in the prepare-data process itself); the output is byte-identical for any value, so set it to the free CPU cores")
 
     SECTION = "prepare"
 
@@ -172,6 +173,7 @@ class PrepareConfig(Checked):
         for name in ("max_documents", "max_tokens"):
             value = getattr(self, name)
             self.require(name, value is None or value >= 1, "must be at least 1: set a positive limit or null for no limit")
+        self.require("num_workers", self.num_workers >= 1, "must be at least 1: set the tokenizing processes on this node, e.g. its CPU core count (1: no extra processes)")
 
 
 @dataclasses.dataclass

@@ -4,6 +4,9 @@
 ``DS_RELORA_FAULT_RANK`` (default 1) act at that point of that global step: ``save`` and
 ``merge`` kill the process with SIGKILL (a node crash), ``signal`` sends it SIGUSR1 (what SLURM
 sends before a time limit). Unset, :func:`fault_point` is a dictionary lookup.
+
+One-process commands have no rank: :func:`fault_point_local` (``prepare:<n>``, after
+prepare-data's n-th checkpoint) kills the calling process itself.
 """
 
 from __future__ import annotations
@@ -21,3 +24,9 @@ def fault_point(point: str, step: int) -> None:
     if dist.get_rank() != int(os.environ.get("DS_RELORA_FAULT_RANK", "1")):
         return
     os.kill(os.getpid(), signal.SIGUSR1 if point == "signal" else signal.SIGKILL)
+
+
+def fault_point_local(point: str, step: int) -> None:
+    """:func:`fault_point` for a process outside any process group: SIGKILL, no rank check."""
+    if os.environ.get("DS_RELORA_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

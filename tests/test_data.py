@@ -281,15 +281,17 @@ def test_leftover_temp_folder_is_ignored_and_meta_written_last(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-999-deadbeef", "a.jsonl", "out"])
 
 
-def test_interrupted_run_leaves_nothing_and_rerun_replaces_previous_output(tmp_path, monkeypatch):
+def test_failed_run_leaves_nothing_and_rerun_replaces_previous_output(tmp_path, monkeypatch):
+    # An error removes the partial folder (the same command would fail again); an interruption
+    # keeps it for a resume: tests/test_prepare_parallel.py.
     src = write_jsonl(tmp_path / "a.jsonl", DOCS[:8])
     out = prepare_data(cfg(src), tmp_path / "out", log=quiet)
 
     def boom(*a, **kw):
-        raise KeyboardInterrupt
+        raise RuntimeError("tokenizer crashed")
 
     monkeypatch.setattr(prepare_mod, "encode_batch", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError):
         prepare_data(cfg(src), out, log=quiet, overwrite=True)
     assert decoded_docs(out, "train") == DOCS[:8]  # previous output untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]
