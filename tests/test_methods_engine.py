@@ -136,3 +136,35 @@ def test_galore_matches_galore_torch_through_the_trainer(prepared_data, tmp_path
     assert len(ours) == 20 and ref[-4:].mean() < ref[:4].mean() - 0.3
     rel = ((ours - ref).abs() / ref.abs()).max().item()
     assert rel <= 1e-4, (rel, ours.tolist(), ref.tolist())
+
+
+def test_remora_merge_and_galore_projection_keep_the_logits_on_every_stage():
+    outs = results(run_workers(["tests/workers/method_merge_worker.py"], 2, timeout=900))
+    assert len(outs) == 2 * 2 * 4 * 2
+    for r in outs:
+        assert r["w_moved"] > 0, r  # the merge really wrote ΔW into the (sharded) W
+        # fp32: W + ΔW rounds once (~1e-7 relative); bf16: W is rounded to bf16 after the add.
+        assert r["max_diff"] <= (2e-2 if r["bf16"] else 1e-4) * max(1.0, r["scale"]), r
+        if r["method"] == "remora":
+            assert r["pattern"][1] == 1, r  # the next grouping after the merge
+
+
+def test_bad_method_settings_fail_before_launch(prepared_data, tmp_path):
+    from ds_relora.config_base import from_dict
+    from ds_relora.config import RunConfig
+    from ds_relora.errors import ConfigError
+    from ds_relora.train.plan import plan_run
+
+    def plan(method, **extra):
+        return plan_run(from_dict(RunConfig, _config(prepared_data, tmp_path, method, 2, **extra)), 2)
+
+    with pytest.raises(ConfigError, match=r"mora\.rank=500 gives r̂=.* set mora\.rank to at most"):
+        plan("remora", mora={"rank": 500})
+    with pytest.raises(ConfigError, match=r"galore\.rank=500 does not fit layer"):
+        plan("galore", galore={"rank": 500})
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay=0\.1 cannot be honoured"):
+        plan("galore", optim={"weight_decay": 0.1})
+    with pytest.raises(ConfigError, match=r"galore\.update_proj_gap=0 must be at least 1"):
+        plan("galore", galore={"update_proj_gap": 0})
+    with pytest.raises(ConfigError, match=r"mora\.compression"):
+        plan("mora", mora={"compression": "zip"})

@@ -99,10 +99,12 @@ class GaLoreLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        # A buffer: DeepSpeed's bf16 casts parameters, and under ZeRO-3 not the buffers.
+        proj = self.galore_proj.to(x.dtype)
         if self.side == "left":
-            low = F.linear(F.linear(x, self.galore_C), self.galore_proj)
+            low = F.linear(F.linear(x, self.galore_C), proj)
         else:
-            low = F.linear(F.linear(x, self.galore_proj), self.galore_C)
+            low = F.linear(F.linear(x, proj), self.galore_C)
         return y + self.scale * low
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
