@@ -312,3 +312,23 @@ def test_stage_advice_picks_the_fastest_setting_that_fits():
     assert recommend_stage(between, **setting)[1] == "ZeRO-3"
     rows, pick = recommend_stage(0.5, **setting)
     assert pick is None and "nothing fits" in format_advice(0.5, rows, pick)
+
+
+@pytest.mark.parametrize("method", ["relora", "mora", "remora", "galore"])
+def test_adapter_method_counts_match_the_wrapped_model(method):
+    # The planner's trainable/total counts against the method's own wrap of the real model.
+    from ds_relora.config import RunConfig
+    from ds_relora.methods import adapter_buffers, get_method
+    from ds_relora.models import llama_config, preset_shape
+
+    cfg = RunConfig()
+    cfg.train.method, cfg.relora.rank = method, 16
+    with torch.device("meta"):
+        model = __import__("transformers").AutoModelForCausalLM.from_config(
+            llama_config(preset_shape("20m"), 2048, 256, attn_implementation="sdpa"))
+    get_method(method).wrap(model, cfg, seed=0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in adapter_buffers(model).values() if b.is_floating_point())
+    est = estimate_memory("20m", method, 16, 2, 1, 1, 256, vocab_size=2048)
+    assert (est.trainable_params, est.total_params) == (trainable, total)

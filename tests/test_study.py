@@ -338,3 +338,19 @@ def test_power_law_fit_and_defensive_records(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "step", "st')
     steps, events = read_records(path)
     assert sorted(steps) == [1, 2, 3] and steps[3]["loss"] == 3.0 and events["eval"][3]["loss"] == 3.5
+
+
+def test_a_point_trained_by_another_process_is_skipped(tmp_path):
+    # Two `ds-relora sweep` processes on one sweep share its points: a claimed point is left alone.
+    from ds_relora.study.runner import _claim, run_point
+
+    run_dir = tmp_path / "point"
+    run_dir.mkdir()
+    held = _claim(run_dir)
+    assert held is not None
+    lines = []
+    assert run_point(run_dir, log=lines.append) == 0
+    assert lines == ["point: running in another process, skipped"]
+    assert not (run_dir / "train.log").exists()
+    held.close()
+    assert _claim(run_dir) is not None  # free again once the holder is gone

@@ -90,9 +90,33 @@ def point_state(run_dir: Path) -> dict:
     return out
 
 
+def _claim(run_dir: Path):
+    """An exclusive lock on the point, held while it trains (released by the OS when this process
+    dies): two ``ds-relora sweep`` processes on one sweep never train the same point. None if
+    another process holds it."""
+    import fcntl
+
+    handle = open(run_dir / ".running.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def run_point(run_dir: Path, log=print) -> int:
     """Train one point to the end (resuming if it was started); returns the exit code."""
     run_dir = Path(run_dir)
+    claim = _claim(run_dir)
+    if claim is None:
+        log(f"{run_dir.name}: running in another process, skipped")
+        return 0
+    with claim:
+        return _run_claimed(run_dir, log)
+
+
+def _run_claimed(run_dir: Path, log) -> int:
     state = point_state(run_dir)
     if state["status"] in ("done", "running"):
         log(f"{run_dir.name}: {state['status']}, skipped")
