@@ -31,6 +31,10 @@ FORMAT_VERSION = 2
 WEIGHTS_READABLE_VERSIONS = (1, 2)
 META = "meta.json"
 CONSOLIDATED = "model_fp32.safetensors"
+# The Adam moments of every trainable param as whole tensors, by ``<param>.exp_avg`` /
+# ``<param>.exp_avg_sq``: with CONSOLIDATED (the fp32 masters) a stage- and world-size-independent
+# optimizer state, so a run resumes on another number of ranks or another ZeRO stage.
+OPTIMIZER_FP32 = "optimizer_fp32.safetensors"
 STAGING, REPLACED = ".saving", ".replaced"
 STEP_FOLDER = re.compile(r"^step-(\d+)(\.saving|\.replaced)?$")
 _HASH_ENDS = 4 << 20  # bytes hashed at each end of a file: whole small files, ends of big ones

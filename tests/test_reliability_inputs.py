@@ -203,10 +203,24 @@ def test_resume_of_the_same_run_is_accepted(real_run):
     assert rc == 0, err
 
 
-def test_resume_with_other_number_of_ranks_is_refused_before_launch(real_run):
-    line = _one_line_error(*_resume(real_run, "launch.launcher=local", "launch.num_gpus=2")[::2],
-                           "written by 1 ranks but this run has 2")
-    assert "warm_start_from" not in line  # an adapter-phase checkpoint cannot seed a warm start
+def test_resume_with_other_number_of_ranks_is_accepted(real_run):
+    # Elastic: the checkpoint holds the whole fp32 masters and moments (tests/test_elastic_resume.py).
+    rc, _, err = _resume(real_run, "launch.launcher=local", "launch.num_gpus=2")
+    assert rc == 0, err
+
+
+def test_resume_without_optimizer_state_on_other_ranks_is_refused_before_launch(real_run, tmp_path):
+    # A checkpoint from before elastic checkpoints (no optimizer_step / optimizer_fp32.safetensors).
+    old = tmp_path / "step-6"
+    shutil.copytree(real_run["ckpt"], old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["optimizer_step"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    sets = [s for s in real_run["sets"] if not s.startswith("launch.")]
+    rc, _, err = _cli("train", "--config", "quickstart", "--set", *sets, "launch.launcher=local", "launch.num_gpus=2",
+                      "--resume", str(old), "--dry-run")
+    line = _one_line_error(rc, err, "written by 1 ranks on ZeRO-")
+    assert "resume it with 1 ranks" in line and "warm_start_from" not in line
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint_format import (CONSOLIDATED, META, REPLACED, STAGING, STEP_FOLDER, best_folder_per_step,
+from ..checkpoint_format import (CONSOLIDATED, META, OPTIMIZER_FP32, REPLACED, STAGING, STEP_FOLDER, best_folder_per_step,
                                  check_complete, fsync_dir, fsync_tree, public_mode, read_meta, verify,
                                  write_atomic, write_meta)
 from ..errors import CheckpointError
 from ..faults import fault_point
-from ..relora.zero_state import full_shape, get_master, is_zero3_param
+from ..relora.zero_state import MOMENTS, full_shape, get_master, get_moment, is_zero3_param
 
 __all__ = ["write_atomic", "complete_checkpoints", "resolve_resume", "agree_on_resume", "save_checkpoint",
            "load_checkpoint", "load_consolidated", "gather_full_state"]
@@ -128,6 +128,29 @@ def gather_full_state(engine) -> dict[str, torch.Tensor]:
     return state
 
 
+@torch.no_grad()
+def gather_moments(engine) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's Adam moments as whole fp32 tensors on every rank (none before
+    the first step). Collective."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            for key in MOMENTS:
+                value = get_moment(engine, p, key)
+                if value is not None:
+                    out[f"{name}.{key}"] = value.contiguous()
+    return out
+
+
+def optimizer_update_count(engine) -> int:
+    """Adam's step count (its bias correction), the same for every param of a phase."""
+    basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in basic.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -194,11 +217,13 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
     torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
     full = gather_full_state(engine)
+    moments = gather_moments(engine)
     if rank == 0:
-        tmp = staging / (CONSOLIDATED + ".tmp")
-        save_file(full, str(tmp))
-        public_mode(tmp)
-        os.replace(tmp, staging / CONSOLIDATED)
+        for name, tensors in ((CONSOLIDATED, full), (OPTIMIZER_FP32, moments)):
+            tmp = staging / (name + ".tmp")
+            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+            public_mode(tmp)
+            os.replace(tmp, staging / name)
         write_atomic(staging / "config.yaml", config_yaml)
         hf_config.to_json_file(str(staging / "hf_config.json"))
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():

@@ -254,14 +254,16 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
 
     folder = Path(folder)
     meta = read_meta(folder)
-    written = meta.get("world_size")
-    if written is not None and int(written) != plan.world_size:
-        alt = (f", or start a new run from it with relora.warm_start_from={folder}" if meta.get("phase") == "full"
-               and plan.adapters else "")
-        raise CheckpointError(
-            f"{folder} was written by {written} ranks but this run has {plan.world_size} (launch.num_nodes x num_gpus): "
-            f"resume with {written} ranks (DeepSpeed's optimizer shards are per rank){alt}"
-        )
+    from .ds_config import zero_stage
+    from .elastic import check_elastic, needs_elastic
+
+    if needs_elastic(meta, plan.world_size, zero_stage(plan.ds_config)):
+        try:
+            check_elastic(folder, meta, plan.world_size, zero_stage(plan.ds_config))
+        except CheckpointError as exc:
+            alt = (f", or start a new run from it with relora.warm_start_from={folder}" if meta.get("phase") == "full"
+                   and plan.adapters else "")
+            raise CheckpointError(f"{exc}{alt}") from None
     method = meta.get("method")
     if method is not None and method != cfg.train.method:
         raise CheckpointError(

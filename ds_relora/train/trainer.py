@@ -30,7 +30,8 @@ from ..faults import fault_point
 from ..relora.controller import ReLoRAController
 from ..weights import read_meta
 from .checkpoint import (agree_on_resume, gather_full_state, load_adapter_state, load_checkpoint, load_consolidated,
-                         save_checkpoint)
+                         optimizer_update_count, save_checkpoint)
+from . import elastic
 from .ds_config import zero_stage
 from .engine import build_engine, release_engine
 from .job_limits import REQUEUE_EXIT_CODE, JobLimits
@@ -69,6 +70,7 @@ class Trainer:
         self.tokens_seen = 0
         self.last_saved_step = None
         self.fingerprint = data_fingerprint(cfg.data.path)
+        self.metrics_note = None
 
     # ----------------------------------------------------------------------------- phases
     def _phase_lr_and_schedule(self, phase: str, offset: int) -> tuple[float, JaggedCosine]:
@@ -150,10 +152,11 @@ class Trainer:
         return _all_reduce_mean(total / max(1, len(batches)), self.world).item()
 
     # ----------------------------------------------------------------------------- checkpoints
-    def _layout(self) -> dict:
-        """What a resume must find unchanged (checked by check_resume_matches)."""
-        return {**self.fingerprint, "seq_len": self.seq_len, "global_batch": self.plan.global_batch,
-                "micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum}
+    def _layout(self, elastic: bool = False) -> dict:
+        """What a resume must find unchanged (checked by check_resume_matches); an elastic resume
+        (another world size or stage) keeps the global batch but may split it differently."""
+        split = {} if elastic else {"micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum}
+        return {**self.fingerprint, "seq_len": self.seq_len, "global_batch": self.plan.global_batch, **split}
 
     def _meta(self) -> dict:
         adapters = self.phase == "adapters"
@@ -167,6 +170,7 @@ class Trainer:
             "lora_scale": None, **(self.method.meta(self.cfg) if adapters else {}),
             "consumed_samples": self.iterator.state_dict()["consumed_samples"],
             "tokens_seen": self.tokens_seen, **self._layout(),
+            "data_state": self.iterator.state_dict(), "optimizer_step": optimizer_update_count(self.engine),
             "data_path": self.cfg.data.path, "params": self.params,
         }
 
@@ -185,10 +189,14 @@ class Trainer:
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank == 0 else None
         resume = agree_on_resume(cfg.train.resume, self.run_dir, log)
         self.relora_start = self.plan.relora_start
-        consumed, phase, offset, init_state = 0, "full", 0, None
+        consumed, phase, offset, init_state, is_elastic = 0, "full", 0, None, False
         if resume is not None:
             meta = read_meta(resume, for_resume=True)
-            check_resume_matches(resume, meta, self._layout())
+            stage = zero_stage(self.plan.ds_config)
+            is_elastic = elastic.needs_elastic(meta, self.world, stage)
+            if is_elastic:
+                elastic.check_elastic(resume, meta, self.world, stage)
+            check_resume_matches(resume, meta, self._layout(is_elastic))
             self.relora_start = meta.get("relora_start", self.relora_start)
             phase, offset = meta["phase"], meta["phase_offset"]
         elif cfg.relora.warm_start_from and self.plan.adapters:
@@ -205,7 +213,12 @@ class Trainer:
         self._build_phase(phase, offset, init_state)
         self.resumed_at = None
         if resume is not None:
-            client = load_checkpoint(self.engine, resume, self.world)["ds_relora"]
+            if is_elastic:
+                client = elastic.restore(self.engine, resume, meta)
+                self.metrics_note = (f"resumed {resume} (written by {meta['world_size']} ranks on ZeRO-{meta['zero_stage']}) "
+                                     f"on {self.world} ranks on ZeRO-{zero_stage(self.plan.ds_config)}")
+            else:
+                client = load_checkpoint(self.engine, resume, self.world)["ds_relora"]
             self.iterator.load_state_dict(client["data"])
             self.tokens_seen = client["tokens_seen"]
             self.resumed_at = self.last_saved_step = self.step
@@ -236,6 +249,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.rank, total, self.step, tensorboard=cfg.train.tensorboard,
                                      wandb_project=cfg.train.wandb_project, config=to_dict(cfg),
                                      resumed_from=self.resumed_from)
+        if self.metrics_note:
+            self.metrics.info(self.metrics_note)
         limits = JobLimits(cfg.train, self.step)
         limits.install_signal_handlers()
         try:

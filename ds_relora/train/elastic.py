@@ -1,0 +1,100 @@
+"""Resume on another number of ranks or another ZeRO stage.
+
+DeepSpeed's optimizer checkpoint is per rank and per stage (and its universal checkpoints do not
+restore frozen params). Every ds_relora checkpoint also holds the whole fp32 value of every
+parameter (``model_fp32.safetensors``: masters of the trainable ones, frozen W, adapters, adapter
+buffers) and the Adam moments of every trainable one (``optimizer_fp32.safetensors``), written
+through ``zero_state`` as whole tensors. From those two files any stage and world size rebuilds
+exactly the same optimizer state:
+
+* the module tensors and the fp32 masters get the saved values (each rank writes its own shard);
+* Adam's state is created for every flat partition at the saved step count (torch's own layout:
+  a scalar ``step``, zero moments) and then the saved moments are written into each fragment;
+* the LR scheduler, DeepSpeed's step counters and the data position come from ``meta.json``.
+
+What it does not restore: the per-rank RNG streams (another world size has other ranks), so
+adapter dropout masks after an elastic resume differ from an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..checkpoint_format import CONSOLIDATED, OPTIMIZER_FP32
+from ..errors import CheckpointError
+from ..relora.zero_state import MOMENTS, set_master, set_moment
+
+
+def needs_elastic(meta: dict, world_size: int, stage: int) -> bool:
+    """A resume that DeepSpeed's own per-rank checkpoint cannot serve."""
+    return meta.get("world_size") != world_size or meta.get("zero_stage") != stage
+
+
+def check_elastic(folder: Path, meta: dict, world_size: int, stage: int) -> None:
+    """One line when a checkpoint cannot be resumed on this world size / stage."""
+    if not (Path(folder) / OPTIMIZER_FP32).is_file() or "optimizer_step" not in meta:
+        raise CheckpointError(
+            f"{folder} was written by {meta.get('world_size')} ranks on ZeRO-{meta.get('zero_stage')} before "
+            f"checkpoints held the stage-independent optimizer state ({OPTIMIZER_FP32}), and this run has "
+            f"{world_size} ranks on ZeRO-{stage}: resume it with {meta.get('world_size')} ranks and the same "
+            "ZeRO stage (DeepSpeed's optimizer shards are per rank)"
+        )
+
+
+def _init_adam_state(engine, step: int) -> None:
+    """Adam's state for every param the (inner) optimizer steps, as torch creates it lazily."""
+    basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    on_device = any(g.get("fused") or g.get("capturable") for g in basic.param_groups)
+    params = [p for g in basic.param_groups for p in g["params"]]
+    # ZeRO-3 steps its flat fp32 partitions (one per sub-group), not always listed in the groups.
+    params += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for p in {id(p): p for p in params}.values():
+        state = basic.state[p]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+        for key in MOMENTS:
+            if key not in state:
+                state[key] = torch.zeros_like(p)
+
+
+@torch.no_grad()
+def restore(engine, folder: Path, meta: dict) -> dict:
+    """Load a checkpoint of any stage / world size into ``engine`` (collective). Returns the
+    client state the trainer needs (data position, tokens seen)."""
+    from safetensors.torch import load_file
+
+    from ..methods import load_adapter_buffers
+    from ..relora.merge import _write_module_tensor
+
+    folder = Path(folder)
+    weights = load_file(str(folder / CONSOLIDATED))
+    moments = load_file(str(folder / OPTIMIZER_FP32))
+    device = engine.device
+    for name, p in engine.module.named_parameters():
+        if name not in weights:
+            raise CheckpointError(f"{folder}/{CONSOLIDATED} has no {name}: the checkpoint is of another model; "
+                                  "resume from a checkpoint of this run")
+        value = weights[name].to(device)
+        _write_module_tensor(p, value)
+        if p.requires_grad:
+            set_master(engine, p, value)
+    load_adapter_buffers(engine.module, weights)
+    step = int(meta["optimizer_step"])
+    if step > 0:
+        _init_adam_state(engine, step)
+        for name, p in engine.module.named_parameters():
+            if p.requires_grad:
+                for key in MOMENTS:
+                    set_moment(engine, p, key, moments[f"{name}.{key}"].to(device))
+    updates = int(meta["step"]) - int(meta["phase_offset"])
+    scheduler = engine.lr_scheduler
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": we set its position
+        scheduler.last_epoch = updates - 1
+        scheduler.step()
+    engine.global_steps = updates
+    engine.global_samples = updates * int(meta["global_batch"])
+    data = meta.get("data_state") or {"consumed_samples": meta["consumed_samples"]}
+    return {"data": data, "tokens_seen": meta.get("tokens_seen", 0)}
