@@ -55,7 +55,7 @@ def attention_kernel() -> str:
 
 
 # ----------------------------------------------------------------------------- 1. ReLoRA runs
-def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: str) -> dict:
+def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: str, method: str = "relora") -> dict:
     steps = {"total_steps": 4, "reset_every": 2, "stop": 2} if smoke else {"total_steps": 12, "reset_every": 4, "stop": 6}
     return {
         "model": {"preset": "tiny" if smoke else "20m", "attn_implementation": attn},
@@ -63,7 +63,8 @@ def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: 
         "relora": {"rank": 8 if smoke else 32, "alpha": 16, "dropout": 0.1, "warm_start_steps": 0,
                    "reset_every": steps["reset_every"], "restart_warmup_steps": 1, "lr": 0.005},
         "optim": {"lr": 0.002, "warmup_steps": 1},
-        "train": {"method": "relora", "total_steps": steps["total_steps"], "micro_batch_size": 2 if smoke else 8,
+        "galore": {"update_proj_gap": steps["reset_every"]},
+        "train": {"method": method, "total_steps": steps["total_steps"], "micro_batch_size": 2 if smoke else 8,
                   "eval_every": 0, "eval_batches": 2, "save_every": 0, "run_dir": str(run_dir),
                   "stop_after_steps": steps["stop"]},
         "deepspeed": {"config": str(REPO / "ds_configs" / STAGES[stage]),
@@ -84,35 +85,37 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str) -> dict:
-    """Train to ``stop_after_steps`` (merge, reset, checkpoint), then resume to the end (another merge)."""
+def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, method: str = "relora") -> dict:
+    """Train to ``stop_after_steps`` (merge or projector update, checkpoint), then resume to the end."""
     from .config import from_dict, RunConfig
     from .train.trainer import Trainer
 
-    run_dir = work / stage
+    run_dir = work / f"{method}-{stage}"
     started = time.time()
-    raw = relora_run_config(data, run_dir, stage, smoke, attn)
+    raw = relora_run_config(data, run_dir, stage, smoke, attn, method)
     first = Trainer(from_dict(RunConfig, raw)).run()
     raw["train"].update(resume="auto", stop_after_steps=None)
     second = Trainer(from_dict(RunConfig, raw)).run()
     records = _events(run_dir)
-    merges = [r["lr_index"] for r in records if r.get("event") == "merge"]
+    kind = "projection" if method == "galore" else "merge"
+    merges = [r["lr_index"] for r in records if r.get("event") == kind]
     losses = [r["loss"] for r in records if r["type"] == "step"]
     problems = []
     if not first.get("stopped"):
         problems.append("the first run did not stop at stop_after_steps")
     if second["step"] != raw["train"]["total_steps"]:
         problems.append(f"the resumed run ended at step {second['step']}")
-    expected = list(range(raw["relora"]["reset_every"], raw["train"]["total_steps"], raw["relora"]["reset_every"]))
+    every = raw["relora"]["reset_every"]
+    expected = list(range(0 if method == "galore" else every, raw["train"]["total_steps"], every))
     if merges != expected:
-        problems.append(f"merges at {merges}, expected {expected}")
+        problems.append(f"{kind}s at {merges}, expected {expected}")
     if not losses or not all(math.isfinite(x) for x in losses):
         problems.append("non-finite loss")
-    stop = relora_run_config(data, run_dir, stage, smoke, attn)["train"]["stop_after_steps"]
+    stop = relora_run_config(data, run_dir, stage, smoke, attn, method)["train"]["stop_after_steps"]
     if not (run_dir / "checkpoints" / f"step-{stop}" / "meta.json").is_file():
         problems.append("no checkpoint at the stop step")
     _release_memory()
-    return {"stage": stage, "ok": not problems, "problems": problems, "merges": merges,
+    return {"method": method, "stage": stage, "ok": not problems, "problems": problems, "merges": merges,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "eval_loss": second.get("eval_loss"), "seconds": round(time.time() - started, 1)}
 
@@ -237,7 +240,7 @@ def results_block(res: dict) -> str:
     lines = ["=" * 72, "ds_relora GPU check", f"device: {res['device']}", f"attention: {res['attention']}"]
     for r in res["relora_runs"]:
         status = "PASS" if r["ok"] else "FAIL " + "; ".join(r["problems"])
-        lines.append(f"relora {r['stage']:<14} {status}  merges at {r.get('merges')}  loss {_fmt(r.get('first_loss'))} -> "
+        lines.append(f"{r.get('method', 'relora'):<7} {r['stage']:<14} {status}  merges at {r.get('merges')}  loss {_fmt(r.get('first_loss'))} -> "
                      f"{_fmt(r.get('last_loss'))}  ({r.get('seconds')} s)")
     for pair in res["throughput"]:
         if "error" in pair:
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ds_relora.gpu_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny preset, fp32, 2-step phases (tests)")
+    ap.add_argument("--methods", default="relora,remora,galore",
+                    help="methods of the short runs (each on every stage): merges/projector updates, checkpoint, resume")
     ap.add_argument("--stages", default=None, help=f"comma list of {', '.join(STAGES)} (default: all; smoke: zero0,zero3_offload)")
     ap.add_argument("--presets", default=None, help="throughput presets (default: 350m,1.3b; smoke: tiny)")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="device peak for MFU (dense bf16)")
@@ -309,12 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "tokenizer").is_dir():
         prepare_data(PrepareConfig(source="stdlib", max_documents=120 if args.smoke else 600, vocab_size=512,
                                    val_fraction=0.1), data, log=lambda _m: None)
-    for stage in stages:
-        try:
-            res["relora_runs"].append(relora_run(data, work / "runs", stage, args.smoke, attn))
-        except Exception as exc:  # one failing stage must not hide the others
-            traceback.print_exc()
-            res["relora_runs"].append({"stage": stage, "ok": False, "problems": [f"{type(exc).__name__}: {exc}"]})
+    for method in args.methods.split(","):
+        for stage in stages:
+            try:
+                res["relora_runs"].append(relora_run(data, work / "runs", stage, args.smoke, attn, method))
+            except Exception as exc:  # one failing stage must not hide the others
+                traceback.print_exc()
+                res["relora_runs"].append({"method": method, "stage": stage, "ok": False,
+                                           "problems": [f"{type(exc).__name__}: {exc}"]})
         print(f"[gpu_check] {res['relora_runs'][-1]}", flush=True)
     for i, preset in enumerate(presets):
         if i > 0 and time.time() - started > args.budget_s:
