@@ -97,18 +97,26 @@ def _port_busy(port: int) -> str | None:
             return f"master port {port} is already in use on this node: pick another with --set launch.master_port=N"
 
 
-def _single_node_port(c: _Ctx) -> int:
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_node_port(c: _Ctx, always_free: bool = False) -> int:
     """The rendezvous port of a one-node run. Left at the default and busy (a second run or sweep on
     the same machine), any free port does: every rank of a one-node run is started from here and
-    told the port. A port the user chose is kept, and a busy one is an error."""
+    told the port; ``always_free`` (one rank in this process: nobody else needs to know it) takes
+    one even when the default looks free, since two runs starting together would both see it free.
+    A port the user chose is kept, and a busy one is an error."""
     port = c.l.master_port
+    if port == DEFAULT_PORT and always_free:
+        return _free_port()
     if err := _port_busy(port):
         if port != DEFAULT_PORT:
             c.issues.append(err)
             return port
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        return _free_port()
     return port
 
 
@@ -303,7 +311,7 @@ def _none(c: _Ctx) -> LaunchPlan:
     l = c.l
     if l.num_nodes != 1 or l.num_gpus != 1:
         raise LaunchError(f"launch.launcher=none runs one rank in this process but asks for {l.num_nodes} node(s) x {l.num_gpus} GPU(s): set num_nodes=1 and num_gpus=1, or use launcher=local")
-    port = _single_node_port(c)
+    port = _single_node_port(c, always_free=True)
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     return LaunchPlan("none", [[sys.executable, "-m", WORKER, *c.args]], env=env, in_process=True)
 
