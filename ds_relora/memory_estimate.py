@@ -80,6 +80,8 @@ def method_adapter_params(shape: Shape, method: str, rank: int) -> tuple[int, in
         else:
             trainable += rank * (o + i)
     return trainable * shape.layers, frozen * shape.layers
+
+
 PRECISIONS = ("bf16", "fp32")
 GiB = 1024**3
 
@@ -98,6 +100,11 @@ class MemoryEstimate:
     total_params: int
     trainable_params: int
     frozen_params: int
+    # Host memory held for a moment (not per GPU): a checkpoint save on rank 0 (the whole fp32
+    # model and the trainable params' two Adam moments, written as whole tensors), and the
+    # warm-start switch on every rank (the whole fp32 state handed to the new engine).
+    save_host_rank0: int = 0
+    switch_host: int = 0
     setting: str = ""
 
 
@@ -244,7 +251,8 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
     return MemoryEstimate(weights=states["weights"], grads=states["grads"], master=states["master"],
                           adam=states["adam"], activations=acts, total=gpu, cpu=states["cpu"],
                           total_params=total, trainable_params=trainable, frozen_params=total - trainable,
-                          setting=setting)
+                          setting=setting, save_host_rank0=4 * total + 8 * trainable,
+                          switch_host=4 * counts["total"] if not full_rank else 0)
 
 
 def format_table(est: MemoryEstimate) -> str:
@@ -253,6 +261,9 @@ def format_table(est: MemoryEstimate) -> str:
             ("Adam moments", est.adam), ("activations (approx.)", est.activations), ("**total per GPU**", est.total)]
     if est.cpu:
         rows.append(("host memory per rank (offload)", est.cpu))
+    rows.append(("host, rank 0 while saving a checkpoint", est.save_host_rank0))
+    if est.switch_host:
+        rows.append(("host, every rank at the warm-start switch", est.switch_host))
     lines = [f"{est.setting}", "",
              f"params: {est.total_params:,} total, {est.trainable_params:,} trainable, {est.frozen_params:,} frozen", "",
              "| part | GiB | bytes |", "|---|---:|---:|"]

@@ -108,9 +108,10 @@ def agree_on_resume(resume: str | None, run_dir: Path, log: Callable[[str], None
 
 
 @torch.no_grad()
-def gather_full_state(engine) -> dict[str, torch.Tensor]:
-    """Every parameter's full fp32 value on every rank: trainable ones from the optimizer's fp32
-    master, frozen ones from the module (gathered under ZeRO-3). Collective."""
+def gather_full_state(engine, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 value, in host memory: trainable ones from the optimizer's fp32
+    master, frozen ones from the module (gathered under ZeRO-3). Collective: every rank takes part,
+    only ranks with ``keep`` hold the result (a save needs it on rank 0 alone)."""
     import deepspeed
 
     from ..methods import adapter_buffers
@@ -118,27 +119,34 @@ def gather_full_state(engine) -> dict[str, torch.Tensor]:
     state = {}
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
-            state[name] = get_master(engine, p).contiguous()
+            if keep or is_zero3_param(p) or hasattr(p, "_hp_mapping"):  # the getter is collective there
+                value = get_master(engine, p)
+                if keep:
+                    state[name] = value.contiguous().cpu()
+                del value
         else:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=is_zero3_param(p)):
-                state[name] = p.data.detach().float().clone().reshape(full_shape(p))
+                if keep:
+                    state[name] = p.data.detach().float().reshape(full_shape(p)).cpu().clone()
     # MoRA's grouping pattern and GaLore's projector: needed by every fold and by a resume.
-    for name, buf in adapter_buffers(engine.module).items():
-        state[name] = (buf.float() if buf.is_floating_point() else buf).detach().clone()
+    if keep:
+        for name, buf in adapter_buffers(engine.module).items():
+            state[name] = (buf.float() if buf.is_floating_point() else buf).detach().cpu().clone()
     return state
 
 
 @torch.no_grad()
-def gather_moments(engine) -> dict[str, torch.Tensor]:
-    """Every trainable parameter's Adam moments as whole fp32 tensors on every rank (none before
-    the first step). Collective."""
+def gather_moments(engine, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's Adam moments as whole fp32 tensors in host memory, held by the
+    ranks with ``keep`` (none before the first step). Collective."""
     out = {}
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
             for key in MOMENTS:
                 value = get_moment(engine, p, key)
-                if value is not None:
-                    out[f"{name}.{key}"] = value.contiguous()
+                if value is not None and keep:
+                    out[f"{name}.{key}"] = value.contiguous().cpu()
+                del value
     return out
 
 
@@ -216,18 +224,21 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
     dist.barrier()
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
     torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
-    full = gather_full_state(engine)
-    moments = gather_moments(engine)
+    # Only rank 0 writes the whole-tensor files, so only it holds them (the others take part in the
+    # gathers); one whole fp32 model plus two trainable-sized moments, in host memory.
+    full = gather_full_state(engine, keep=rank == 0)
+    moments = gather_moments(engine, keep=rank == 0)
     if rank == 0:
         for name, tensors in ((CONSOLIDATED, full), (OPTIMIZER_FP32, moments)):
             tmp = staging / (name + ".tmp")
-            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+            save_file(tensors, str(tmp))
             public_mode(tmp)
             os.replace(tmp, staging / name)
         write_atomic(staging / "config.yaml", config_yaml)
         hf_config.to_json_file(str(staging / "hf_config.json"))
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, staging / "tokenizer", dirs_exist_ok=True)
+    del full, moments
     fault_point("save", step)
     fsync_tree(staging)  # each rank syncs what it wrote (on a shared filesystem: everything, cheaply)
     dist.barrier()
