@@ -1,6 +1,6 @@
 """Resume on another world size and ZeRO stage: written on 2 ranks under ZeRO-2, continued on
-1 rank without ZeRO, on 3 ranks under ZeRO-3 and on 2 ranks under ZeRO-3, with the per-step
-losses of the uninterrupted run."""
+1 rank without ZeRO and on 3 ranks under ZeRO-3, with the per-step losses of the uninterrupted
+run."""
 
 import shutil
 
@@ -26,7 +26,7 @@ def elastic_runs(prepared_data, tmp_path_factory):
     whole = write_config(root / "whole.yaml", _cfg(prepared_data, root / "whole", 2))
     cut = write_config(root / "cut.yaml", _cfg(prepared_data, root / "cut", 2, stop_after_steps=CUT))
     run_workers([WORKER, str(whole), str(cut)], 2, timeout=600)
-    targets = {"1 rank ZeRO-0": (1, 0), "3 ranks ZeRO-3": (3, 3), "2 ranks ZeRO-3": (2, 3)}
+    targets = {"1 rank ZeRO-0": (1, 0), "3 ranks ZeRO-3": (3, 3)}
     dirs = {}
     for name, (world, stage) in targets.items():
         run_dir = root / name.replace(" ", "_")
@@ -38,7 +38,7 @@ def elastic_runs(prepared_data, tmp_path_factory):
     return root / "whole", dirs
 
 
-@pytest.mark.parametrize("target", ["1 rank ZeRO-0", "3 ranks ZeRO-3", "2 ranks ZeRO-3"])
+@pytest.mark.parametrize("target", ["1 rank ZeRO-0", "3 ranks ZeRO-3"])
 def test_elastic_resume_continues_the_uninterrupted_run(elastic_runs, target):
     whole_dir, dirs = elastic_runs
     whole, whole_events = read_metrics(whole_dir)
