@@ -327,6 +327,10 @@ def test_power_law_fit_and_defensive_records(tmp_path):
     assert set(fits) == {"full"} and fits["full"]["points"] == 3
     assert math.isclose(fits["full"]["exponent"], -0.1, rel_tol=1e-9)
     assert math.isclose(fits["full"]["coefficient"], 3.0, rel_tol=1e-9)
+    # An unfinished size (its last eval is from early in its budget) stays out of the fit.
+    rows.append({"method": "full", "variant": "", "total_params": 6.4e7, "final_val_loss": 9.0, "finished": False})
+    assert fit_power_law(rows)["full"]["points"] == 3
+    assert math.isclose(fit_power_law(rows)["full"]["exponent"], -0.1, rel_tol=1e-9)
 
     # A run killed after step 3 (checkpoint at 2) and resumed: steps 3 and the eval at 3 appear
     # twice, the file ends in a cut line; the later records win, unknown keys are ignored.

@@ -220,7 +220,8 @@ def group_row(g: list[RunSummary], tasks: list[str]) -> dict:
         counts[r.status] = counts.get(r.status, 0) + 1
     row = {"method": g[0].method, "variant": g[0].variant, "size": g[0].size, "runs": len(g),
            "seeds": " ".join(str(r.seed) for r in g), "status": ", ".join(f"{n} {k}" for k, n in counts.items()),
-           "trainable_params": g[0].trainable, "total_params": g[0].total}
+           "trainable_params": g[0].trainable, "total_params": g[0].total,
+           "finished": all(r.status == "done" for r in g)}
     for field in ("tokens", "final_val_loss", "final_val_ppl", "wall_s", "tokens_per_s", "merges"):
         row[field], row[field + "_std"] = _mean_std([getattr(r, field) for r in g])
     peaks = [r.peak_mem_mb for r in g if r.peak_mem_mb is not None]

@@ -9,13 +9,14 @@ from pathlib import Path
 
 def fit_power_law(rows: list[dict]) -> dict[str, dict]:
     """Per method, least squares of log(loss) = log(a) + b log(N) over the groups' mean final
-    loss (N = total params); only methods with at least two distinct sizes get a fit."""
+    loss (N = total params); only methods with at least two distinct sizes get a fit. A group with
+    an unfinished run is left out: its last eval is from earlier in the token budget."""
     import numpy as np
 
     by_method: dict[str, dict[float, float]] = {}
     for row in rows:
         n, loss = row.get("total_params"), row.get("final_val_loss")
-        if n and loss and loss > 0 and not row.get("variant"):
+        if n and loss and loss > 0 and not row.get("variant") and row.get("finished", True):
             by_method.setdefault(row["method"], {})[float(n)] = float(loss)
     fits = {}
     for method, points in by_method.items():

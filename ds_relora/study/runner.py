@@ -81,6 +81,8 @@ def point_state(run_dir: Path) -> dict:
         here = state.get("host") == socket.gethostname()
         if not here or _alive(int(state.get("pid", -1))):
             return {**out, "status": "running", "detail": f"{state.get('host')} pid {state.get('pid')}"}
+        if ckpts:  # killed (node lost, scancel, kill): the next sweep resumes it
+            return {**out, "status": "partial", "detail": f"interrupted (its process is gone), resumes from step {ckpts[-1]}"}
         return {**out, "status": "failed", "detail": "interrupted (its process is gone)"}
     if state.get("status") == "failed":
         return {**out, "status": "failed", "detail": f"exit {state.get('returncode')}, see {run_dir / 'train.log'}"}
