@@ -303,7 +303,7 @@ class Trainer:
                 fields = {k: v for k, v in event.items() if k not in ("event", "step")}
                 self.metrics.event(event["event"], self.step, lr_index=event["step"], **fields)
                 pruned = fields.get("moments_pruned_fraction")
-                self.metrics.info(f"step {self.step}: merged {fields['modules']} {cfg.train.method} adapters into W in "
+                self.metrics.info(f"step {self.step}: merged {fields['modules']} adapters into W in "
                                   f"{fields['seconds']:.2f}s, pruned "
                                   f"{'no' if pruned is None else f'{pruned:.1%} of their'} Adam moments")
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
