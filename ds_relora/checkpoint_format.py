@@ -1,5 +1,7 @@
 """The one owner of the checkpoint folder format: names, ``meta.json``, ``format_version``,
-durability (fsync) and verification.
+durability (fsync) and verification, and the one reader of its tensor sets (``open_weights``,
+``open_moments``: HF's sharded safetensors layout, :mod:`ds_relora.tensor_files`) and of its
+HF config (``hf_config_file``).
 
 A checkpoint is ``checkpoints/step-N/``. It is complete when its ``meta.json`` exists, parses,
 has this ``format_version`` and its ``files`` manifest (size and a hash of every other file)
@@ -24,17 +26,25 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-FORMAT_VERSION = 2
-# Format 1 had the same weight files (model_fp32.safetensors, hf_config.json, lora_scale) but no
-# manifest or data fingerprint: its weights can still be read (eval/export/spectrum/warm start),
-# it cannot be resumed.
-WEIGHTS_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Format 3 writes the weights and the moments as Hugging Face sharded sets, each shard by the rank
+# that holds it; formats 1 and 2 had one file of each, written by rank 0 (and format 2 is resumed
+# as well). Format 1 had no manifest or data fingerprint: its weights can still be read
+# (eval/export/spectrum/warm start), it cannot be resumed.
+WEIGHTS_READABLE_VERSIONS = (1, 2, 3)
+RESUMABLE_VERSIONS = (2, 3)
 META = "meta.json"
-CONSOLIDATED = "model_fp32.safetensors"
+# Every parameter by its HF name in fp32 (the optimizer's masters of the trainable ones, frozen W,
+# adapters and adapter buffers): ``model-0000k-of-0000n.safetensors`` + its index, with
+# ``config.json`` beside it, so ``transformers`` loads the folder as it is.
+WEIGHTS = "model"
+HF_CONFIG = "config.json"
 # The Adam moments of every trainable param as whole tensors, by ``<param>.exp_avg`` /
-# ``<param>.exp_avg_sq``: with CONSOLIDATED (the fp32 masters) a stage- and world-size-independent
-# optimizer state, so a run resumes on another number of ranks or another ZeRO stage.
-OPTIMIZER_FP32 = "optimizer_fp32.safetensors"
+# ``<param>.exp_avg_sq``: with the weights a stage- and world-size-independent optimizer state,
+# so a run resumes on another number of ranks or another ZeRO stage.
+MOMENTS_SET = "optimizer"
+# Formats 1-2: one file each, and the HF config under another name.
+CONSOLIDATED, OPTIMIZER_FP32, LEGACY_HF_CONFIG = "model_fp32.safetensors", "optimizer_fp32.safetensors", "hf_config.json"
 STAGING, REPLACED = ".saving", ".replaced"
 STEP_FOLDER = re.compile(r"^step-(\d+)(\.saving|\.replaced)?$")
 _HASH_ENDS = 4 << 20  # bytes hashed at each end of a file: whole small files, ends of big ones
@@ -53,15 +63,50 @@ def read_meta(folder: str | Path, *, for_resume: bool = False) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is damaged (not a JSON object): pick another step-N folder")
     version = meta.get("format_version")
-    readable = (FORMAT_VERSION,) if for_resume else WEIGHTS_READABLE_VERSIONS
+    readable = RESUMABLE_VERSIONS if for_resume else WEIGHTS_READABLE_VERSIONS
     if version not in readable:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         hint = ("upgrade ds_relora to read it" if newer else
                 "eval/export it, or start a new run from it with relora.warm_start_from" if version in WEIGHTS_READABLE_VERSIONS
                 else "it was not written by ds-relora train")
+        formats = "/".join(map(str, readable))
         raise CheckpointError(f"{folder} has checkpoint format_version {version!r}; this ds_relora "
-                              f"{'resumes' if for_resume else 'reads'} format {FORMAT_VERSION}: {hint}")
+                              f"{'resumes' if for_resume else 'reads'} formats {formats}: {hint}")
     return meta
+
+
+# ----------------------------------------------------------------------------- the tensors
+def open_weights(folder: str | Path):
+    """Every saved parameter and adapter buffer of a checkpoint (or an export's weights), read
+    per tensor: the sharded set of format 3, the single file of formats 1-2, HF's own layouts."""
+    from .tensor_files import TensorSet
+
+    return TensorSet(folder, WEIGHTS, legacy=CONSOLIDATED)
+
+
+def has_moments(folder: str | Path) -> bool:
+    from .tensor_files import index_name
+
+    folder = Path(folder)
+    return (folder / index_name(MOMENTS_SET)).is_file() or (folder / OPTIMIZER_FP32).is_file()
+
+
+def open_moments(folder: str | Path):
+    """The Adam moments of a checkpoint's trainable params, read per tensor."""
+    from .tensor_files import TensorSet
+
+    return TensorSet(folder, MOMENTS_SET, legacy=OPTIMIZER_FP32)
+
+
+def hf_config_file(folder: str | Path) -> Path:
+    """The checkpoint's HF model config (``config.json``; ``hf_config.json`` before format 3)."""
+    folder = Path(folder)
+    path = folder / HF_CONFIG
+    if not path.is_file() and (folder / LEGACY_HF_CONFIG).is_file():
+        path = folder / LEGACY_HF_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {HF_CONFIG}: it was not written by ds-relora train")
+    return path
 
 
 # ----------------------------------------------------------------------------- durability

@@ -34,8 +34,24 @@ def cmd_prepare(args) -> int:
     from .data import prepare_data
 
     cfg = _load(args)
+    budget = streaming_token_budget(cfg)
+    if budget is not None:
+        cfg.prepare.max_tokens = budget
+        print(f"note: prepare.max_tokens is not set for the streaming source {cfg.prepare.source}: preparing this run's "
+              f"token budget, {budget:,} tokens (train.total_steps x global batch x data.seq_len, plus the validation "
+              "share and 2%); set prepare.max_tokens to prepare more", file=sys.stderr)
     prepare_data(cfg.prepare, args.out or cfg.data.path, overwrite=args.overwrite)
     return 0
+
+
+def streaming_token_budget(cfg) -> int | None:
+    """The tokens a run trains on (with its validation share and 2 % to spare), for a streaming
+    hub source without ``prepare.max_tokens``: nobody tokenizes all of C4 by accident."""
+    if cfg.prepare.max_tokens is not None or not str(cfg.prepare.source).startswith("hf:"):
+        return None
+    batch = cfg.train.global_batch_size or cfg.train.micro_batch_size * cfg.launch.num_nodes * cfg.launch.num_gpus
+    train_tokens = cfg.train.total_steps * batch * cfg.data.seq_len
+    return int(train_tokens / (1.0 - cfg.prepare.val_fraction) * 1.02) + 1
 
 
 def cmd_train(args) -> int:

@@ -11,29 +11,92 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint_format import fsync_dir, fsync_tree, public_mode
+from .checkpoint_format import fsync_dir, fsync_tree, hf_config_file, public_mode
 from .errors import CheckpointError
-from .weights import read_effective_weights, read_meta
+from .weights import iter_effective_weights, read_meta
+
+
+def _checkpoint_config(folder: Path):
+    from transformers import AutoConfig
+
+    read_meta(folder)
+    return AutoConfig.from_pretrained(str(hf_config_file(folder)))
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a model of ``config`` loads (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()
+            if not (config.tie_word_embeddings and n == "lm_head.weight")}
+
+
+def _check_fits(folder: Path, expected: dict[str, tuple[int, ...]], seen: dict[str, tuple[int, ...]]) -> None:
+    missing = [n for n in expected if n not in seen]
+    unexpected = [n for n in seen if n not in expected]
+    wrong = [n for n in seen if n in expected and seen[n] != expected[n]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{folder}: weights do not match its {hf_config_file(folder).name} (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shapes {wrong[:3]})")
 
 
 def load_merged_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32):
-    """The checkpoint's model with every adapter folded into its base weight."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The checkpoint's model with every adapter folded into its base weight (filled one module
+    at a time: the model plus one layer's tensors in memory)."""
+    from transformers import AutoModelForCausalLM
 
     folder = Path(checkpoint)
-    read_meta(folder)
-    config_file = folder / "hf_config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{folder} has no hf_config.json: it was not written by ds-relora train")
-    config = AutoConfig.from_pretrained(str(config_file))
+    config = _checkpoint_config(folder)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=getattr(config, "_attn_implementation", None) or "sdpa")
-    state = read_effective_weights(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied embeddings legitimately appear once in the state dict.
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match its hf_config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    targets = {n: t for n, t in model.state_dict().items() if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    seen = {}
+    with torch.no_grad():
+        for name, tensor in iter_effective_weights(folder):
+            seen[name] = tuple(tensor.shape)
+            if name in targets and tuple(targets[name].shape) == seen[name]:
+                targets[name].copy_(tensor)
+    _check_fits(folder, {n: tuple(t.shape) for n, t in targets.items()}, seen)
     return model.to(dtype).eval()
+
+
+def _write_weights(folder: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """The folded weights in HF's layout (``model.safetensors``, or shards of at most
+    ``max_shard_bytes`` with an index), one shard in memory at a time."""
+    from safetensors.torch import save_file
+
+    from .tensor_files import shard_name, write_index
+
+    expected = _expected_shapes(_checkpoint_config(folder))
+    seen, shards, current, size = {}, [], {}, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            save_file(current, str(out / f"part-{len(shards)}.tmp"), metadata={"format": "pt"})
+            shards.append(list(current))
+        current, size = {}, 0
+
+    for name, tensor in iter_effective_weights(folder):
+        seen[name] = tuple(tensor.shape)
+        t = tensor.to(dtype).contiguous()
+        if current and size + t.numel() * t.element_size() > max_shard_bytes:
+            flush()
+        current[name] = t
+        size += t.numel() * t.element_size()
+    flush()
+    _check_fits(folder, expected, seen)
+    if len(shards) == 1:
+        os.replace(out / "part-0.tmp", out / "model.safetensors")
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        name = shard_name("model", i, len(shards))
+        os.replace(out / f"part-{i}.tmp", out / name)
+        weight_map.update({n: name for n in names})
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    write_index(out, "model", weight_map, total)
 
 
 EXPORT_MARKER = "ds_relora_export.json"
@@ -49,8 +112,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", *, overwrite: bool = False) -> Path:
-    """Write ``out_dir`` (config.json, model.safetensors, tokenizer) atomically.
+def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", *, overwrite: bool = False,
+                 max_shard_bytes: int = 1 << 30) -> Path:
+    """Write ``out_dir`` (config.json, model.safetensors or HF shards, tokenizer) atomically,
+    streaming module by module: at most one shard of weights in memory.
 
     An existing ``out_dir`` is replaced only when it is empty, a previous export (it holds
     ``ds_relora_export.json``) or ``overwrite`` is set; the new export is built beside it and
@@ -63,13 +128,17 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     if out.parent.exists() and not out.parent.is_dir():
         raise CheckpointError(f"--out {out}: {out.parent} is a file, not a folder: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = load_merged_model(checkpoint, torch_dtype)
+    folder = Path(checkpoint)
+    config = _checkpoint_config(folder)
     tag = f"{socket.gethostname()}.{os.getpid()}"
     for stale in out.parent.glob(out.name + ".tmp-export*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp, aside = out.with_name(f"{out.name}.tmp-export.{tag}"), out.with_name(f"{out.name}.tmp-export-old.{tag}")
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        tmp.mkdir()
+        _write_weights(folder, tmp, torch_dtype, max_shard_bytes)
+        config.dtype = torch_dtype
+        config.save_pretrained(str(tmp))
         tokenizer = Path(checkpoint) / "tokenizer"
         if tokenizer.is_dir():
             from transformers import AutoTokenizer

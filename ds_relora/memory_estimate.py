@@ -100,10 +100,9 @@ class MemoryEstimate:
     total_params: int
     trainable_params: int
     frozen_params: int
-    # Host memory held for a moment (not per GPU): a checkpoint save on rank 0 (the whole fp32
-    # model and the trainable params' two Adam moments, written as whole tensors), and the
-    # warm-start switch on every rank (the whole fp32 state handed to the new engine).
-    save_host_rank0: int = 0
+    # Host memory each rank holds for a moment (not per GPU): see host_transients.
+    init_host: int = 0
+    save_host: int = 0
     switch_host: int = 0
     setting: str = ""
 
@@ -251,8 +250,28 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
     return MemoryEstimate(weights=states["weights"], grads=states["grads"], master=states["master"],
                           adam=states["adam"], activations=acts, total=gpu, cpu=states["cpu"],
                           total_params=total, trainable_params=trainable, frozen_params=total - trainable,
-                          setting=setting, save_host_rank0=4 * total + 8 * trainable,
-                          switch_host=4 * counts["total"] if not full_rank else 0)
+                          setting=setting, **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus,
+                                                             switch=not full_rank))
+
+
+def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
+                    switch: bool) -> dict[str, int]:
+    """Host bytes a rank holds for a moment, beyond its model states (see ``train.state_io``):
+
+    * init: ZeRO-3 builds partitioned (``zero.Init``), so one module is whole while it is
+      constructed and one parameter while it is initialised (fp32, the largest: the embedding or
+      the head); other stages build the whole fp32 model on every rank (4 P);
+    * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time
+      (ZeRO-3's fp32 getter all-reduces a full-size buffer): ~3 x 4 bytes of the largest param;
+    * the warm-start switch: this rank's fp32 shards of the full-rank model (4 P / N on ZeRO-3;
+      4 P on ZeRO 0-2, which hold the whole model anyway), next to the full-rank engine.
+    """
+    largest = 4 * max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)
+    if zero_stage == 3:
+        init, snapshot = 2 * largest, 4 * _ceil_div(base_params, num_gpus)
+    else:
+        init, snapshot = 4 * base_params, 4 * base_params
+    return {"init_host": init, "save_host": 3 * largest, "switch_host": snapshot if switch else 0}
 
 
 def format_table(est: MemoryEstimate) -> str:
@@ -261,9 +280,10 @@ def format_table(est: MemoryEstimate) -> str:
             ("Adam moments", est.adam), ("activations (approx.)", est.activations), ("**total per GPU**", est.total)]
     if est.cpu:
         rows.append(("host memory per rank (offload)", est.cpu))
-    rows.append(("host, rank 0 while saving a checkpoint", est.save_host_rank0))
+    rows.append(("host, every rank while building the model (transient)", est.init_host))
+    rows.append(("host, every rank while saving a checkpoint (transient)", est.save_host))
     if est.switch_host:
-        rows.append(("host, every rank at the warm-start switch", est.switch_host))
+        rows.append(("host, every rank at the warm-start switch (transient)", est.switch_host))
     lines = [f"{est.setting}", "",
              f"params: {est.total_params:,} total, {est.trainable_params:,} trainable, {est.frozen_params:,} frozen", "",
              "| part | GiB | bytes |", "|---|---:|---:|"]

@@ -1,7 +1,7 @@
 """LLaMA-shaped model presets and model construction.
 
 Shapes of 60M-1.3B follow the ReLoRA paper's Table 1; 3B is OpenLLaMA-3B's shape and 7B is
-LLaMA-7B's; tiny/9m/20m/35m are debug and CPU-benchmark sizes.
+LLaMA-7B's and 13B LLaMA-13B's; tiny/9m/20m/35m are debug and CPU-benchmark sizes.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ PRESETS: dict[str, Shape] = {
     "1.3b": Shape(2048, 5461, 24, 32),
     "3b": Shape(3200, 8640, 26, 32),
     "7b": Shape(4096, 11008, 32, 32),
+    "13b": Shape(5120, 13824, 40, 40),
 }
 
 WRAPPED_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,18 +129,75 @@ def llama_config(shape: Shape, vocab_size: int, max_positions: int, *, eos_token
     return cfg
 
 
-def build_model(hf_config, seed: int):
-    """A freshly initialised causal LM; identical on every rank for the same seed."""
+def build_model(hf_config, seed: int, ds_config: dict | None = None):
+    """A freshly initialised causal LM; the same values on every rank and every ZeRO stage for
+    the same seed. With a ZeRO-3 ``ds_config`` it is built already partitioned
+    (``deepspeed.zero.Init``: each module is whole only while it is constructed, then each rank
+    keeps its shard), so no rank ever holds the whole model."""
+    import contextlib
+
     from transformers import AutoModelForCausalLM
 
+    partitioned = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if partitioned:
+        import deepspeed
+
+        # zero.Init patches tensor constructors, which breaks modules first imported inside it
+        # (torch._dynamo, through transformers' generation utils): import them all beforehand.
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
+        context = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    else:
+        context = contextlib.nullcontext()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
-    return model.float()
+    with context:
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
+    if not partitioned:
+        model = model.float()
+    init_weights(model, seed, getattr(hf_config, "initializer_range", 0.02))
+    torch.manual_seed(seed)  # what follows (dropout) draws from a state that does not depend on the stage
+    return model
+
+
+def _param_generator(seed: int, name: str) -> torch.Generator:
+    import zlib
+
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+
+
+@torch.no_grad()
+def init_weights(model, seed: int, std: float) -> None:
+    """HF's causal-LM init (``normal(0, std)`` for every linear and embedding weight, zero biases
+    and padding row), each parameter drawn from its own generator seeded by ``seed`` and its name:
+    the values do not depend on construction order, the stage or what else was drawn, and under
+    ZeRO-3 every rank computes a parameter and writes only its own shard (one whole parameter in
+    memory at a time, no communication). Other parameters (norms) keep their constructor's
+    constant values."""
+    from .relora.merge import _write_module_tensor
+    from .relora.zero_state import full_shape
+
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        for key, p in module.named_parameters(recurse=False):
+            name = f"{module_name}.{key}" if module_name else key
+            shape = full_shape(p)
+            if key == "weight":
+                value = torch.empty(shape).normal_(0.0, std, generator=_param_generator(seed, name))
+                pad = getattr(module, "padding_idx", None)
+                if pad is not None:
+                    value[pad].zero_()
+            else:
+                value = torch.zeros(shape)
+            _write_module_tensor(p, value.to(p.device))
 
 
 def describe_params(model) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def count(p):  # a ZeRO-3 param holds only its shard
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(count(p) for p in model.parameters())
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
@@ -150,3 +208,32 @@ def human(n: float) -> str:
         n /= 1000
     return f"{n:.3g}T"
 
+
+
+def pretrained_weights(name_or_path: str):
+    """The weights of a pretrained HF model (a local folder or a hub name), read per tensor from
+    its safetensors files, so that each rank only ever holds one tensor beyond its shard. A model
+    published only as ``pytorch_model*.bin`` is loaded whole once, as ``transformers`` does."""
+    from pathlib import Path
+
+    from .tensor_files import TensorSet
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    if any(folder.glob("*.safetensors")):
+        return TensorSet(folder, "model")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    return _DictSet({n: p.detach() for n, p in model.named_parameters()}, str(folder))
+
+
+class _DictSet(dict):
+    """A dict of tensors with the ``folder`` a TensorSet names (for messages)."""
+
+    def __init__(self, tensors: dict, folder: str):
+        super().__init__(tensors)
+        self.folder = folder

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .models import WRAPPED_TYPES
-from .weights import read_effective_weights
+from .weights import EffectiveWeights
 
 DEFAULT_THRESHOLD = 0.1
 
@@ -37,16 +37,16 @@ def compute_spectrum(before: str | Path, after: str | Path) -> dict[str, list[np
     """Singular values (float64, descending) of ``W_after - W_before`` per wrapped matrix type.
 
     Each list holds one array per matching parameter, in layer order. Both folders may be
-    ds_relora checkpoints (``model_fp32.safetensors`` + ``meta.json``) or exported models.
+    ds_relora checkpoints or exported models; read one layer at a time (two modules in memory).
     """
     import torch
 
     for label, folder in (("before", before), ("after", after)):
         if not Path(folder).is_dir():
             raise CheckpointError(f"{label} folder {folder} does not exist: pass a checkpoints/step-N or exported model folder")
-    w_before = read_effective_weights(before)
-    w_after = read_effective_weights(after)
-    names = sorted((n for n in w_after if _matrix_type(n)), key=_layer_key)
+    w_before = EffectiveWeights(before)
+    w_after = EffectiveWeights(after)
+    names = sorted((n for n in w_after.raw_names() if _matrix_type(n)), key=_layer_key)
     if not names:
         raise CheckpointError(
             f"{after} has no weights named *.<type>.weight for type in {', '.join(WRAPPED_TYPES)}: "
@@ -54,9 +54,9 @@ def compute_spectrum(before: str | Path, after: str | Path) -> dict[str, list[np
         )
     spectra: dict[str, list[np.ndarray]] = {}
     for name in names:
-        if name not in w_before:
+        a, b = w_after.get(name), w_before.get(name)
+        if b is None:
             raise CheckpointError(f"{name} is in {after} but not in {before}: compare two checkpoints of the same model")
-        a, b = w_after[name], w_before[name]
         if a.shape != b.shape:
             raise CheckpointError(
                 f"{name} has shape {tuple(b.shape)} in {before} but {tuple(a.shape)} in {after}: "

@@ -173,9 +173,9 @@ def step_lines(run_dir: Path) -> list[int]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
+    from ds_relora.checkpoint_format import open_weights
 
-    return load_file(str(run_dir / "checkpoints" / f"step-{STEPS}" / "model_fp32.safetensors"))
+    return open_weights(run_dir / "checkpoints" / f"step-{STEPS}").load_all()
 
 
 def assert_same_training(ref: Path, other: Path) -> None:

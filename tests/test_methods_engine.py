@@ -119,9 +119,9 @@ def test_export_folds_the_adapter(runs, tmp_path, method, stage):
 
 
 def test_remora_pattern_switches_at_every_merge(runs):
-    from safetensors.torch import load_file
+    from ds_relora.checkpoint_format import open_weights
 
-    state = load_file(str(runs[("remora", 3)] / "checkpoints" / "step-24" / "model_fp32.safetensors"))
+    state = open_weights(runs[("remora", 3)] / "checkpoints" / "step-24").load_all()
     patterns = {k: v.tolist() for k, v in state.items() if k.endswith(".mora_pattern")}
     assert patterns and all(v[1] == 2 for v in patterns.values()), patterns  # two merges: pattern 2
 

@@ -131,7 +131,7 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
     from ds_relora.export import export_model
     from ds_relora.models import build_model
     from ds_relora.relora import wrap_model
-    from ds_relora.train.checkpoint import load_consolidated
+    from ds_relora.checkpoint_format import hf_config_file, open_weights
     from ds_relora.weights import read_meta
 
     whole = resume_runs[stage][0]
@@ -145,14 +145,22 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
     # The training model: fresh LLaMA, wrapped, loaded with the checkpoint's unmerged weights.
     from transformers import AutoConfig
 
-    training = build_model(AutoConfig.from_pretrained(str(ckpt / "hf_config.json")), seed=0)
+    training = build_model(AutoConfig.from_pretrained(str(hf_config_file(ckpt))), seed=0)
     wrap_model(training, rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                "gate_proj", "up_proj", "down_proj"])
-    training.load_state_dict(load_consolidated(ckpt), strict=True)
+    saved = open_weights(ckpt)
+    training.load_state_dict(saved.load_all(), strict=True)
     training.eval()
     x = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=x).logits, training(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+    # The checkpoint folder itself is an HF sharded model (one shard per rank): plain transformers
+    # loads its frozen W and the full-rank params, ignoring the adapters.
+    assert sorted(saved.files) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    plain = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    for name, p in plain.named_parameters():
+        assert torch.equal(p.detach(), saved.get(name)), name
 
     # The engine's own final eval (2 ranks x 2 batches x 4 sequences: the split's first 16) equals the export's.
     _, events = read_metrics(whole)

@@ -111,7 +111,7 @@ def base_args(prepared_data, tmp_path):
     (["train.total_steps=40", "relora.warm_start_steps=10", "relora.reset_every=50"], "no merge would happen"),
     (["relora.restart_warmup_steps=60"], "must be shorter than the cycle"),
     (["train.method=relra"], "did you mean 'relora'"),
-    (["model.preset=13b"], "unknown model preset '13b'"),
+    (["model.preset=70b"], "unknown model preset '70b'"),
     (["train.totl_steps=5"], "did you mean 'train.total_steps'"),
     (["relora.prune_ratio=1.0"], "outside [0, 1)"),
     (["relora.rank=100"], "set relora.rank to at most 64"),
@@ -194,3 +194,17 @@ def test_spectrum_and_estimate_memory_commands(tmp_path, capsys):
     rc, err = _cli("estimate-memory", "--preset", "1.3b", "--method", "relora", "--zero-stage", "2", "--gpus", "8")
     assert rc == 0, err
     assert "250,706,944 trainable" in capsys.readouterr().out
+
+
+def test_streaming_sources_prepare_the_run_token_budget_by_default():
+    from ds_relora.cli import streaming_token_budget
+    from ds_relora.config import load_config
+
+    RECIPES = REPO / "ds_relora" / "recipes"
+
+    cfg = load_config(RECIPES / "c4_relora_1.3b.yaml")
+    budget = streaming_token_budget(cfg)
+    trained = cfg.train.total_steps * cfg.train.global_batch_size * cfg.data.seq_len  # 21.0 B tokens
+    assert trained < budget < trained * 1.03
+    assert streaming_token_budget(load_config(RECIPES / "c4_relora_1.3b.yaml", ["prepare.max_tokens=1000"])) is None
+    assert streaming_token_budget(load_config(RECIPES / "quickstart.yaml")) is None  # a local corpus is prepared whole

@@ -237,7 +237,10 @@ def test_weights_files_are_readable_by_the_group(runs, tmp_path):
     from ds_relora.export import export_model
 
     ckpt = runs["root"] / "ref" / "checkpoints" / "step-24"
-    assert stat.S_IMODE((ckpt / "model_fp32.safetensors").stat().st_mode) == _umask_mode()
+    shards = sorted(ckpt.glob("*-of-*.safetensors"))
+    assert len(shards) == 4  # weights and moments, one shard of each per rank
+    for path in [*shards, ckpt / "model.safetensors.index.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == _umask_mode(), path.name
     out = export_model(ckpt, tmp_path / "exp")
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == _umask_mode()
 
@@ -288,13 +291,15 @@ def test_format_version_is_checked(runs, tmp_path):
 
     folder = _copy_ckpt(runs, tmp_path)
     meta = json.loads((folder / "meta.json").read_text())
-    for version, words in ((3, "upgrade ds_relora"), (1, "warm_start_from"), (None, "not written by")):
+    for version, words in ((4, "upgrade ds_relora"), (1, "warm_start_from"), (None, "not written by")):
         (folder / "meta.json").write_text(json.dumps({**meta, "format_version": version}))
         with pytest.raises(CheckpointError, match=words) as exc:
             read_meta(folder, for_resume=True)
         assert "\n" not in str(exc.value)
     (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
     assert read_meta(folder)["step"] == 24, "format 1 weights stay readable (eval/export/spectrum)"
+    (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
+    assert read_meta(folder, for_resume=True)["step"] == 24, "format 2 (one weights file) still resumes"
 
 
 def test_damaged_files_are_detected_and_auto_falls_back(runs, tmp_path):

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..relora.zero_state import full_shape
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -207,9 +208,6 @@ def adapter_rank(cfg, section: str) -> int:
     """``<section>.rank``, or ``relora.rank`` when it is null (one rank for a method comparison)."""
     rank = getattr(getattr(cfg, section), "rank", None)
     return cfg.relora.rank if rank is None else rank
-
-
-ADAPTER_BUFFER_SUFFIXES = (".mora_pattern", ".galore_proj")  # what load_adapter_state reads back
 
 
 def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
 """Saving, finding and loading checkpoints: ``run_dir/checkpoints/step-N/``.
 
-Each folder holds DeepSpeed's own checkpoint (exact resume at the same world size), one RNG
-file per rank, ``model_fp32.safetensors`` (every parameter by its HF name in fp32, adapters
-included; stage-independent, used by export, eval, spectrum and warm starts), the resolved run
-config, the HF model config and the tokenizer. The folder format itself (meta.json, manifest,
+Each folder holds DeepSpeed's own checkpoint of the trainable state (exact resume at the same
+world size; the frozen params are read back from the weights set), one RNG
+file per rank, the weights and Adam moments as whole tensors in Hugging Face's sharded
+safetensors layout (every parameter by its HF name in fp32, adapters included, each shard
+written by the rank that holds it; stage-independent: export, eval, spectrum, warm starts and
+elastic resumes read them), the resolved run config, the HF model config (``config.json``) and
+the tokenizer. The folder format itself (meta.json, manifest,
 format_version, fsync, staging names) is owned by :mod:`ds_relora.checkpoint_format`.
 """
 
@@ -20,15 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint_format import (CONSOLIDATED, META, OPTIMIZER_FP32, REPLACED, STAGING, STEP_FOLDER, best_folder_per_step,
-                                 check_complete, fsync_dir, fsync_tree, public_mode, read_meta, verify,
-                                 write_atomic, write_meta)
+from ..checkpoint_format import (HF_CONFIG, META, REPLACED, STAGING, STEP_FOLDER, best_folder_per_step, check_complete,
+                                 fsync_dir, fsync_tree, read_meta, verify, write_atomic, write_meta)
 from ..errors import CheckpointError
 from ..faults import fault_point
-from ..relora.zero_state import MOMENTS, full_shape, get_master, get_moment, is_zero3_param
+from ..checkpoint_format import open_weights
+from .state_io import load_weights, write_state
 
 __all__ = ["write_atomic", "complete_checkpoints", "resolve_resume", "agree_on_resume", "save_checkpoint",
-           "load_checkpoint", "load_consolidated", "gather_full_state"]
+           "load_checkpoint"]
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -107,49 +110,6 @@ def agree_on_resume(resume: str | None, run_dir: Path, log: Callable[[str], None
     return folder
 
 
-@torch.no_grad()
-def gather_full_state(engine, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Every parameter's full fp32 value, in host memory: trainable ones from the optimizer's fp32
-    master, frozen ones from the module (gathered under ZeRO-3). Collective: every rank takes part,
-    only ranks with ``keep`` hold the result (a save needs it on rank 0 alone)."""
-    import deepspeed
-
-    from ..methods import adapter_buffers
-
-    state = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            if keep or is_zero3_param(p) or hasattr(p, "_hp_mapping"):  # the getter is collective there
-                value = get_master(engine, p)
-                if keep:
-                    state[name] = value.contiguous().cpu()
-                del value
-        else:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=is_zero3_param(p)):
-                if keep:
-                    state[name] = p.data.detach().float().reshape(full_shape(p)).cpu().clone()
-    # MoRA's grouping pattern and GaLore's projector: needed by every fold and by a resume.
-    if keep:
-        for name, buf in adapter_buffers(engine.module).items():
-            state[name] = (buf.float() if buf.is_floating_point() else buf).detach().cpu().clone()
-    return state
-
-
-@torch.no_grad()
-def gather_moments(engine, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Every trainable parameter's Adam moments as whole fp32 tensors in host memory, held by the
-    ranks with ``keep`` (none before the first step). Collective."""
-    out = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            for key in MOMENTS:
-                value = get_moment(engine, p, key)
-                if value is not None and keep:
-                    out[f"{name}.{key}"] = value.contiguous().cpu()
-                del value
-    return out
-
-
 def optimizer_update_count(engine) -> int:
     """Adam's step count (its bias correction), the same for every param of a phase."""
     basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -213,8 +173,6 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
                     hf_config, tokenizer_dir: Path | None, keep_last: int) -> Path:
     """Collective: every rank must call it at the same step. Writes ``step-N.saving``, fsyncs
     every file on the rank that wrote it, then rank 0 writes meta.json and renames the folder."""
-    from safetensors.torch import save_file
-
     rank = dist.get_rank()
     root = Path(root)
     final, staging = root / f"step-{step}", root / f"step-{step}{STAGING}"
@@ -222,23 +180,18 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
         root.mkdir(parents=True, exist_ok=True)
         clean_leftovers(root)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    # Frozen W (ReLoRA's base, most of the model) is written once, in the weights set: DeepSpeed
+    # would store it again in its module file and, on ZeRO 1-3, once more per rank.
+    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
     torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
-    # Only rank 0 writes the whole-tensor files, so only it holds them (the others take part in the
-    # gathers); one whole fp32 model plus two trainable-sized moments, in host memory.
-    full = gather_full_state(engine, keep=rank == 0)
-    moments = gather_moments(engine, keep=rank == 0)
+    # The whole-tensor sets, each shard streamed by the rank that owns it (one parameter at a time).
+    write_state(engine, staging, with_moments=optimizer_update_count(engine) > 0)
     if rank == 0:
-        for name, tensors in ((CONSOLIDATED, full), (OPTIMIZER_FP32, moments)):
-            tmp = staging / (name + ".tmp")
-            save_file(tensors, str(tmp))
-            public_mode(tmp)
-            os.replace(tmp, staging / name)
         write_atomic(staging / "config.yaml", config_yaml)
-        hf_config.to_json_file(str(staging / "hf_config.json"))
+        hf_config.to_json_file(str(staging / HF_CONFIG))
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, staging / "tokenizer", dirs_exist_ok=True)
-    del full, moments
     fault_point("save", step)
     fsync_tree(staging)  # each rank syncs what it wrote (on a shared filesystem: everything, cheaply)
     dist.barrier()
@@ -260,30 +213,13 @@ def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
             f"{folder} was written by {meta.get('world_size')} ranks but this run has {world_size}: resume with "
             f"the same number of ranks, or start a new run from it with relora.warm_start_from"
         )
-    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    # Its module file lacks the frozen params (saved once, in the weights set: each rank reads its shard).
+    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {folder}: the folder is damaged; resume from an older step-N")
+    trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    load_weights(engine.module, open_weights(folder), source=str(folder), skip=trainable)
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client
-
-
-def load_adapter_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The adapter buffers (MoRA patterns, GaLore projectors) of a checkpoint, read without
-    loading its weights."""
-    from safetensors import safe_open
-
-    from ..methods.base import ADAPTER_BUFFER_SUFFIXES
-
-    with safe_open(str(Path(folder) / CONSOLIDATED), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.endswith(ADAPTER_BUFFER_SUFFIXES)}
-
-
-def load_consolidated(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(folder) / CONSOLIDATED
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {CONSOLIDATED}: point at a complete ds_relora checkpoints/step-N folder")
-    return load_file(str(path))

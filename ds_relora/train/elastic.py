@@ -2,9 +2,9 @@
 
 DeepSpeed's optimizer checkpoint is per rank and per stage (and its universal checkpoints do not
 restore frozen params). Every ds_relora checkpoint also holds the whole fp32 value of every
-parameter (``model_fp32.safetensors``: masters of the trainable ones, frozen W, adapters, adapter
-buffers) and the Adam moments of every trainable one (``optimizer_fp32.safetensors``), written
-through ``zero_state`` as whole tensors. From those two files any stage and world size rebuilds
+parameter (the weights set: masters of the trainable ones, frozen W, adapters, adapter buffers)
+and the Adam moments of every trainable one (the moments set), written through ``zero_state`` as
+whole tensors and read back one parameter at a time. From those two files any stage and world size rebuilds
 exactly the same optimizer state:
 
 * the module tensors and the fp32 masters get the saved values (each rank writes its own shard);
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_format import CONSOLIDATED, OPTIMIZER_FP32
+from ..checkpoint_format import has_moments, open_moments, open_weights
 from ..errors import CheckpointError
-from ..relora.zero_state import MOMENTS, set_master, set_moment
+from ..relora.zero_state import MOMENTS, set_moment
+from .state_io import load_weights
 
 
 def needs_elastic(meta: dict, world_size: int, stage: int) -> bool:
@@ -35,10 +36,10 @@ def needs_elastic(meta: dict, world_size: int, stage: int) -> bool:
 
 def check_elastic(folder: Path, meta: dict, world_size: int, stage: int) -> None:
     """One line when a checkpoint cannot be resumed on this world size / stage."""
-    if not (Path(folder) / OPTIMIZER_FP32).is_file() or "optimizer_step" not in meta:
+    if "optimizer_step" not in meta or (meta["optimizer_step"] > 0 and not has_moments(folder)):
         raise CheckpointError(
             f"{folder} was written by {meta.get('world_size')} ranks on ZeRO-{meta.get('zero_stage')} before "
-            f"checkpoints held the stage-independent optimizer state ({OPTIMIZER_FP32}), and this run has "
+            f"checkpoints held the stage-independent optimizer state (the Adam moments), and this run has "
             f"{world_size} ranks on ZeRO-{stage}: resume it with {meta.get('world_size')} ranks and the same "
             "ZeRO stage (DeepSpeed's optimizer shards are per rank)"
         )
@@ -63,31 +64,23 @@ def _init_adam_state(engine, step: int) -> None:
 def restore(engine, folder: Path, meta: dict) -> dict:
     """Load a checkpoint of any stage / world size into ``engine`` (collective). Returns the
     client state the trainer needs (data position, tokens seen)."""
-    from safetensors.torch import load_file
-
     from ..methods import load_adapter_buffers
-    from ..relora.merge import _write_module_tensor
 
     folder = Path(folder)
-    weights = load_file(str(folder / CONSOLIDATED))
-    moments = load_file(str(folder / OPTIMIZER_FP32))
-    device = engine.device
-    for name, p in engine.module.named_parameters():
-        if name not in weights:
-            raise CheckpointError(f"{folder}/{CONSOLIDATED} has no {name}: the checkpoint is of another model; "
-                                  "resume from a checkpoint of this run")
-        value = weights[name].to(device)
-        _write_module_tensor(p, value)
-        if p.requires_grad:
-            set_master(engine, p, value)
+    weights = open_weights(folder)
+    load_weights(engine.module, weights, source=str(folder), engine=engine)
     load_adapter_buffers(engine.module, weights)
     step = int(meta["optimizer_step"])
     if step > 0:
+        moments = open_moments(folder)
         _init_adam_state(engine, step)
         for name, p in engine.module.named_parameters():
             if p.requires_grad:
                 for key in MOMENTS:
-                    set_moment(engine, p, key, moments[f"{name}.{key}"].to(device))
+                    if f"{name}.{key}" not in moments:
+                        raise CheckpointError(f"{folder} has no Adam moment {name}.{key}: the checkpoint is damaged "
+                                              "or of another method; resume from another step-N folder")
+                    set_moment(engine, p, key, moments[f"{name}.{key}"].to(engine.device))
     updates = int(meta["step"]) - int(meta["phase_offset"])
     scheduler = engine.lr_scheduler
     with warnings.catch_warnings():

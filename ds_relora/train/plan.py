@@ -227,11 +227,14 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
 
 
 def check_same_model(folder: Path, hf, fix: str) -> None:
-    """Refuse a checkpoint whose ``hf_config.json`` has other parameter shapes than ``hf``."""
+    """Refuse a checkpoint whose HF config has other parameter shapes than ``hf``."""
     import json
 
-    hf_file = Path(folder) / "hf_config.json"
-    if not hf_file.is_file():
+    from ..checkpoint_format import hf_config_file
+
+    try:
+        hf_file = hf_config_file(folder)
+    except CheckpointError:
         return
     try:
         saved = json.loads(hf_file.read_text())

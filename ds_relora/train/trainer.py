@@ -21,21 +21,22 @@ from ..config import RunConfig, dump_config
 from ..config_base import to_dict
 from ..data import DistributedBatchIterator, PackedDataset, validation_batches
 from ..device import comm_device, host_scalars
-from ..errors import CheckpointError
-from ..models import build_model, describe_params, human
+from ..models import build_model, describe_params, human, pretrained_weights
 from ..methods import get_method, load_adapter_buffers
 from ..relora import JaggedCosine, merge_points
 from ..relora.zero3_frozen import apply_zero3_frozen_base
 from ..faults import fault_point
 from ..relora.controller import ReLoRAController
 from ..weights import read_meta
-from .checkpoint import (agree_on_resume, gather_full_state, load_adapter_state, load_checkpoint, load_consolidated,
-                         optimizer_update_count, save_checkpoint)
+from ..checkpoint_format import open_weights
+from .checkpoint import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
+from .state_io import load_weights, local_snapshot, restore_snapshot
 from . import elastic
 from .ds_config import zero_stage
 from .engine import build_engine, release_engine
 from .job_limits import REQUEUE_EXIT_CODE, JobLimits
 from .metrics import MetricsLogger
+from .phase_memory import PhaseMemory
 from .plan import plan_run
 
 
@@ -87,29 +88,17 @@ class Trainer:
                                 restart_warmup_steps=restart_warmup, cycle_start=self.relora_start, offset=offset)
         return lr, schedule
 
-    def _build_phase(self, phase: str, offset: int, init_state: dict | None) -> None:
+    def _build_phase(self, phase: str, offset: int, *, weights=None, snapshot: dict | None = None) -> None:
+        """Build the phase's model (partitioned under ZeRO-3), wrap it, build its engine, then
+        write its starting values into every rank's shards and masters: ``weights`` (a tensor set:
+        warm start, continued pre-training) or ``snapshot`` (the warm-start switch, this rank's
+        shards of the full-rank engine); else the seeded init."""
         cfg = self.cfg
         if self.engine is not None:
             old, self.engine, self.controller, self.modules = self.engine, None, None, []
             release_engine(old)
             del old
-        if cfg.model.name_or_path and cfg.model.from_pretrained and init_state is None:
-            from transformers import AutoModelForCausalLM
-
-            torch.manual_seed(cfg.train.seed)
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, torch_dtype=torch.float32,
-                                                         attn_implementation=self.plan.hf_config._attn_implementation)
-        else:
-            model = build_model(self.plan.hf_config, cfg.train.seed)
-        if init_state is not None:
-            missing, unexpected = model.load_state_dict(init_state, strict=False)
-            # Tied weights (tie_word_embeddings: lm_head.weight is embed_tokens.weight) appear once.
-            missing = [m for m in missing if m not in _tied_aliases(model)]
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"warm-start weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-                    "use a checkpoint of the same model shape"
-                )
+        model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config)
         self.modules = []
         if phase == "adapters":
             self.modules = self.method.wrap(model, cfg, seed=cfg.train.seed + 1)
@@ -123,6 +112,12 @@ class Trainer:
         self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps, schedule=schedule,
                                    groups=groups)
         _record_grad_norm_without_zero(self.engine)
+        if weights is not None:
+            adapters = {id(t) for _, layer in self.modules for t in layer.adapter_params().values()}
+            skip = {n for n, p in self.engine.module.named_parameters() if id(p) in adapters}
+            load_weights(self.engine.module, weights, source=str(weights.folder), engine=self.engine, skip=skip)
+        elif snapshot is not None:
+            restore_snapshot(self.engine, snapshot)
         if phase == "adapters" and zero_stage(self.plan.ds_config) == 3:
             apply_zero3_frozen_base(self.engine, cfg.relora.zero3_frozen_base)
         self.phase, self.phase_offset = phase, offset
@@ -174,13 +169,26 @@ class Trainer:
             "data_path": self.cfg.data.path, "params": self.params,
         }
 
+    def _memory_phase(self, phase: str | None) -> str | None:
+        """End the current memory phase (collective: logs every rank's peaks), start ``phase``;
+        returns the phase that ended."""
+        ended = self.memory.phase
+        record = self.memory.finish()
+        if record is not None:
+            self.metrics.event("memory", self.step, **record)
+        if phase is not None:
+            self.memory.start(phase)
+        return ended
+
     def save(self) -> Path:
+        resume_phase = self._memory_phase("save")
         client = {"ds_relora": {"data": self.iterator.state_dict(), "tokens_seen": self.tokens_seen}}
         folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(), client_state=client,
                                  config_yaml=dump_config(self.cfg), hf_config=self.plan.hf_config,
                                  tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
         self.last_saved_step = self.step
         self.metrics.event("checkpoint", self.step, path=str(folder))
+        self._memory_phase(resume_phase)
         return folder
 
     # ----------------------------------------------------------------------------- run
@@ -189,7 +197,7 @@ class Trainer:
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank == 0 else None
         resume = agree_on_resume(cfg.train.resume, self.run_dir, log)
         self.relora_start = self.plan.relora_start
-        consumed, phase, offset, init_state, is_elastic = 0, "full", 0, None, False
+        consumed, phase, offset, weights, is_elastic = 0, "full", 0, None, False
         if resume is not None:
             meta = read_meta(resume, for_resume=True)
             stage = zero_stage(self.plan.ds_config)
@@ -202,15 +210,17 @@ class Trainer:
         elif cfg.relora.warm_start_from and self.plan.adapters:
             source = Path(cfg.relora.warm_start_from)
             meta = read_meta(source)  # plan_run checked it is a full-rank checkpoint
-            init_state = load_consolidated(source)
+            weights = open_weights(source)
             self.relora_start = phase_offset = meta["step"]
             phase, offset, consumed = "adapters", phase_offset, meta["consumed_samples"]
             self.tokens_seen = meta.get("tokens_seen", 0)
         elif self.plan.adapters and self.relora_start == 0:
             phase = "adapters"
+        if resume is None and weights is None and cfg.model.name_or_path and cfg.model.from_pretrained:
+            weights = pretrained_weights(cfg.model.name_or_path)
         self.iterator = DistributedBatchIterator(self.train_data, self.plan.micro_batch, self.plan.grad_accum,
                                                  self.rank, self.world, cfg.train.seed, consumed)
-        self._build_phase(phase, offset, init_state)
+        self._build_phase(phase, offset, weights=weights)
         self.resumed_at = None
         if resume is not None:
             if is_elastic:
@@ -222,8 +232,8 @@ class Trainer:
             self.iterator.load_state_dict(client["data"])
             self.tokens_seen = client["tokens_seen"]
             self.resumed_at = self.last_saved_step = self.step
-            if self.phase == "adapters":
-                load_adapter_buffers(self.engine.module, load_adapter_state(resume))
+            if self.phase == "adapters" and not is_elastic:  # elastic.restore wrote them
+                load_adapter_buffers(self.engine.module, open_weights(resume))
             if self.controller is not None:
                 self.controller.sync_with_scheduler()
         self.resumed_from = resume
@@ -232,18 +242,23 @@ class Trainer:
         # Never rewrite the step just saved (by the loop, or the checkpoint resumed from).
         if self.cfg.relora.save_at_switch and self.last_saved_step != self.step:
             self.save()
+        self._memory_phase("switch")
         probe = self.val_batches[:1]
         before = self.evaluate(probe)
-        state = gather_full_state(self.engine)
-        self._build_phase("adapters", self.step, state)
+        # This rank's fp32 shards only (the whole model nowhere): the old engine is freed before
+        # the new one is built, and the new one starts from exactly these values.
+        self._build_phase("adapters", self.step, snapshot=local_snapshot(self.engine))
         after = self.evaluate(probe)
         self.metrics.event("switch", self.step, to=self.cfg.train.method, probe_loss_before=before,
                            probe_loss_after=after, params=self.params)
         self.metrics.info(f"step {self.step}: switched to {self.cfg.train.method} "
                           f"(trainable {human(self.params['trainable'])} of {human(self.params['total'])})")
+        self._memory_phase("train adapters")
 
     def run(self) -> dict:
         cfg = self.cfg
+        self.memory = PhaseMemory()
+        self.memory.start("init")
         self._start()
         total = cfg.train.total_steps
         self.metrics = MetricsLogger(self.run_dir, self.rank, total, self.step, tensorboard=cfg.train.tensorboard,
@@ -251,10 +266,13 @@ class Trainer:
                                      resumed_from=self.resumed_from)
         if self.metrics_note:
             self.metrics.info(self.metrics_note)
+        self._memory_phase(f"train {self.phase}")
         limits = JobLimits(cfg.train, self.step)
         limits.install_signal_handlers()
         try:
-            return self._loop(limits)
+            result = self._loop(limits)
+            self._memory_phase(None)
+            return result
         finally:
             limits.restore_signal_handlers()
             self.metrics.close()
@@ -333,14 +351,6 @@ class Trainer:
                            tokens=sequences * self.seq_len, split_sequences=len(self.val_data))
         self.metrics.info(f"step {self.step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
         return loss
-
-
-def _tied_aliases(model) -> set[str]:
-    """Parameter names that are a second name of an earlier parameter (tied weights)."""
-    seen, aliases = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        (aliases.add(name) if id(p) in seen else seen.add(id(p)))
-    return aliases
 
 
 def _record_grad_norm_without_zero(engine) -> None:

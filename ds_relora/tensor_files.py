@@ -1,0 +1,239 @@
+"""Safetensors files written one tensor at a time, and Hugging Face sharded sets read one tensor
+at a time.
+
+A ds_relora checkpoint's weights are written by the ranks that hold them, parameter by
+parameter, as they are gathered: no process ever holds a whole model. The layout is Hugging
+Face's sharded one (``<prefix>-0000k-of-0000n.safetensors`` + ``<prefix>.safetensors.index.json``
+with ``weight_map``), so ``transformers`` reads it as it is. :class:`TensorSet` reads that layout,
+a single ``<prefix>.safetensors`` or any one named file, lazily (memory-mapped, per tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import CheckpointError
+
+_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+    return f"{prefix}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def index_name(prefix: str) -> str:
+    return f"{prefix}.safetensors.index.json"
+
+
+def nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class StreamingWriter:
+    """One safetensors file whose tensors (names, dtypes, shapes declared up front) are written in
+    that order, each as soon as it exists; the header is written first. The file appears under its
+    name only once complete (``close``: fsync, then rename)."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.order = [name for name, _, _ in entries]
+        self.spec = {name: (dtype, tuple(int(d) for d in shape)) for name, dtype, shape in entries}
+        header, offset = {}, 0
+        for name, dtype, shape in entries:
+            size = nbytes(shape, dtype)
+            header[name] = {"dtype": _DTYPES[dtype], "shape": list(self.spec[name][1]), "data_offsets": [offset, offset + size]}
+            offset += size
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+        self.total = offset
+        self.next = 0
+        self.file = open(self.tmp, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.next >= len(self.order) or self.order[self.next] != name:
+            expected = self.order[self.next] if self.next < len(self.order) else "nothing"
+            raise RuntimeError(f"{self.path.name}: wrote {name}, expected {expected}")
+        dtype, shape = self.spec[name]
+        t = tensor.detach().to("cpu", dtype).contiguous()
+        if tuple(t.shape) != shape:
+            raise RuntimeError(f"{self.path.name}: {name} has shape {tuple(t.shape)}, declared {shape}")
+        if t.numel():
+            self.file.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.next += 1
+
+    def close(self) -> None:
+        if self.next != len(self.order):
+            raise RuntimeError(f"{self.path.name}: {len(self.order) - self.next} tensors were never written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        from .checkpoint_format import public_mode
+
+        public_mode(self.tmp)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def owners_by_bytes(sizes: list[int], parts: int) -> list[int]:
+    """Split a sequence of tensors (their byte sizes, in order) into at most ``parts`` contiguous
+    runs of about equal bytes: the owner index of each tensor (non-decreasing)."""
+    total = max(1, sum(sizes))
+    owners, before = [], 0
+    for size in sizes:
+        owners.append(min(parts - 1, (before + size // 2) * parts // total))
+        before += size
+    return owners
+
+
+def write_index(folder: Path, prefix: str, weight_map: dict[str, str], total_size: int) -> None:
+    from .checkpoint_format import write_atomic
+
+    write_atomic(Path(folder) / index_name(prefix),
+                 json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
+
+
+_FROM_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+class _File:
+    """One safetensors file read with ``pread`` (no memory map: a rank's resident set then holds
+    only the bytes it asked for, not the file's page cache)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        head = os.pread(self.fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated: pick another checkpoint")
+        (length,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(os.pread(self.fd, length, 8))
+        except ValueError:
+            raise CheckpointError(f"{path} has a damaged header: pick another checkpoint") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + length
+        self.entries = {}
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            if self.base + end > size:
+                raise CheckpointError(f"{path} is truncated ({name} ends past the file): pick another checkpoint")
+            self.entries[name] = (_FROM_CODE[e["dtype"]], tuple(e["shape"]), begin, end)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor (all of it by default)."""
+        dtype, shape, begin, end = self.entries[name]
+        item = torch.empty((), dtype=dtype).element_size()
+        count = (end - begin) // item
+        stop = count if stop is None else min(stop, count)
+        start = min(start, stop)
+        buf = bytearray((stop - start) * item)
+        view, offset = memoryview(buf), self.base + begin + start * item
+        while view:
+            n = os.preadv(self.fd, [view], offset)
+            if n <= 0:
+                raise CheckpointError(f"{self.path} is truncated: pick another checkpoint")
+            view, offset = view[n:], offset + n
+        flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return flat.reshape(shape) if (start, stop) == (0, count) else flat
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class TensorSet:
+    """The tensors of a sharded set (``<prefix>.safetensors.index.json``), a single
+    ``<prefix>.safetensors``, or one named file (``legacy``), read per tensor (or per flat range
+    of one: a ZeRO-3 rank reads only its shard's bytes)."""
+
+    def __init__(self, folder: str | Path, prefix: str, legacy: str | None = None):
+        self.folder = Path(folder)
+        index = self.folder / index_name(prefix)
+        single = self.folder / f"{prefix}.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is damaged ({type(exc).__name__}): pick another checkpoint") from None
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            weight_map, files = None, [single.name]
+        elif legacy and (self.folder / legacy).is_file():
+            weight_map, files = None, [legacy]
+        else:
+            raise CheckpointError(f"{self.folder} holds neither {index.name} nor {single.name}"
+                                  + (f" nor {legacy}" if legacy else "") +
+                                  ": point at a complete checkpoints/step-N folder or an exported model folder")
+        missing = [f for f in files if not (self.folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{self.folder} lacks the shard {missing[0]} named by {index.name}: the checkpoint is "
+                                  "incomplete; copy the missing file or pick another step-N folder")
+        self._files = {f: _File(self.folder / f) for f in files}
+        self._where = {}
+        for f, handle in self._files.items():
+            for key in handle.entries:
+                self._where[key] = f
+        if weight_map is not None:
+            absent = [k for k, f in weight_map.items() if self._where.get(k) != f]
+            if absent:
+                raise CheckpointError(f"{self.folder}/{weight_map[absent[0]]} has no tensor {absent[0]} although "
+                                      f"{index.name} says so: the shard is damaged; pick another step-N folder")
+        self.files = files
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._files[self._where[name]].entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(name)
+        return self._files[self._where[name]].read(name)
+
+    __getitem__ = get
+
+    def get_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor ``name`` (fewer at its end)."""
+        return self._files[self._where[name]].read(name, start, stop)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._where:
+            yield name, self.get(name)
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        return dict(self.items())
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
