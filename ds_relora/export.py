@@ -23,14 +23,18 @@ def _checkpoint_config(folder: Path):
     return AutoConfig.from_pretrained(str(hf_config_file(folder)))
 
 
+def _loaded(config, model) -> dict[str, torch.Tensor]:
+    """The model's tensors a checkpoint holds: tied embeddings appear once (no ``lm_head``)."""
+    return {n: t for n, t in model.state_dict().items() if not (config.tie_word_embeddings and n == "lm_head.weight")}
+
+
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a model of ``config`` loads (built on the meta device: no memory)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {n: tuple(t.shape) for n, t in model.state_dict().items()
-            if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    return {n: tuple(t.shape) for n, t in _loaded(config, model).items()}
 
 
 def _check_fits(folder: Path, expected: dict[str, tuple[int, ...]], seen: dict[str, tuple[int, ...]]) -> None:
@@ -50,7 +54,7 @@ def load_merged_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32
     folder = Path(checkpoint)
     config = _checkpoint_config(folder)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=getattr(config, "_attn_implementation", None) or "sdpa")
-    targets = {n: t for n, t in model.state_dict().items() if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    targets = _loaded(config, model)
     seen = {}
     with torch.no_grad():
         for name, tensor in iter_effective_weights(folder):
@@ -61,14 +65,14 @@ def load_merged_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32
     return model.to(dtype).eval()
 
 
-def _write_weights(folder: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+def _write_weights(folder: Path, config, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
     """The folded weights in HF's layout (``model.safetensors``, or shards of at most
     ``max_shard_bytes`` with an index), one shard in memory at a time."""
     from safetensors.torch import save_file
 
-    from .tensor_files import shard_name, write_index
+    from .tensor_files import nbytes, shard_name, write_index
 
-    expected = _expected_shapes(_checkpoint_config(folder))
+    expected = _expected_shapes(config)
     seen, shards, current, size = {}, [], {}, 0
 
     def flush():
@@ -95,8 +99,7 @@ def _write_weights(folder: Path, out: Path, dtype: torch.dtype, max_shard_bytes:
         name = shard_name("model", i, len(shards))
         os.replace(out / f"part-{i}.tmp", out / name)
         weight_map.update({n: name for n in names})
-    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
-    write_index(out, "model", weight_map, total)
+    write_index(out, "model", weight_map, sum(nbytes(shape, dtype) for shape in seen.values()))
 
 
 EXPORT_MARKER = "ds_relora_export.json"
@@ -136,7 +139,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     tmp, aside = out.with_name(f"{out.name}.tmp-export.{tag}"), out.with_name(f"{out.name}.tmp-export-old.{tag}")
     try:
         tmp.mkdir()
-        _write_weights(folder, tmp, torch_dtype, max_shard_bytes)
+        _write_weights(folder, config, tmp, torch_dtype, max_shard_bytes)
         config.dtype = torch_dtype
         config.save_pretrained(str(tmp))
         tokenizer = Path(checkpoint) / "tokenizer"

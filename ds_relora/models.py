@@ -138,7 +138,9 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None):
 
     from transformers import AutoModelForCausalLM
 
-    partitioned = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    from .train.ds_config import zero_stage
+
+    partitioned = ds_config is not None and zero_stage(ds_config) == 3
     if partitioned:
         import deepspeed
 
@@ -173,8 +175,7 @@ def init_weights(model, seed: int, std: float) -> None:
     ZeRO-3 every rank computes a parameter and writes only its own shard (one whole parameter in
     memory at a time, no communication). Other parameters (norms) keep their constructor's
     constant values."""
-    from .relora.merge import _write_module_tensor
-    from .relora.zero_state import full_shape
+    from .relora.zero_state import full_shape, set_module_value
 
     for module_name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -189,7 +190,7 @@ def init_weights(model, seed: int, std: float) -> None:
                     value[pad].zero_()
             else:
                 value = torch.zeros(shape)
-            _write_module_tensor(p, value.to(p.device))
+            set_module_value(p, value.to(p.device))
 
 
 def describe_params(model) -> dict[str, int]:
@@ -207,7 +208,6 @@ def human(n: float) -> str:
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g}T"
-
 
 
 def pretrained_weights(name_or_path: str):

@@ -76,7 +76,3 @@ def iter_effective_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tens
     tensors at a time, from a checkpoint or an export."""
     return EffectiveWeights(folder).items()
 
-
-def read_effective_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The weights the model computes with (adapters merged), from a checkpoint or an export."""
-    return dict(iter_effective_weights(folder))

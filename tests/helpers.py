@@ -49,3 +49,11 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, float], list[dict]]:
         else:
             events.append(rec)
     return losses, events
+
+
+def one_line_error(exc_info, *words):
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+    return msg

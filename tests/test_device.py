@@ -107,15 +107,15 @@ def test_zero3_merge_into_shard_on_another_device(monkeypatch):
 
 
 def test_reinit_write_reaches_a_shard_on_another_device(monkeypatch):
-    from ds_relora.relora.merge import _write_module_tensor
+    from ds_relora.relora.zero_state import set_module_value
 
-    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: 1)
+    monkeypatch.setattr("ds_relora.relora.zero_state._partition_rank", lambda p: 1)
     w, _ = _z3_weight(7, 5, 1, 2, META, gathered=False)
-    _write_module_tensor(w, torch.rand(7, 5))  # the new A/B come from the masters' device
+    set_module_value(w, torch.rand(7, 5))  # the new A/B come from the masters' device
     assert w.ds_tensor.device == META
     w, _ = _z3_weight(7, 5, 1, 2, "cpu", gathered=True)
     value = torch.rand(7, 5)
-    _write_module_tensor(w, value)
+    set_module_value(w, value)
     assert torch.equal(w.data, value) and torch.equal(w.ds_tensor[:17], value.reshape(-1)[18:])
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from ds_relora.config import PrepareConfig, load_config
 from ds_relora.data import prepare_data, read_meta
+from ds_relora.data import packing as packing_mod
 from ds_relora.data import prepare as prepare_mod
 from ds_relora.errors import ConfigError, DataError
 
@@ -59,7 +60,7 @@ def assert_same_output(a: Path, b: Path) -> None:
 @pytest.fixture
 def small_batches(monkeypatch):
     # Many chunks from a small corpus: ordering across workers and chunk-boundary checkpoints matter.
-    monkeypatch.setattr(prepare_mod, "_BATCH_DOCS", 7)
+    monkeypatch.setattr(packing_mod, "_BATCH_DOCS", 7)
 
 
 def _parent_must_not_tokenize(*a, **kw):
@@ -69,10 +70,10 @@ def _parent_must_not_tokenize(*a, **kw):
 def test_workers_give_the_one_process_bytes_with_and_without_max_tokens(tmp_path, monkeypatch, small_batches):
     src = corpus(tmp_path)
     one = prepare_data(cfg(src), tmp_path / "one", log=quiet)
-    monkeypatch.setattr(prepare_mod, "encode_batch", _parent_must_not_tokenize)
+    monkeypatch.setattr(packing_mod, "encode_batch", _parent_must_not_tokenize)
     two = prepare_data(cfg(src, num_workers=2), tmp_path / "two", log=quiet)
     monkeypatch.undo()
-    monkeypatch.setattr(prepare_mod, "_BATCH_DOCS", 7)
+    monkeypatch.setattr(packing_mod, "_BATCH_DOCS", 7)
     assert_same_output(one, two)
     meta = read_meta(one)
     assert len(meta["shards"]["train"]) > 2 and meta["num_documents"]["validation"] > 0
@@ -101,13 +102,13 @@ def test_bad_num_workers_is_one_line_error(bad, words):
 
 def _interrupt_at_checkpoint(monkeypatch, n: int) -> None:
     """Ctrl-C right after checkpoint ``n`` (checkpoint 0 is written before the first document)."""
-    monkeypatch.setattr(prepare_mod, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(packing_mod, "CHECKPOINT_SECONDS", 0.0)
 
     def fault(point, step):
         if point == "prepare" and step == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_mod, "fault_point_local", fault)
+    monkeypatch.setattr(packing_mod, "fault_point_local", fault)
 
 
 def test_interrupted_run_continues_to_the_same_bytes(tmp_path, monkeypatch, small_batches):
@@ -131,10 +132,10 @@ def test_interrupted_run_continues_to_the_same_bytes(tmp_path, monkeypatch, smal
         f.write(b"\xff\xff" * 9)
     (part / "validation_00099.bin").write_bytes(b"\x01\x00")
 
-    monkeypatch.setattr(prepare_mod, "fault_point_local", lambda point, step: None)
+    monkeypatch.setattr(packing_mod, "fault_point_local", lambda point, step: None)
     encoded = []
-    real_encode = prepare_mod.encode_batch
-    monkeypatch.setattr(prepare_mod, "encode_batch", lambda tok, texts: encoded.append(len(texts)) or real_encode(tok, texts))
+    real_encode = packing_mod.encode_batch
+    monkeypatch.setattr(packing_mod, "encode_batch", lambda tok, texts: encoded.append(len(texts)) or real_encode(tok, texts))
     logs.clear()
     prepare_data(cfg(src, max_tokens=2000), out, log=logs.append)
     assert any("resuming" in m for m in logs)
@@ -149,7 +150,7 @@ def test_resume_with_other_worker_count_and_a_settings_change_starts_over(tmp_pa
     _interrupt_at_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(cfg(src), out, log=quiet)
-    monkeypatch.setattr(prepare_mod, "fault_point_local", lambda point, step: None)
+    monkeypatch.setattr(packing_mod, "fault_point_local", lambda point, step: None)
     logs: list[str] = []
     prepare_data(cfg(src, num_workers=2), out, log=logs.append)  # num_workers is not part of the fingerprint
     assert any("resuming" in m for m in logs)
@@ -158,7 +159,7 @@ def test_resume_with_other_worker_count_and_a_settings_change_starts_over(tmp_pa
     _interrupt_at_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(cfg(src, seed=1), tmp_path / "out2", log=quiet)
-    monkeypatch.setattr(prepare_mod, "fault_point_local", lambda point, step: None)
+    monkeypatch.setattr(packing_mod, "fault_point_local", lambda point, step: None)
     logs.clear()
     prepare_data(cfg(src, seed=2), tmp_path / "out2", log=logs.append)
     assert any("other settings" in m and "starting over" in m for m in logs)
@@ -181,8 +182,8 @@ def test_sigkill_midway_then_rerun_gives_the_same_bytes_and_no_worker_outlives_i
     src = corpus(tmp_path)
     out = tmp_path / "out"
     script = (
-        "from ds_relora.data import prepare as p; from ds_relora.config import PrepareConfig\n"
-        "p.CHECKPOINT_SECONDS = 0.0; p._BATCH_DOCS = 7\n"
+        "from ds_relora.data import packing, prepare as p; from ds_relora.config import PrepareConfig\n"
+        "packing.CHECKPOINT_SECONDS = 0.0; packing._BATCH_DOCS = 7\n"
         f"p.prepare_data(PrepareConfig(source={str(src)!r}, vocab_size=300, val_fraction=0.25, shard_tokens=500, num_workers=2), {str(out)!r})\n"
     )
     marker = f"DS_RELORA_TEST_MARKER={tmp_path}"
@@ -221,7 +222,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
 
 
 def test_progress_lines_on_stderr_with_tokens_per_second(tmp_path, monkeypatch, capsys, small_batches):
-    monkeypatch.setattr(prepare_mod, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(packing_mod, "PROGRESS_SECONDS", 0.0)
     prepare_data(cfg(corpus(tmp_path)), tmp_path / "out", log=quiet)
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("prepare-data:")]

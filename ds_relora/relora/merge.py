@@ -24,34 +24,13 @@ import torch
 
 from .layer import base_delta, reinit_values  # noqa: F401  (re-exported: ReLoRA's ΔW and re-init)
 from .optim_reset import reset_generator, reset_moments
-from .zero_state import get_master, is_zero3_param, set_master
+from .zero_state import _partition_rank, get_master, is_zero3_param, set_master, set_module_value
 
 RowsFn = Callable[[int, int, torch.device], torch.Tensor]  # (row0, row1, device) -> fp32 rows of ΔW
 
 
 def _is_gathered(p) -> bool:
     return p.data.numel() == p.ds_numel
-
-
-def _partition_rank(p) -> int:
-    return torch.distributed.get_rank(group=p.ds_process_group)
-
-
-def _write_module_tensor(p, value: torch.Tensor) -> None:
-    """Write the full ``value`` into the module's (low-precision) copy of ``p`` on this rank
-    (``copy_`` moves it to each copy's own device: the shard may live in CPU memory)."""
-    if is_zero3_param(p):
-        part = p.ds_tensor
-        rank = _partition_rank(p)
-        flat = value.reshape(-1)
-        start = rank * part.numel()
-        end = min(start + part.numel(), flat.numel())
-        if end > start:
-            part.data[: end - start].copy_(flat[start:end].to(part.dtype))
-        if _is_gathered(p):
-            p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
-    else:
-        p.data.copy_(value.reshape(p.shape).to(p.dtype))
 
 
 def compute_device(target: torch.Tensor, operand: torch.Tensor | torch.device) -> torch.device:
@@ -115,7 +94,7 @@ def merge_layer(engine, layer, generator: torch.Generator | None) -> dict[str, t
     # Made next to the masters; the writes below copy to each copy's own device.
     new = layer.reset_values(values, generator)
     for key, p in params.items():
-        _write_module_tensor(p, new[key])
+        set_module_value(p, new[key])
         set_master(engine, p, new[key])
     return new
 

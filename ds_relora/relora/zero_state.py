@@ -48,10 +48,31 @@ def _stage0_master(engine, p) -> torch.Tensor | None:
     raise RuntimeError("parameter not found in the fp16 optimizer's groups")
 
 
+def _partition_rank(p) -> int:
+    return dist.get_rank(group=p.ds_process_group)
+
+
+def set_module_value(p, value: torch.Tensor) -> None:
+    """Write the full ``value`` into the module's (low-precision) copy of ``p`` on this rank: on
+    ZeRO-3 only this rank's slice of its shard, plus the whole tensor when ``p`` is gathered
+    (persistent). ``copy_`` moves it to each copy's own device: the shard may live in CPU memory."""
+    if is_zero3_param(p):
+        part = p.ds_tensor
+        flat = value.reshape(-1)
+        start = _partition_rank(p) * part.numel()
+        end = min(start + part.numel(), flat.numel())
+        if end > start:
+            part.data[: end - start].copy_(flat[start:end].to(part.dtype))
+        if p.data.numel() == p.ds_numel:
+            p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
+    else:
+        p.data.copy_(value.reshape(p.shape).to(p.dtype))
+
+
 def _z3_local_slice(p, value: torch.Tensor) -> torch.Tensor:
     """This rank's padded slice ``[r*P, (r+1)*P)`` of the flattened full value."""
     part = p.ds_tensor.numel()
-    rank = dist.get_rank(group=p.ds_process_group)
+    rank = _partition_rank(p)
     flat = value.detach().reshape(-1).to(torch.float32)
     out = torch.zeros(part, dtype=torch.float32, device=p.ds_tensor.device)
     start = rank * part

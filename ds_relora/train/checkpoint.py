@@ -206,7 +206,8 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
 
 
 def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
-    """Restore engine, scheduler and this rank's RNG; returns the client state. Collective."""
+    """Restore engine, scheduler, frozen params, adapter buffers and this rank's RNG; returns the
+    client state. Collective."""
     meta = read_meta(folder, for_resume=True)
     if meta.get("world_size") != world_size:
         raise CheckpointError(
@@ -217,8 +218,12 @@ def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {folder}: the folder is damaged; resume from an older step-N")
+    from ..methods import load_adapter_buffers
+
+    weights = open_weights(folder)
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
-    load_weights(engine.module, open_weights(folder), source=str(folder), skip=trainable)
+    load_weights(engine.module, weights, source=str(folder), skip=trainable)
+    load_adapter_buffers(engine.module, weights)  # MoRA's patterns, GaLore's projectors
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from ..checkpoint_format import MOMENTS_SET, WEIGHTS
 from ..errors import CheckpointError
-from ..relora.zero_state import MOMENTS, full_shape, get_master, get_moment, is_zero3_param, set_master
+from ..relora.zero_state import (MOMENTS, _z3_local_slice, full_shape, get_master, get_moment, is_zero3_param, set_master,
+                                 set_module_value)
 from ..tensor_files import StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
 
 
@@ -103,12 +104,6 @@ def write_state(engine, folder: Path, *, with_moments: bool) -> dict[str, list[s
     return written
 
 
-def _write_shard(p, value: torch.Tensor) -> None:
-    from ..relora.merge import _write_module_tensor
-
-    _write_module_tensor(p, value)
-
-
 def _partitioned(p) -> bool:
     """A ZeRO-3 param that is not held whole (not persistent)."""
     return is_zero3_param(p) and p.data.numel() != p.ds_numel
@@ -124,15 +119,24 @@ def _write_local(p, local: torch.Tensor, with_master: bool) -> None:
         safe_set_local_fp32_param(p, local.to(part.device))
 
 
+def _write_whole(engine, p, value: torch.Tensor, with_master: bool) -> None:
+    """Write a param's whole fp32 value (each rank its own part of it) and its master."""
+    if engine is not None:
+        value = value.to(engine.device)
+    set_module_value(p, value)
+    if with_master:
+        set_master(engine, p, value)
+
+
 def _read_local(tensors, name: str, p) -> torch.Tensor:
-    """This rank's padded flat shard ``[r*S, (r+1)*S)`` of a saved tensor, reading only its bytes."""
+    """This rank's padded flat shard ``[r*S, (r+1)*S)`` of a saved tensor, reading only its bytes
+    from a TensorSet (a dict holds the whole value already)."""
+    if not hasattr(tensors, "get_flat"):
+        return _z3_local_slice(p, tensors[name])
     size = p.ds_tensor.numel()
     start = dist.get_rank(group=p.ds_process_group) * size
     local = torch.zeros(size, dtype=torch.float32)
-    if hasattr(tensors, "get_flat"):
-        chunk = tensors.get_flat(name, start, start + size)
-    else:
-        chunk = tensors[name].reshape(-1)[start:start + size]
+    chunk = tensors.get_flat(name, start, start + size)
     local[: chunk.numel()] = chunk.float()
     return local
 
@@ -158,12 +162,7 @@ def load_weights(module, tensors, *, source: str, engine=None, skip: set[str] = 
         if _partitioned(p):
             _write_local(p, _read_local(tensors, name, p), with_master)
             continue
-        value = tensors[name].float()
-        value = value.to(engine.device) if engine is not None else value
-        _write_shard(p, value)
-        if with_master:
-            set_master(engine, p, value)
-        del value
+        _write_whole(engine, p, tensors[name].float(), with_master)
 
 
 @torch.no_grad()
@@ -199,7 +198,5 @@ def restore_snapshot(engine, snapshot: dict[str, torch.Tensor]) -> None:
                                    "(the switch keeps the world size and the stage)")
             _write_local(p, value, p.requires_grad)
         else:
-            _write_shard(p, value.to(engine.device))
-            if p.requires_grad:
-                set_master(engine, p, value.to(engine.device))
+            _write_whole(engine, p, value, p.requires_grad)
 

@@ -22,7 +22,7 @@ from ..config_base import to_dict
 from ..data import DistributedBatchIterator, PackedDataset, validation_batches
 from ..device import comm_device, host_scalars
 from ..models import build_model, describe_params, human, pretrained_weights
-from ..methods import get_method, load_adapter_buffers
+from ..methods import get_method
 from ..relora import JaggedCosine, merge_points
 from ..relora.zero3_frozen import apply_zero3_frozen_base
 from ..faults import fault_point
@@ -232,8 +232,6 @@ class Trainer:
             self.iterator.load_state_dict(client["data"])
             self.tokens_seen = client["tokens_seen"]
             self.resumed_at = self.last_saved_step = self.step
-            if self.phase == "adapters" and not is_elastic:  # elastic.restore wrote them
-                load_adapter_buffers(self.engine.module, open_weights(resume))
             if self.controller is not None:
                 self.controller.sync_with_scheduler()
         self.resumed_from = resume
