@@ -104,6 +104,17 @@ def init_distributed() -> None:
         select_cuda_device(int(os.environ["LOCAL_RANK"]))
 
 
+def shutdown_distributed() -> None:
+    """Leave together: a rank whose peer has already exited can abort in the process group's
+    native threads at interpreter exit ("terminate called without an active exception", -6),
+    so every rank waits for the others and then closes the group before it returns."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_relora.worker")
     parser.add_argument("--config", required=True, help="resolved run config (written by ds-relora train)")
@@ -121,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         from .train.trainer import Trainer
 
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
-        return Trainer(cfg).run().get("exit_code", 0)
+        code = Trainer(cfg).run().get("exit_code", 0)
+        shutdown_distributed()
+        return code
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
