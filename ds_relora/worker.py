@@ -107,7 +107,9 @@ def init_distributed() -> None:
 def shutdown_distributed() -> None:
     """Leave together: a rank whose peer has already exited can abort in the process group's
     native threads at interpreter exit ("terminate called without an active exception", -6),
-    so every rank waits for the others and then closes the group before it returns."""
+    so every rank of a finished run waits for the others and then closes the group before the
+    process exits (``python -m ds_relora.worker``; ``main`` itself leaves the group open for
+    callers that go on using it)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -132,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train.trainer import Trainer
 
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
-        code = Trainer(cfg).run().get("exit_code", 0)
-        shutdown_distributed()
-        return code
+        return Trainer(cfg).run().get("exit_code", 0)
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
@@ -142,4 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .train.job_limits import REQUEUE_EXIT_CODE
+
+    code = main()
+    if code in (0, REQUEUE_EXIT_CODE):  # every rank finished (or stopped) at the same step
+        shutdown_distributed()
+    sys.exit(code)
