@@ -196,6 +196,8 @@ class TrainConfig(Checked):
     tensorboard: bool = doc(False, "also log scalars to TensorBoard (run_dir/tb)")
     wandb_project: Optional[str] = doc(None, "also log to this W&B project")
     activation_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+    compile: bool = doc(False, "torch.compile the model through DeepSpeed's engine.compile (each phase's engine; the first steps pay the compile time). Pays on GPUs with ZeRO 0-2; under ZeRO-3 DeepSpeed's gather hooks split the graph at every module")
+    compile_backend: str = doc("inductor", "torch.compile backend with train.compile: inductor (generated kernels), or aot_eager / eager to check that a model traces without generating code")
 
     SECTION = "train"
 
@@ -215,6 +217,8 @@ class TrainConfig(Checked):
         from .train.job_limits import parse_duration
 
         parse_duration(self.time_limit, "train.time_limit")
+        self.require("compile_backend", bool(self.compile_backend.strip()),
+                     "must name a torch.compile backend: inductor, aot_eager or eager")
 
 
 @dataclasses.dataclass

@@ -157,6 +157,10 @@ class Bench:
         run.deepspeed.overrides = {"bf16": {"enabled": args.bf16}}
         run.train.micro_batch_size = args.micro_batch
         self.engine = build_engine(model, build_ds_config(run, 1), lr=1e-4, schedule=JaggedCosine(10**6, 0))
+        if args.compile:
+            from .train.engine import compile_engine
+
+            compile_engine(self.engine, args.compile)  # the warm-up steps pay the compile
 
     def measure(self, micro: int) -> dict:
         torch, args = self.torch, self.args
@@ -247,7 +251,8 @@ def results_block(res: dict) -> str:
             lines.append(f"throughput {pair['preset']}: FAIL {pair['error']}")
             continue
         lines.append(f"throughput {pair['preset']} ({pair['attn']}, {res['precision']}, seq {res['seq_len']}, "
-                     f"ZeRO-2, peak {res['peak_tflops']} TFLOPS):")
+                     f"ZeRO-2, {'compiled ' + res['compile'] if res.get('compile') else 'eager'}, "
+                     f"peak {res['peak_tflops']} TFLOPS):")
         for r in pair["rows"]:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             mem = f"{r['peak_mem_gib']} GiB" if r["peak_mem_gib"] is not None else "n/a"
@@ -275,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-micro-batch", type=int, default=256)
     ap.add_argument("--rank", type=int, default=None, help="adapter rank of the throughput pair (default 128; smoke: 8)")
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--compile", metavar="BACKEND", default=None,
+                    help="torch.compile the throughput engines (train.compile) with this backend, e.g. inductor")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--data", default=None, help="a folder written by `ds-relora prepare-data` (default: prepare a small stdlib corpus)")
     args = ap.parse_args(argv)
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args.attn = attn
     res = {"device": torch.cuda.get_device_name(device) if cuda else "CPU (smoke)", "attention": attn,
            "precision": "bf16" if cuda else "fp32", "seq_len": args.seq_len, "peak_tflops": args.peak_tflops,
-           "torch": torch.__version__, "relora_runs": [], "throughput": [], "notes": []}
+           "torch": torch.__version__, "compile": args.compile, "relora_runs": [], "throughput": [], "notes": []}
     if attn != "flash_attention_2" and cuda:
         res["notes"].append("flash-attn is not importable here: SDPA ran")
     work = Path(args.work or tempfile.mkdtemp(prefix="ds_relora_gpu_check_"))

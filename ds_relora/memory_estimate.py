@@ -40,12 +40,10 @@ layer, with a = 2 bytes (bf16) or 4 (fp32), h hidden, f intermediate, n heads, s
       (fp32 RMSNorm input and rsqrt, bf16 norm outputs, q/k after RoPE, v, attention output,
        fp32 log-sum-exp, gate/up/SiLU/product of the MLP)
     eager attention                      + 6*n*s - 4n   (fp32 and bf16 softmax probabilities)
-    adapters, dropout p > 0              + 3(m+a)h + (m+a)f + 7*a*r - 2ah - af
-      (each of the 4 distinct wrapped inputs (q/k/v share one, gate/up one, o, down) keeps a
-       dropout mask of m bytes, 1 on CUDA, and the dropped input; A's output; the frozen W no
-       longer needs its own input. Unfused (``fuse_shared_inputs=False``) all 7 inputs keep
-       their own: 6(m+a)h instead of 3(m+a)h)
-    adapters, no dropout                 + 7*a*r
+    adapters (any dropout)               + 7*a*r
+      (A's output per wrapped linear; the adapter's dropout saves no dropped copy and no mask,
+       see ``relora/dropout_gemm.py``, and the input it saves is the one the full-rank layer
+       saves for its weight gradient)
 plus, once per model: final norm, lm_head input and the fp32 log-softmax of the logits,
 ``4h + 4 + 2ah + 4V + 16``. With activation checkpointing each layer keeps only its input
 (a*h) and one layer is recomputed at a time (+ one layer's full set). The counts match
@@ -149,26 +147,15 @@ def model_state_bytes(total_params: int, trainable_params: int, zero_stage: int,
 
 def activation_bytes(shape: Shape, method: str, rank: int, micro_batch: int, seq_len: int,
                      vocab_size: int = 32000, precision: str = "bf16",
-                     activation_checkpointing: bool = False, lora_dropout: float = 0.1,
-                     attn_implementation: str = "sdpa", mask_bytes: int = 1,
-                     fuse_shared_inputs: bool = True) -> int:
-    """Approximate activation bytes of one micro-batch (formula in the module docstring).
-
-    ``mask_bytes`` is the size of one dropout-mask element: 1 on CUDA (bool), the activation
-    dtype size on CPU, where PyTorch stores the mask as a scaled float tensor.
-    """
+                     activation_checkpointing: bool = False, attn_implementation: str = "sdpa") -> int:
+    """Approximate activation bytes of one micro-batch (formula in the module docstring)."""
     h, f, n = shape.hidden, shape.intermediate, shape.heads
     a = 4 if precision == "fp32" else 2
     layer = 8 * h + 8 * a * h + 4 * a * f + 4 * n + 8
     if attn_implementation == "eager":
         layer += 6 * n * seq_len - 4 * n
     if method != "full":
-        if lora_dropout > 0:
-            m = mask_bytes
-            dropped_h = 3 if fuse_shared_inputs else 6  # inputs of width h with their own dropout
-            layer += dropped_h * (m + a) * h + (m + a) * f + 7 * a * rank - 2 * a * h - a * f
-        else:
-            layer += 7 * a * rank
+        layer += 7 * a * rank
     top = 4 * h + 4 + 2 * a * h + 4 * vocab_size + 16
     if activation_checkpointing:
         per_token = shape.layers * a * h + layer + top
@@ -205,9 +192,8 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
                     micro_batch: int, seq_len: int, vocab_size: int = 32000, precision: str = "bf16",
                     keep_base_fp32: bool = False, activation_checkpointing: bool = False,
                     offload_optimizer: bool = False, offload_params: bool = False, *,
-                    lora_dropout: float = 0.1, attn_implementation: str = "sdpa",
-                    grad_accum_steps: int = 1, zero3_frozen_base: str = "partition",
-                    fuse_shared_inputs: bool = True) -> MemoryEstimate:
+                    attn_implementation: str = "sdpa", grad_accum_steps: int = 1,
+                    zero3_frozen_base: str = "partition") -> MemoryEstimate:
     """Per-GPU bytes of a training run: model states exactly, activations approximately.
 
     ReLoRA and LoRA freeze every wrapped linear (q/k/v/o/gate/up/down) and train their
@@ -233,11 +219,9 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
     states = model_state_bytes(total, trainable, zero_stage, num_gpus, precision, keep_base_fp32,
                                offload_optimizer, offload_params, grad_accum_steps,
                                zero3_frozen_base if zero_stage == 3 else "partition")
-    # MoRA and GaLore have no adapter dropout; their saved low-dim tensors are about LoRA's.
-    dropout = lora_dropout if method in ("lora", "relora") else 0.0
+    # MoRA's and GaLore's saved low-dim tensors are about LoRA's.
     acts = activation_bytes(shape, "full" if full_rank else method, rank, micro_batch, seq_len, vocab_size,
-                            precision, activation_checkpointing, dropout, attn_implementation,
-                            fuse_shared_inputs=fuse_shared_inputs)
+                            precision, activation_checkpointing, attn_implementation)
     setting = (f"{name} {method}" + (f" r={rank}" if method != "full" else "")
                + f", ZeRO-{zero_stage} x {num_gpus} GPU, {precision}"
                + (" + fp32 base (autocast)" if keep_base_fp32 else "")

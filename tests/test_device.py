@@ -210,7 +210,7 @@ def test_gpu_check_smoke_runs_the_same_path_on_cpu(prepared_data, tmp_path):
 
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, "-m", "ds_relora.gpu_check", "--smoke", "--stages", "zero3_offload",
-                           "--methods", "relora,remora,galore",
+                           "--methods", "relora,remora,galore", "--compile", "aot_eager",
                            "--data", str(prepared_data), "--work", str(tmp_path / "work")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -224,3 +224,4 @@ def test_gpu_check_smoke_runs_the_same_path_on_cpu(prepared_data, tmp_path):
     assert {r["method"] for r in pair["rows"]} == {"full", "relora"}
     assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in pair["rows"])
     assert res["attention"] == "sdpa" and res["ok"]
+    assert res["compile"] == "aot_eager" and "ZeRO-2, compiled aot_eager" in proc.stdout

@@ -11,6 +11,7 @@ from torch import nn
 from distributed import results, run_workers
 from ds_relora.models import Shape, build_model, llama_config
 from ds_relora.relora import wrap_model
+from ds_relora.relora.dropout_gemm import draw_seed, dropout_gemm
 from ds_relora.relora.layer import ReLoRALinear
 from ds_relora.relora.shared_input import SharedInput, link_shared_inputs, unlink_shared_inputs
 
@@ -90,7 +91,8 @@ def test_one_mask_per_shared_input_matches_reference():
     for m in members:
         m.zero_grad(set_to_none=True)
     torch.manual_seed(7)
-    xd = F.dropout(x2, 0.25, training=True)
+    keep = torch.empty_like(x2).bernoulli_(0.75, generator=torch.Generator().manual_seed(draw_seed()))
+    xd = x2 * keep / 0.75
     refs = [F.linear(x2, m.weight, m.bias) + m.scale * F.linear(F.linear(xd, m.lora_A), m.lora_B) for m in members]
     for y, r in zip(ys, refs):
         assert torch.allclose(y, r, atol=1e-6)
@@ -137,24 +139,57 @@ def test_activation_checkpointing_recomputes_the_same_masks():
     assert_same(loss_and_grads(base, x, seed=5), loss_and_grads(ckpt, x, seed=5), tol=1e-5)
 
 
-def test_fused_dropout_lowers_saved_activation_bytes():
-    """What backward keeps: one dropped copy + mask per shared input instead of one per linear."""
-    def saved_bytes(model, x):
-        total = []
+def _saved_bytes(model, x):
+    """Bytes autograd keeps for backward, each storage once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
 
-        def pack(t):
-            total.append(t.numel() * t.element_size())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=x, labels=x).loss
-        return sum(total)
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=x, labels=x).loss
+    return sum(v for k, v in saved.items() if k not in params)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_dropout_keeps_no_dropped_copy_for_backward(fuse):
+    """With dropout an adapter saves what it saves without: the base GEMM's own input, A x and A
+    (not a dropped copy and a mask per input, as autograd's dropout would)."""
     x = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(3))
-    fused, plain = tiny_wrapped(0.1), tiny_wrapped(0.1, fuse=False)
-    h, n = SHAPE.hidden, x.numel() * SHAPE.layers
-    # per token and layer, 3 fewer dropped copies of h (2 for q/k/v, 1 for gate/up), each with its
-    # mask (fp32 4 B + mask 4 B: CPU dropout keeps the mask in the activation dtype)
-    saving = saved_bytes(plain, x) - saved_bytes(fused, x)
-    assert saving == pytest.approx(3 * 8 * h * n, rel=0.05), saving
+    with_dropout, without = tiny_wrapped(0.1, fuse=fuse), tiny_wrapped(0.0, fuse=fuse)
+    assert _saved_bytes(with_dropout, x) == _saved_bytes(without, x)
+    # what autograd's own dropout would keep per token and layer: 4 (unfused 7) dropped inputs, each
+    # with its mask (fp32 4 B + mask 4 B on CPU), 3 of width h and 1 of width f when fused
+    h, f = SHAPE.hidden, SHAPE.intermediate
+    old = tiny_wrapped(0.0, fuse=fuse)
+    for _, m in old.named_modules():
+        if isinstance(m, ReLoRALinear):
+            m.forward = (lambda m: lambda t: F.linear(t, m.weight, m.bias)
+                         + m.scale * F.linear(F.linear(F.dropout(t, 0.1), m.lora_A), m.lora_B))(m)
+    assert _saved_bytes(old, x) - _saved_bytes(with_dropout, x) >= 8 * (3 * h + f) * x.numel() * SHAPE.layers
+
+
+def test_dropout_gemm_matches_autograd_dropout_with_the_same_mask():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+        a = torch.randn(5, 16, dtype=dtype, requires_grad=True)
+        u = dropout_gemm(x, a, 0.3, True, seed=11)
+        g = torch.randn_like(u)
+        u.backward(g)
+        keep = torch.empty_like(x).bernoulli_(0.7, generator=torch.Generator().manual_seed(11))
+        x2, a2 = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+        u2 = F.linear(x2 * keep * (1 / 0.7), a2)
+        u2.backward(g)
+        assert torch.equal(u, u2) and torch.equal(x.grad, x2.grad) and torch.equal(a.grad, a2.grad), dtype
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a: dropout_gemm(x, a, 0.3, True, seed=5), (x, a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # keep_base_fp32: fp32 params, bf16 compute
+        u = dropout_gemm(x.float().detach().requires_grad_(), a.float().detach().requires_grad_(), 0.3, True, 2)
+    assert u.dtype == torch.bfloat16
+    plain = torch.randn(2, 6)
+    assert torch.equal(dropout_gemm(plain, a.float(), 0.3, False), F.linear(plain, a.float()))
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,9 @@ def test_same_losses_on_one_rank_and_two_ranks_under_zero_0_1_2_3(runs, method):
         for step, (a, b) in enumerate(zip(other, ref), start=1):
             # fp32: 1 rank sums the batch's gradient in 2 micro-batches, 2 ranks in 2 halves plus an
             # all-reduce; the sums round differently (~1e-7 relative), and GaLore's SVD of them too.
-            assert abs(a - b) <= 1e-5 * abs(b), (method, stage, step, a, b)
+            # The difference compounds over 24 steps and the merges: measured up to 1.6e-5 (remora,
+            # ZeRO-3, step 18); a real ZeRO bug shows at 1e-3 or more.
+            assert abs(a - b) <= 5e-5 * abs(b), (method, stage, step, a, b)
 
 
 @pytest.mark.parametrize("method,stage", [("remora", 3), ("galore", 2)])

@@ -151,7 +151,7 @@ def model_states(shape, vocab: int, ranks: int, rank: int) -> dict[tuple[str, bo
 
     out = {}
     for method in ("full", "relora"):
-        est = estimate_memory(shape, method, rank, 3, ranks, 1, 32, vocab, precision="fp32", lora_dropout=0.0)
+        est = estimate_memory(shape, method, rank, 3, ranks, 1, 32, vocab, precision="fp32")
         out[method, True] = (est.weights + est.grads + est.master + est.adam) / MiB
         out[method, False] = (est.weights + est.grads + est.master) / MiB
     return out
@@ -165,7 +165,7 @@ def read_memory_events(run_dir: Path) -> list[dict]:
 def estimate_lines(preset, method: str, rank: int, vocab: int, ranks: int, seq: int) -> list[str]:
     from ds_relora.memory_estimate import estimate_memory
 
-    est = estimate_memory(preset, method, rank, 3, ranks, 1, seq, vocab, precision="fp32", lora_dropout=0.0)
+    est = estimate_memory(preset, method, rank, 3, ranks, 1, seq, vocab, precision="fp32")
     states = est.weights + est.grads + est.master + est.adam
     return [f"estimate-memory ({method}): model states {states / MiB:,.0f} MiB/rank, activations "
             f"{est.activations / MiB:,.0f}, transients: build {est.init_host / MiB:,.0f}, save {est.save_host / MiB:,.0f}"

@@ -120,6 +120,10 @@ def worker(cfg: dict) -> None:
         from ds_relora.relora.zero3_frozen import apply_zero3_frozen_base
 
         apply_zero3_frozen_base(engine, cfg["zero3_frozen_base"])
+    if cfg.get("compile"):
+        from ds_relora.train.engine import compile_engine
+
+        compile_engine(engine, cfg["compile"])
     precision = "bf16" if ds["bf16"].get("enabled") else "fp32"
 
     gen = torch.Generator().manual_seed(1234 + rank)
@@ -276,7 +280,8 @@ def report(records: list[dict], args) -> str:
         f"vocab {args.vocab}), seq {args.seq_len}, micro-batch {args.micro_batch} per rank, "
         f"{world} rank(s), {records[0]['precision']}, r={args.rank}, adapter dropout {args.dropout} "
         f"(shared-input fusion {'on' if args.fuse_shared_inputs else 'off'}), ZeRO-3 frozen base {args.zero3_frozen_base}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, best of {args.repeats} repeat(s)",
+        f"{args.warmup} warm-up + {args.steps} timed steps, best of {args.repeats} repeat(s)"
+        + (f", torch.compile backend {args.compile}" if args.compile else ", eager"),
         "", md_table(head, rows), "", flops_line, "",
         "model states per rank (engine tensors between backward and step vs analytic):", "",
         md_table(["stage", "method", "measured", "analytic per rank", "measured/analytic",
@@ -317,6 +322,9 @@ def main() -> int:
     ap.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="auto: on GPU only")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--compile", metavar="BACKEND", default=None,
+                    help="torch.compile the engine's module (train.compile) with this backend, e.g. inductor; "
+                         "the warm-up steps pay the compile time, so give --warmup 2 or more")
     ap.add_argument("--peak-tflops", type=float, help="device peak (dense bf16 TFLOPS, e.g. 989 for H100 SXM) for MFU")
     ap.add_argument("--out", default="runs/bench_throughput")
     args = ap.parse_args()
@@ -338,7 +346,8 @@ def main() -> int:
                "zero3_frozen_base": args.zero3_frozen_base,
                "seq_len": args.seq_len, "micro": args.micro_batch, "rank": args.rank, "dropout": args.dropout,
                "warmup": args.warmup, "steps": args.steps, "bf16": bf16, "attn": args.attn,
-               "activation_checkpointing": args.activation_checkpointing, "peak_tflops": args.peak_tflops}
+               "activation_checkpointing": args.activation_checkpointing, "peak_tflops": args.peak_tflops,
+               "compile": args.compile}
         print(f"[{method} ZeRO-{stage} repeat {repeat}] load {load_average()}", flush=True)
         found = launch_ranks(Path(__file__), ["--worker", json.dumps(cfg)], args.nprocs, timeout=3600,
                              env={"DS_ACCELERATOR": "cuda"} if args.device == "cuda" else None)

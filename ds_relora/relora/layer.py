@@ -10,6 +10,10 @@ Linears that read the same input (q/k/v of attention, gate/up of the MLP) can sh
 ``dropout(x) @ cat(A_q, A_k, A_v).T`` for the group, then each member adds its own slice through
 ``B`` into its base output in place (no output-sized temporary). Every module keeps its own
 ``lora_A``/``lora_B`` (names, shapes, merge and checkpoints unchanged).
+
+The dropout keeps no dropped copy of the input for backward (``dropout_gemm.py``): the backward
+redraws the mask from its seed, so with or without dropout an adapter saves only the input the
+base GEMM saves anyway, ``A x`` and ``A``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .dropout_gemm import dropout_gemm
 from .shared_input import link_shared_inputs
 
 
@@ -68,14 +73,17 @@ class ReLoRALinear(nn.Module):
         device, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(kaiming_uniform_A((rank, self.in_features), generator).to(device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
         # Set by ``wrap_model`` when this linear shares its input with siblings; kept out of the
         # module tree (a plain attribute, not a submodule) so that state dicts do not change.
         self.__dict__["shared_input"] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.__dict__["shared_input"]
-        u = group.adapter_input(self, x) if group is not None else F.linear(self.dropout(x), self.lora_A)
+        if group is not None:
+            u = group.adapter_input(self, x)
+        else:
+            u = dropout_gemm(x, self.lora_A, self.dropout_p, self.training)
         return add_adapter(F.linear(x, self.weight, self.bias), u, self.lora_B, self.scale)
 
     # The MergeableLayer protocol (methods/base.py): what the shared ZeRO-exact merge needs.
@@ -93,7 +101,8 @@ class ReLoRALinear(nn.Module):
         return {"lora_A": new_a, "lora_B": new_b}
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
+        return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}, "
+                f"dropout={self.dropout_p:g}")
 
 
 def add_adapter(y: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

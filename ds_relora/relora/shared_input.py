@@ -1,11 +1,10 @@
 """One dropout and one adapter GEMM for ReLoRA linears that read the same input.
 
 q/k/v of a LLaMA attention block (and gate/up of its MLP) are called one after the other on the
-same tensor. Unfused, each keeps its own dropped copy of that input (plus a mask) for backward
-and runs its own r-wide GEMM; fused, the first member of the group to be called computes
+same tensor. Unfused, each draws its own mask and runs its own r-wide GEMM; fused, the first
+member of the group to be called computes
 
-    x_drop = dropout(x)                      # one mask, one saved copy for the whole group
-    U      = x_drop @ cat(A_q, A_k, A_v).T   # one GEMM, split into each member's r columns
+    U = dropout(x) @ cat(A_q, A_k, A_v).T    # one mask, one GEMM, split into each member's r columns
 
 and the others take their slice from the cache. Dropout semantics change slightly: the members
 see the *same* mask instead of independent ones. Each member's adapter still sees inputs dropped
@@ -14,9 +13,10 @@ strength are unchanged; only the correlation between q's, k's and v's noise diff
 models, whose single linear sees one dropped input, have exactly these semantics.)
 
 ZeRO-3 gathers a module's parameters in that module's own forward hook, so a sibling's ``lora_A``
-is not available when the first member runs. There the group shares the dropout only and every
-member runs its own A GEMM on the shared ``x_drop`` (the memory saving is kept; the GEMM fusion,
-a speed detail at r << h, is not).
+is not available when the first member runs. There the group shares the mask's seed only and
+every member runs its own dropout GEMM on its own input alias (the GEMM fusion, a speed detail at
+r << h, is lost; memory is the same, as no member saves a dropped copy, see ``dropout_gemm.py``).
+Under ``torch.compile`` the cache is bypassed: each member draws its own mask, as unfused.
 
 The cache is keyed on the input's memory (identity or alias), version, grad mode and train/eval,
 and is emptied once every member took its slice, so it holds nothing between forwards. Under
@@ -27,8 +27,9 @@ group, and draws the same mask because checkpoint restores the RNG state.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .dropout_gemm import draw_seed, dropout_gemm
 
 # Sibling names that are called on one shared tensor in HF LLaMA/Mistral/Qwen-style blocks.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -51,7 +52,7 @@ class SharedInput:
         self._x = None
         self._x_version = -1
         self._mode = None
-        self._x_drop = None
+        self._seed = None
         self._u = None
         self._served: set[int] = set()
 
@@ -68,12 +69,13 @@ class SharedInput:
 
     def _fill(self, member: nn.Module, x: torch.Tensor, mode: tuple) -> None:
         self._clear()
-        x_drop = member.dropout(x)
+        p, training = member.dropout_p, member.training
+        seed = draw_seed() if training and p > 0 else None
         a_params = [m.lora_A for m in self.members]
         if any(_is_zero3_partitioned(a) for a in a_params):
-            self._x_drop = x_drop  # ZeRO-3: only this member's A is gathered; share the dropout only
+            self._seed = seed  # ZeRO-3: only this member's A is gathered; share the mask only
         else:
-            u = F.linear(x_drop, torch.cat(a_params, dim=0))
+            u = dropout_gemm(x, torch.cat(a_params, dim=0), p, training, seed)
             self._u = u.split([a.shape[0] for a in a_params], dim=-1)
         self._x = x
         self._x_version = x._version
@@ -81,6 +83,10 @@ class SharedInput:
 
     def adapter_input(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``dropout(x) @ member.lora_A.T`` with the dropout (and GEMM) shared by the group."""
+        if torch.compiler.is_compiling():
+            # Identity and version checks of a Python-side cache break graphs: compiled, every
+            # member computes its own adapter input (its own mask, as unfused).
+            return dropout_gemm(x, member.lora_A, member.dropout_p, member.training)
         i = self._index[id(member)]
         mode = (torch.is_grad_enabled(), member.training)
         # A member called twice on the same tensor gets a fresh computation (a fresh mask), as
@@ -88,7 +94,10 @@ class SharedInput:
         if not self._valid_for(x, mode) or i in self._served:
             self._fill(member, x, mode)
         self._served.add(i)
-        u = self._u[i] if self._u is not None else F.linear(self._x_drop, member.lora_A)
+        if self._u is not None:
+            u = self._u[i]
+        else:
+            u = dropout_gemm(x, member.lora_A, member.dropout_p, member.training, self._seed)
         if len(self._served) == len(self.members):
             self._clear()
         return u
@@ -107,8 +116,7 @@ def link_shared_inputs(model: nn.Module) -> list[SharedInput]:
             if len(members) < 2:
                 continue
             first = members[0]
-            p = getattr(first.dropout, "p", 0.0)
-            if any(m.in_features != first.in_features or getattr(m.dropout, "p", 0.0) != p
+            if any(m.in_features != first.in_features or m.dropout_p != first.dropout_p
                    or m.lora_A.dtype != first.lora_A.dtype for m in members):
                 continue
             group = SharedInput(members)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..methods.base import default_param_groups
 from ..relora.schedule import JaggedCosine, make_scheduler
 
@@ -25,6 +26,24 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
         config=ds_config,
     )
     return engine
+
+
+def check_compile_backend(backend: str) -> None:
+    """Refuse a ``train.compile_backend`` torch.compile does not know, before any worker starts."""
+    from torch._dynamo import list_backends
+
+    known = sorted(set(list_backends(exclude_tags=())) | {"eager"})
+    if backend not in known:
+        raise ConfigError(f"train.compile_backend={backend!r} is not a torch.compile backend here: "
+                          f"use one of {', '.join(known)}")
+
+
+def compile_engine(engine, backend: str) -> None:
+    """``torch.compile`` the engine's module in place (``nn.Module.compile``: parameter names and
+    state dicts unchanged) through DeepSpeed, which keeps its ZeRO hooks out of the graphs.
+    Merges and resets write the same parameter tensors the graphs read, so they need no
+    recompile; eval mode compiles a second graph once."""
+    engine.compile(backend=backend, compile_kwargs={"dynamic": False})
 
 
 def release_engine(engine) -> None:

@@ -152,6 +152,10 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         raise ConfigError(
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be below train.total_steps={cfg.train.total_steps}"
         )
+    if cfg.train.compile:
+        from .engine import check_compile_backend
+
+        check_compile_backend(cfg.train.compile_backend)
     micro, accum, global_batch = batch_layout(cfg, world_size)
     meta = _read_data_meta(cfg.data.path)
     hf = build_hf_config(cfg, meta)

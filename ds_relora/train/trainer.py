@@ -33,7 +33,7 @@ from .checkpoint import agree_on_resume, load_checkpoint, optimizer_update_count
 from .state_io import load_weights, local_snapshot, restore_snapshot
 from . import elastic
 from .ds_config import zero_stage
-from .engine import build_engine, release_engine
+from .engine import build_engine, compile_engine, release_engine
 from .job_limits import REQUEUE_EXIT_CODE, JobLimits
 from .metrics import MetricsLogger
 from .phase_memory import PhaseMemory
@@ -112,6 +112,8 @@ class Trainer:
         self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps, schedule=schedule,
                                    groups=groups)
         _record_grad_norm_without_zero(self.engine)
+        if cfg.train.compile:
+            compile_engine(self.engine, cfg.train.compile_backend)
         if weights is not None:
             adapters = {id(t) for _, layer in self.modules for t in layer.adapter_params().values()}
             skip = {n for n, p in self.engine.module.named_parameters() if id(p) in adapters}
@@ -248,7 +250,8 @@ class Trainer:
         self._build_phase("adapters", self.step, snapshot=local_snapshot(self.engine))
         after = self.evaluate(probe)
         self.metrics.event("switch", self.step, to=self.cfg.train.method, probe_loss_before=before,
-                           probe_loss_after=after, params=self.params)
+                           probe_loss_after=after, params=self.params,
+                           compiled=bool(getattr(self.engine, "is_compiled", False)))
         self.metrics.info(f"step {self.step}: switched to {self.cfg.train.method} "
                           f"(trainable {human(self.params['trainable'])} of {human(self.params['total'])})")
         self._memory_phase("train adapters")
@@ -279,7 +282,8 @@ class Trainer:
         cfg, total = self.cfg, self.cfg.train.total_steps
         self.metrics.info(f"{cfg.train.method}: {human(self.params['total'])} params, "
                           f"{human(self.params['trainable'])} trainable, {self.world} rank(s), "
-                          f"ZeRO-{zero_stage(self.plan.ds_config)}, global batch {self.plan.global_batch} x {self.seq_len}")
+                          f"ZeRO-{zero_stage(self.plan.ds_config)}, global batch {self.plan.global_batch} x {self.seq_len}"
+                          + (f", torch.compile {cfg.train.compile_backend}" if cfg.train.compile else ""))
         last_eval = None
         device = self.engine.device
         while self.step < total:
