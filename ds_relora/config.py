@@ -217,8 +217,7 @@ class TrainConfig(Checked):
         from .train.job_limits import parse_duration
 
         parse_duration(self.time_limit, "train.time_limit")
-        self.require("compile_backend", bool(self.compile_backend.strip()),
-                     "must name a torch.compile backend: inductor, aot_eager or eager")
+        # compile_backend is checked against torch's backends by plan_run (it needs torch).
 
 
 @dataclasses.dataclass

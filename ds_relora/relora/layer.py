@@ -12,8 +12,8 @@ Linears that read the same input (q/k/v of attention, gate/up of the MLP) can sh
 ``lora_A``/``lora_B`` (names, shapes, merge and checkpoints unchanged).
 
 The dropout keeps no dropped copy of the input for backward (``dropout_gemm.py``): the backward
-redraws the mask from its seed, so with or without dropout an adapter saves only the input the
-base GEMM saves anyway, ``A x`` and ``A``.
+redraws the mask from its seed, so with or without dropout an adapter saves only its input (the
+tensor the full-rank layer saves for its weight gradient), ``A x`` and ``A``.
 """
 
 from __future__ import annotations
