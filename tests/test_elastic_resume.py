@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from distributed import run_workers
-from helpers import read_metrics, tiny_run_config, write_config
+from helpers import read_metrics, tiny_run_config, within_rel, write_config
 
 WORKER = "tests/workers/run_configs.py"
 pytestmark = pytest.mark.distributed
@@ -48,6 +48,6 @@ def test_elastic_resume_continues_the_uninterrupted_run(elastic_runs, target):
         # fp32: another split of the batch sums gradients in another order (~1e-7 relative per
         # step, compounding over the 10 steps after the resume); a lost moment, master or LR
         # position moves the loss by 1e-3 or more.
-        assert resumed[step] == pytest.approx(whole[step], rel=2e-5), (target, step)
+        assert within_rel(resumed[step], whole[step], 2e-5, "elastic resume"), (target, step)
     merges = lambda ev: [e["lr_index"] for e in ev if e["event"] == "merge"]  # noqa: E731
     assert merges(events) == merges(whole_events) == [16]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed import results, run_workers
+from helpers import within_abs
 from ds_relora.models import Shape, build_model, llama_config
 from ds_relora.relora import wrap_model
 from ds_relora.relora.dropout_gemm import draw_seed, dropout_gemm
@@ -203,12 +204,15 @@ def test_zero3_fused_trains_like_zero0_with_dropout(zero_runs):
     runs, _ = zero_runs
     ref = runs["z0-fused"]["losses"]
     assert ref[-1] < ref[0]
-    assert runs["z3-fused"]["losses"] == pytest.approx(ref, abs=1e-5)
+    assert len(runs["z3-fused"]["losses"]) == len(ref)
+    assert all(within_abs(a, b, 1e-5, "fused adapters ZeRO-3 vs 0") for a, b in zip(runs["z3-fused"]["losses"], ref))
 
 
 def test_zero3_fused_equals_unfused(zero_runs):
     runs, _ = zero_runs
-    assert runs["z3-fused-p0"]["losses"] == pytest.approx(runs["z3-unfused-p0"]["losses"], abs=1e-6)
+    assert len(runs["z3-fused-p0"]["losses"]) == len(runs["z3-unfused-p0"]["losses"]) > 0
+    pairs = zip(runs["z3-fused-p0"]["losses"], runs["z3-unfused-p0"]["losses"])
+    assert all(within_abs(a, b, 1e-6, "fused vs unfused, ZeRO-3") for a, b in pairs)
 
 
 def test_zero3_replicated_base_trains_identically_and_stays_consistent(zero_runs):
@@ -216,4 +220,6 @@ def test_zero3_replicated_base_trains_identically_and_stays_consistent(zero_runs
     rep = [r for r in every if r["name"] == "z3-replicate"]
     assert all(r["replicated"] == 2 * 7 for r in rep), "every frozen W of both layers kept gathered"
     assert all(r["gathered_ok"] for r in rep), "gathered W and its shard agree after steps and the merge"
-    assert runs["z3-replicate"]["losses"] == pytest.approx(runs["z3-fused"]["losses"], abs=1e-5)
+    assert len(runs["z3-replicate"]["losses"]) == len(runs["z3-fused"]["losses"]) > 0
+    pairs = zip(runs["z3-replicate"]["losses"], runs["z3-fused"]["losses"])
+    assert all(within_abs(a, b, 1e-5, "replicated base vs sharded, ZeRO-3") for a, b in pairs)

@@ -166,7 +166,12 @@ def test_mora_bad_input_is_one_line():
 
 
 def load_galore_adamw():
-    """galore-torch's ``AdamW`` without its package ``__init__`` (which imports bitsandbytes)."""
+    """galore-torch's ``AdamW`` without its package ``__init__`` (which imports bitsandbytes).
+
+    One documented difference: its SVD's signs follow :func:`galore.canonical_signs` (galore-torch
+    keeps whatever LAPACK returns). Its SVD itself (fp32, LAPACK) is untouched. GaLore keeps C's
+    moments across projector updates, so the signs are part of the trajectory: without this,
+    reference and ours would agree only where LAPACK happens to pick the canonical signs."""
     spec = importlib.util.find_spec("galore_torch")
     if spec is None:
         pytest.skip("galore-torch is not installed (pip install '.[test]')")
@@ -178,7 +183,24 @@ def load_galore_adamw():
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
+    sys.modules["_galore_reference.galore_projector"].torch = _TorchWithCanonicalSVD("torch")
     return module.AdamW
+
+
+def _canonical_svd(a, full_matrices=True):
+    u, s, vh = torch.linalg.svd(a, full_matrices=full_matrices)
+    u, vh = gl.canonical_signs(u, vh)
+    return u, s, vh
+
+
+class _TorchWithCanonicalSVD(types.ModuleType):
+    """``torch`` as the reference projector module sees it: all of torch, but ``linalg.svd``
+    returns canonical signs."""
+
+    linalg = types.SimpleNamespace(svd=_canonical_svd)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 class Net(nn.Module):
@@ -295,9 +317,49 @@ def test_galore_probe_gradient_is_the_weight_gradient():
     loss_fn(plain, batch).backward()
     grads = gl.full_gradients(model, layers, [batch, batch], loss_fn)
     for name, layer in layers:
+        assert grads[name].dtype == torch.float64  # summed in fp64: the same G in any grouping
+        grads[name] = grads[name].float()
         torch.testing.assert_close(grads[name], 2 * getattr(plain, name).weight.grad, rtol=1e-5, atol=1e-7)
         assert layer.galore_C.grad is None  # the probe touches no parameter gradient
         assert layer.side == ("left" if layer.out_features < layer.in_features else "right")
+
+
+def test_galore_projector_has_canonical_signs():
+    g = torch.Generator().manual_seed(3)
+    for shape in ((20, 12), (12, 20), (16, 16)):
+        grad = torch.randn(shape, generator=g)
+        rows = gl.projector(grad, RANK)
+        rows = rows if shape[0] >= shape[1] else rows.T  # one singular vector per row
+        u, s, vh = torch.linalg.svd(grad.double(), full_matrices=False)
+        plain = vh[:RANK] if shape[0] >= shape[1] else u[:, :RANK].T
+        assert rows.dtype == torch.float32
+        torch.testing.assert_close(rows.double().abs(), plain.abs(), rtol=0, atol=1e-6)
+        assert (rows.gather(1, rows.abs().argmax(1, keepdim=True)) > 0).all(), (shape, rows)
+        # An SVD routine that returns the opposite signs gives the same bits; u S vh is kept.
+        flipped, kept = gl.canonical_signs(-u, -vh), gl.canonical_signs(u, vh)
+        assert torch.equal(flipped[0], kept[0]) and torch.equal(flipped[1], kept[1])
+        torch.testing.assert_close(kept[0] * s @ kept[1], grad.double())
+
+
+def test_galore_gradient_sum_does_not_depend_on_the_micro_batch_order():
+    # 1 rank sums micro-batches 0, 1, 2; 3 ranks reduce them in another order. In fp32 the two
+    # sums differ in their last bits (and the SVD may then choose another basis); in fp64 they
+    # are the same bits.
+    torch.manual_seed(0)
+    model, data = Net(), _data()
+    layers = []
+    for name in NAMES:
+        layer = gl.GaLoreLinear(getattr(model, name), RANK, SCALE, name)
+        setattr(model, name, layer)
+        layers.append((name, layer))
+    batches = [(x * 1e3 ** k, y) for k, (x, y) in enumerate(data[:3])]  # magnitudes far apart
+    ab = gl.full_gradients(model, layers, batches, loss_fn)
+    ba = gl.full_gradients(model, layers, batches[::-1], loss_fn)
+    for name in NAMES:
+        assert torch.equal(ab[name], ba[name]), name
+        assert torch.equal(gl.projector(ab[name], RANK), gl.projector(ba[name], RANK))
+    parts = [gl.full_gradients(model, layers, [b], loss_fn)["l2"].float() for b in batches]
+    assert not torch.equal((parts[0] + parts[1]) + parts[2], (parts[2] + parts[1]) + parts[0])  # fp32 would
 
 
 def test_galore_eps_and_bad_rank():

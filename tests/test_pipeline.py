@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distributed import run_workers
-from helpers import read_metrics, tiny_run_config, write_config
+from helpers import read_metrics, tiny_run_config, within_rel, write_config
 
 WORKER = "tests/workers/run_configs.py"
 pytestmark = pytest.mark.distributed
@@ -76,7 +76,7 @@ def test_stages_agree_on_the_same_run(method_runs):
     for stage in (1, 2, 3):
         other = method_runs[("relora", stage)][0]
         for step in ref:
-            assert other[step] == pytest.approx(ref[step], rel=1e-5), (stage, step)
+            assert within_rel(other[step], ref[step], 1e-5, "relora 2 ranks, ZeRO 1-3 vs 0"), (stage, step)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,10 @@ What galore-torch's ``GaLoreAdamW`` does and how we reproduce it (checked agains
   multiple of ``update_proj_gap``, from *this* step's gradient, ``torch.linalg.svd(G,
   full_matrices=False)`` in fp32: ``Q = Vh[:r]`` when ``m >= n``, else ``P = U[:, :r]``. We take
   G from a probe forward/backward on the step's micro-batches (:func:`full_gradients`), merge
-  ``W0 += s P C``, zero C and install the new projector, then run the normal step;
+  ``W0 += s P C``, zero C and install the new projector, then run the normal step. Unlike
+  galore-torch, G is summed and all-reduced in fp64, the SVD runs in fp64 and its signs are
+  canonical (:func:`projector`): the projector is then a function of the global batch, not of
+  the world size, the ZeRO stage or the CPU's kernels;
 * the Adam moments live in the projected shape and are kept across updates (C's moments are
   kept: nothing to do), the step counter goes on;
 * its Adam is HF's old AdamW: ``p -= lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps)``, eps *inside*
@@ -59,10 +62,36 @@ def side_of(out_features: int, in_features: int) -> str:
     return "right" if out_features >= in_features else "left"
 
 
+def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, vh)`` of an SVD with each singular pair's sign fixed: the singular vector on the
+    smaller side (a row of ``vh`` when m >= n, else a column of ``u``: the one GaLore keeps) gets
+    its largest-magnitude entry positive; its partner is flipped with it, so ``u S vh`` is kept.
+
+    Why: an SVD's signs are arbitrary, and LAPACK's choice follows the last bits of the input
+    and the kernel that ran. GaLore keeps C's Adam moments across projector updates, so a flipped
+    vector turns the kept momentum of that row against its gradient: two runs whose gradients
+    differ in the 8th digit (another world size, another CPU) then follow two trajectories. The
+    largest entry's sign changes only where two entries tie in magnitude, which the 8th digit
+    does not reach in practice."""
+    basis = vh if u.shape[0] >= vh.shape[1] else u.mT
+    top = basis.abs().argmax(dim=1, keepdim=True)
+    signs = torch.where(basis.gather(1, top) < 0, -1.0, 1.0).to(basis.dtype).squeeze(1)
+    return u * signs, vh * signs[:, None]
+
+
 def projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
-    """GaLore's projector of gradient ``grad`` (m x n): ``Vh[:r]`` if m >= n else ``U[:, :r]`` (fp32 SVD)."""
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    return vh[:rank].contiguous() if grad.shape[0] >= grad.shape[1] else u[:, :rank].contiguous()
+    """GaLore's projector of gradient ``grad`` (m x n): ``Vh[:r]`` if m >= n else ``U[:, :r]``, fp32.
+
+    The SVD runs in float64 and the signs are canonical (:func:`canonical_signs`): with the fp64
+    gradient of :func:`full_gradients`, the same G gives the same projector bits on any number of
+    ranks and any ZeRO stage, and a G that differs in its last fp32 bits (another CPU's kernels)
+    gives a projector that differs in its last bits, not another basis (unless singular values
+    r and r+1 coincide, where no method can choose). galore-torch runs the SVD in fp32 and keeps
+    LAPACK's signs; the oracle tests give its SVD the same sign rule."""
+    u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
+    u, vh = canonical_signs(u, vh)
+    keep = vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]
+    return keep.float().contiguous()
 
 
 def adam_eps(update: int, eps: float, beta2: float, grad_scale: float = 1.0) -> float:
@@ -140,11 +169,16 @@ class GaLoreLinear(nn.Module):
 
 
 def full_gradients(model: nn.Module, layers: list[tuple[str, nn.Module]], micro_batches, loss_fn) -> dict[str, torch.Tensor]:
-    """Each layer's full weight gradient ``G = sum_mb dY^T X`` (fp32) at the current weights.
+    """Each layer's full weight gradient ``G = sum_mb dY^T X`` (float64) at the current weights.
 
     A probe forward/backward per micro-batch; ``torch.autograd.grad`` w.r.t. the layers' outputs
     only, so no parameter's ``.grad`` (and none of DeepSpeed's gradient hooks) is touched. Only
-    the direction of G matters (its SVD), so the micro-batch losses are simply summed."""
+    the direction of G matters (its SVD), so the micro-batch losses are simply summed.
+
+    Each micro-batch's ``dY^T X`` is an fp32 GEMM; the sum over micro-batches (and the
+    all-reduce over ranks after it) is in fp64, where a sum of a few fp32 values is exact unless
+    their exponents lie ~29 binades apart. So the same micro-batches give the same G bits in any
+    order and grouping: 1 rank x 2 micro-batches, 2 ranks x 1, any ZeRO stage."""
     grads = {name: None for name, _ in layers}
     inputs, outputs = {}, {}
 
@@ -165,8 +199,8 @@ def full_gradients(model: nn.Module, layers: list[tuple[str, nn.Module]], micro_
                 if dy is None:
                     continue
                 x = inputs[name]
-                g = dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
-                grads[name] = g if grads[name] is None else grads[name] + g
+                g = (dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()).double()
+                grads[name] = g if grads[name] is None else grads[name].add_(g)
     finally:
         for h in handles:
             h.remove()
@@ -197,7 +231,7 @@ def _update_projectors(engine, layers, grads: dict[str, torch.Tensor], rank: int
     """For every layer, in the same order on every rank: ``W0 += s P C`` through the shared
     ZeRO-exact merge (this rank's rows of W0 only on ZeRO-3), C = 0 in the module and the master
     (its Adam moments are kept, as galore-torch keeps them), then the new projector from the
-    all-reduced gradient, computed on rank 0 and broadcast so every rank holds the same one."""
+    all-reduced (fp64) gradient, computed on rank 0 and broadcast so every rank holds the same one."""
     import torch.distributed as dist
 
     from ..relora.merge import merge_layer
@@ -205,7 +239,8 @@ def _update_projectors(engine, layers, grads: dict[str, torch.Tensor], rank: int
     for name, layer in layers:
         g = grads.pop(name)
         dist.all_reduce(g)
-        new = projector(g, rank) if dist.get_rank() == 0 else torch.empty(layer.galore_proj.shape, device=g.device)
+        new = projector(g, rank) if dist.get_rank() == 0 else torch.empty(layer.galore_proj.shape, device=g.device,
+                                                                         dtype=torch.float32)
         del g
         dist.broadcast(new, 0)
         merge_layer(engine, layer, None)
