@@ -32,7 +32,7 @@ from ..checkpoint_format import open_weights
 from .checkpoint import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
 from .state_io import load_weights, local_snapshot, restore_snapshot
 from . import elastic
-from .ds_config import zero_stage
+from .ds_config import compute_dtype, zero_stage
 from .engine import build_engine, compile_engine, release_engine
 from .job_limits import REQUEUE_EXIT_CODE, JobLimits
 from .metrics import MetricsLogger
@@ -164,6 +164,8 @@ class Trainer:
             "phase_offset": self.phase_offset, "relora_start": self.relora_start,
             "method": self.cfg.train.method, "world_size": self.world,
             "zero_stage": zero_stage(self.plan.ds_config),
+            # What `ds-relora eval` autocasts to on a GPU: the precision the run computed in.
+            "compute_dtype": str(compute_dtype(self.plan.ds_config)).removeprefix("torch."),
             "lora_scale": None, **(self.method.meta(self.cfg) if adapters else {}),
             "consumed_samples": self.iterator.state_dict()["consumed_samples"],
             "tokens_seen": self.tokens_seen, **self._layout(),
