@@ -86,7 +86,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_model, load_any_model
+    from .evaluate import eval_device_and_dtype, evaluate_model, load_any_model, run_dtype
     from .weights import META, read_meta
 
     if args.tasks:
@@ -111,8 +111,10 @@ def cmd_eval(args) -> int:
         )
     if not data or not seq_len:
         raise UserError(f"eval of the exported model {folder} needs --data <prepared folder> and --seq-len N")
-    result = evaluate_model(load_any_model(folder), data, int(seq_len), args.batch_size, args.max_batches)
-    print(json.dumps(result))
+    device, dtype = eval_device_and_dtype(args.device, args.dtype, run_dtype(folder))
+    result = evaluate_model(load_any_model(folder), data, int(seq_len), args.batch_size, args.max_batches,
+                            device=device, dtype=dtype)
+    print(json.dumps({**result, "device": str(device), "dtype": str(dtype).replace("torch.", "")}))
     return 0
 
 
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int)
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype of the forward; auto: the run's precision on CUDA, float32 on the CPU")
     add_task_args(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("export", help="write a merged HF model (safetensors) from a checkpoint")

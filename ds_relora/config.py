@@ -33,7 +33,7 @@ class ModelConfig(Checked):
     name_or_path: Optional[str] = doc(None, "HF hub name or local folder of a causal-LM config/checkpoint to continue pre-training from, instead of a preset")
     from_pretrained: bool = doc(False, "with name_or_path: load its weights (true) or only its config with fresh weights (false)")
     max_position_embeddings: Optional[int] = doc(None, "model context length; default: data.seq_len")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc("auto", "attention kernel: auto = flash-attn if installed and on a GPU, else PyTorch SDPA")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc("auto", "attention kernel: auto = flash-attn on a GPU in bf16/fp16 when it imports, else PyTorch SDPA")
     init_std: float = doc(0.02, "std of the normal init of linear and embedding weights")
 
     SECTION = "model"

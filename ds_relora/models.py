@@ -96,12 +96,36 @@ def control_shape(shape: Shape, vocab_size: int, rank: int) -> Shape:
     return best
 
 
-def resolve_attn_implementation(requested: str) -> str:
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def flash_attn_importable() -> bool:
+    """Whether ``flash_attn`` really imports here. ``find_spec`` also finds a wheel built for
+    another torch or CUDA, whose extension then fails to load (undefined symbols)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError / OSError of a mismatched binary, RuntimeError from its CUDA setup
+        return False
+    return True
+
+
+def resolve_attn_implementation(requested: str, compute_dtype: torch.dtype | None = None) -> str:
+    """The attention kernel for ``model.attn_implementation``. ``auto``: flash-attn for a bf16 or
+    fp16 forward on CUDA when it imports (its kernels take only those dtypes), else SDPA.
+    ``compute_dtype`` None means what ``bf16: auto`` resolves to on this machine."""
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install 'ds_relora[gpu]' or use sdpa")
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if not torch.cuda.is_available():
+        return "sdpa"
+    if compute_dtype is None:
+        from .train.ds_config import bf16_available
+
+        compute_dtype = torch.bfloat16 if bf16_available() else torch.float32
+    if compute_dtype in HALF_DTYPES and flash_attn_importable():
         return "flash_attention_2"
     return "sdpa"
 

@@ -143,3 +143,23 @@ def test_validation_batches_small_split():
     with pytest.raises(DataError) as e:
         validation_batches(ids_dataset(1), 8, 10, 0, 2)
     one_line_error(e, "fewer than the 2 ranks", "val_fraction")
+
+
+def test_prefetched_steps_equal_the_iterator_and_its_state_counts_trained_steps():
+    from ds_relora.train.prefetch import StepPrefetcher
+
+    ref = DistributedBatchIterator(ids_dataset(50), 2, 3, 1, 2, seed=7)
+    it = DistributedBatchIterator(ids_dataset(50), 2, 3, 1, 2, seed=7)
+    prefetch = StepPrefetcher(it)
+    try:
+        for _ in range(6):  # past an epoch end (50 samples, 12 per step)
+            got = prefetch.next_step(torch.device("cpu"))
+            assert [torch.equal(a, b) for a, b in zip(got, ref.next_step())] == [True] * 3
+            # The next step is being read, but a checkpoint taken now resumes at the next step.
+            assert it.state_dict() == ref.state_dict()
+        ref.load_state_dict({"consumed_samples": 12})  # a resume moves the iterator: the prefetch follows
+        it.load_state_dict({"consumed_samples": 12})
+        got = prefetch.next_step("cpu")
+        assert all(torch.equal(a, b) for a, b in zip(got, ref.next_step()))
+    finally:
+        prefetch.close()

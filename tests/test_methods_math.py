@@ -409,3 +409,96 @@ def test_registered_methods_validate_wrap_and_fold():
         get_method("mora").wrap(Net(), _cfg(mora={"rank": 64}, relora={"target_modules": ["l1"]}), 0)
     # mora.rank / galore.rank default to relora.rank: one rank for a method comparison.
     assert get_method("mora").wrap(Net(), _cfg(relora={"rank": 2, "target_modules": ["l2"]}), 0)[0][1].r_hat == 9
+
+
+class _CountCos(torch.overrides.TorchFunctionMode):
+    """Counts cos evaluations: only the rope rotation tables compute one."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.cos, torch.Tensor.cos):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_mora_rope_tables_are_built_once_per_pattern_device_and_dtype():
+    torch.manual_seed(0)
+    d, k = 40, 24
+    base = nn.Linear(k, d)
+    layer = mora.MoRALinear(base, rank=1, kind="rope", seed=5, name="q_proj")
+    with torch.no_grad():
+        layer.mora_M.normal_()
+    x = torch.randn(2, 3, k)
+    m = layer.mora_M.detach()
+    want = nn.functional.linear(x, base.weight + mora.delta_weight(m.double(), (d, k), "rope", 0, seed=5).float(), base.bias)
+    count = _CountCos()
+    with count:
+        first = layer(x)
+    built = count.calls
+    assert built > 0, "the rope forward must evaluate its rotation tables"
+    with count:
+        for _ in range(3):  # every layer's forward of every later step reuses them
+            again = layer(x)
+        layer.delta_rows({"mora_M": m}, 0, d)  # the merge, same device and dtype
+    assert count.calls == built
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, first)
+    with count:
+        layer.delta_rows({"mora_M": m.double()}, 0, d)  # another dtype: its own tables, once
+        layer.delta_rows({"mora_M": m.double()}, 0, d)
+    assert count.calls == 2 * built
+    layer.switch_pattern()  # a new pattern builds its own
+    with count:
+        layer(x)
+        layer(x)
+    assert count.calls == 3 * built
+
+
+GALORE_ZERO3_BF16 = r"""
+import json, os
+import torch
+from ds_relora.config import RunConfig
+from ds_relora.config_base import from_dict
+from ds_relora.methods import get_method
+from ds_relora.models import PRESETS, build_model, llama_config
+from ds_relora.worker import init_distributed
+
+init_distributed()
+ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+      "bf16": {"enabled": True}, "zero_optimization": {"stage": int(os.environ["STAGE"])}}
+model = build_model(llama_config(PRESETS["tiny"], 64, 16), seed=0, ds_config=ds)
+cfg = from_dict(RunConfig, {"galore": {"rank": 4}, "relora": {"target_modules": ["q_proj", "down_proj"]}})
+layers = get_method("galore").wrap(model, cfg, seed=1)
+print("RESULT " + json.dumps({"weights": sorted({str(l.weight.dtype) for _, l in layers}),
+                              "proj": sorted({str(l.galore_proj.dtype) for _, l in layers})}), flush=True)
+os._exit(0)
+"""
+
+
+def test_galore_projector_is_fp32_under_zero3_bf16_init():
+    from distributed import results, run_workers
+
+    (res,) = results(run_workers(["-c", GALORE_ZERO3_BF16], 1, timeout=240, env={"STAGE": "3"}))
+    assert res["weights"] == ["torch.bfloat16"], "the model must really be built partitioned in bf16"
+    # fp32 as on ZeRO 0-2 (DeepSpeed keeps buffers fp32 there): merges and elastic resumes
+    # between stages then use the same projector values.
+    assert res["proj"] == ["torch.float32"]
+
+
+def test_galore_projector_dtype_follows_the_activation_in_forward():
+    torch.manual_seed(0)
+    layer = gl.GaLoreLinear(nn.Linear(12, 20).double(), 3, SCALE)
+    assert layer.galore_proj.dtype == torch.float64, "an fp64 model keeps an fp64 projector"
+    layer = gl.GaLoreLinear(nn.Linear(12, 20).bfloat16(), 3, SCALE)
+    assert layer.galore_proj.dtype == torch.float32
+    with torch.no_grad():
+        layer.galore_proj.normal_()
+        layer.galore_C.normal_()
+    x = torch.randn(2, 12, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    want = nn.functional.linear(x, layer.weight) + SCALE * (x @ layer.galore_proj.bfloat16().t() @ layer.galore_C.t())
+    torch.testing.assert_close(y, want + layer.bias, rtol=2e-2, atol=2e-2)

@@ -192,15 +192,25 @@ class DistributedBatchIterator:
 
     def next_step(self) -> list[torch.Tensor]:
         """``grad_accum_steps`` tensors ``[micro, seq_len]`` of this rank for the next optimizer step."""
+        batches = self.batches_at(self.consumed_samples)
+        self.advance()
+        return batches
+
+    def batches_at(self, consumed_samples: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of the step that starts at stream position ``consumed_samples``,
+        without moving the iterator (a prefetch reads the next step while the state that a
+        checkpoint saves still says where this one started)."""
         share = self.micro_batch_size * self.grad_accum_steps
-        indices = self.sample_indices(self.consumed_samples + self.rank * share, share)
+        indices = self.sample_indices(consumed_samples + self.rank * share, share)
         micro = self.micro_batch_size
-        batches = [
+        return [
             torch.stack([self.dataset[i] for i in indices[m * micro:(m + 1) * micro]])
             for m in range(self.grad_accum_steps)
         ]
+
+    def advance(self) -> None:
+        """Count one optimizer step's global batch as consumed."""
         self.consumed_samples += self.global_batch_size
-        return batches
 
     def state_dict(self) -> dict:
         return {

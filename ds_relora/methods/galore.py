@@ -123,12 +123,16 @@ class GaLoreLinear(nn.Module):
             proj_shape, c_shape = (self.out_features, rank), (rank, self.in_features)
         else:
             proj_shape, c_shape = (rank, self.in_features), (self.out_features, rank)
-        self.register_buffer("galore_proj", torch.zeros(proj_shape, device=device, dtype=dtype))
+        # At least fp32 whatever W's dtype: under ZeRO-3's zero.Init with bf16, W is already bf16
+        # here, while on ZeRO 0-2 W is still fp32 and DeepSpeed keeps buffers fp32. One projector
+        # precision on every stage keeps merges and elastic resumes between stages exact.
+        proj_dtype = torch.promote_types(dtype, torch.float32)
+        self.register_buffer("galore_proj", torch.zeros(proj_shape, device=device, dtype=proj_dtype))
         self.galore_C = nn.Parameter(torch.zeros(c_shape, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        # A buffer: DeepSpeed's bf16 casts parameters, and under ZeRO-3 not the buffers.
+        # The projector stays fp32 (see __init__); the GEMMs run in the activations' dtype.
         proj = self.galore_proj.to(x.dtype)
         if self.side == "left":
             low = F.linear(F.linear(x, self.galore_C), proj)

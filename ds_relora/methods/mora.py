@@ -99,17 +99,35 @@ class Pattern:
         else:
             self.blocks = -(-in_features // r_hat)       # n = ceil(k / r̂)
             self.out_pos = self.perm_out % (self.blocks * r_hat)  # truncation / cyclic repeat
+        self._rotations: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rotation(self, dtype, device):
-        """cos and sin (n, r̂) of the block rotations R_b; the unpaired odd coordinate gets cos 1, sin 0."""
-        half = self.r // 2
-        theta = ROPE_BASE ** (-2.0 * torch.arange(half, dtype=torch.float64) / self.r)
-        angle = torch.arange(self.blocks, dtype=torch.float64)[:, None] * theta[None, :]
-        cos = torch.ones(self.blocks, self.r, dtype=torch.float64)
-        sin = torch.zeros(self.blocks, self.r, dtype=torch.float64)
-        cos[:, :half], cos[:, half:2 * half] = angle.cos(), angle.cos()
-        sin[:, :half], sin[:, half:2 * half] = angle.sin(), angle.sin()
-        return cos.to(device, dtype), sin.to(device, dtype)
+        """cos and sin (n, r̂) of the block rotations R_b; the unpaired odd coordinate gets cos 1, sin 0.
+
+        Cached per (device, dtype): every layer's forward needs them, and building them (fp64 on
+        the CPU, then a host-to-device copy that waits for the GPU) per call stalled each step."""
+        key = (torch.device(device), dtype)
+        tables = self._rotations.get(key)
+        if tables is None:
+            # A table first built inside inference_mode (an eval) must still serve training forwards.
+            with torch.inference_mode(False):
+                cos, sin = rotation_tables(self.blocks, self.r)
+                tables = (cos.to(device, dtype), sin.to(device, dtype))
+            self._rotations[key] = tables
+        return tables
+
+
+def rotation_tables(blocks: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 cos and sin (blocks, r) of the rope compression: angle ``b * θ_c`` on pairs (c, c + r/2)."""
+    half = r // 2
+    theta = ROPE_BASE ** (-2.0 * torch.arange(half, dtype=torch.float64) / r)
+    angle = torch.arange(blocks, dtype=torch.float64)[:, None] * theta[None, :]
+    cos = torch.ones(blocks, r, dtype=torch.float64)
+    sin = torch.zeros(blocks, r, dtype=torch.float64)
+    c, s = angle.cos(), angle.sin()
+    cos[:, :half], cos[:, half:2 * half] = c, c
+    sin[:, :half], sin[:, half:2 * half] = s, s
+    return cos, sin
 
 
 def _rotate_half(t: torch.Tensor, r: int) -> torch.Tensor:

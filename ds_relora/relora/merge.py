@@ -24,7 +24,7 @@ import torch
 
 from .layer import base_delta, reinit_values  # noqa: F401  (re-exported: ReLoRA's ΔW and re-init)
 from .optim_reset import reset_generator, reset_moments
-from .zero_state import _partition_rank, get_master, is_zero3_param, set_master, set_module_value
+from .zero_state import _partition_rank, get_master, is_zero3_param, set_master, set_module_value, shard_writes
 
 RowsFn = Callable[[int, int, torch.device], torch.Tensor]  # (row0, row1, device) -> fp32 rows of ΔW
 
@@ -90,11 +90,13 @@ def merge_layer(engine, layer, generator: torch.Generator | None) -> dict[str, t
     params = layer.adapter_params()
     values = {k: get_master(engine, p) for k, p in params.items()}
     source = next(iter(values.values())).device
-    add_delta_rows(layer.weight, lambda r0, r1, device: layer.delta_rows(_on(values, device), r0, r1), source)
     # Made next to the masters; the writes below copy to each copy's own device.
     new = layer.reset_values(values, generator)
+    with shard_writes(layer.weight, *params.values()):
+        add_delta_rows(layer.weight, lambda r0, r1, device: layer.delta_rows(_on(values, device), r0, r1), source)
+        for key, p in params.items():
+            set_module_value(p, new[key])
     for key, p in params.items():
-        set_module_value(p, new[key])
         set_master(engine, p, new[key])
     return new
 

@@ -14,6 +14,8 @@ the stage, so that callers never see DeepSpeed's flat partitions:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -67,6 +69,22 @@ def set_module_value(p, value: torch.Tensor) -> None:
             p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
     else:
         p.data.copy_(value.reshape(p.shape).to(p.dtype))
+
+
+@contextlib.contextmanager
+def shard_writes(*params):
+    """Around in-place writes to ZeRO-3 shards (``ds_tensor``) outside DeepSpeed's hooks: a
+    merge, a projector update. ZeRO-3 gathers (and, with parameter offload, copies shards from
+    pinned host memory) on its own CUDA stream, which is not ordered after the current stream's
+    kernels: wait for whatever reads the shards before writing them, and for the writes before
+    the next forward's prefetch reads them. Merges are rare, so two device syncs cost nothing
+    measurable; without CUDA in use there is nothing to order."""
+    sync = torch.cuda.is_initialized() and any(is_zero3_param(p) for p in params)
+    if sync:
+        torch.cuda.synchronize()
+    yield
+    if sync:
+        torch.cuda.synchronize()
 
 
 def _z3_local_slice(p, value: torch.Tensor) -> torch.Tensor:

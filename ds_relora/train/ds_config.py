@@ -156,5 +156,19 @@ def check_zero3_frozen_base(cfg: RunConfig, zero: dict) -> None:
                           "stay in host memory while the gathered copy lives on the GPU): use partition or no offload")
 
 
+def compute_dtype(ds: dict) -> torch.dtype:
+    """The dtype a resolved DeepSpeed config runs the forward in (bf16/fp16 params, or torch
+    autocast over fp32 params, as ``relora.keep_base_fp32`` sets up); fp32 otherwise."""
+    if ds.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled") is True:
+        # torch's own default for CUDA autocast when the config names no dtype.
+        return getattr(torch, str(autocast.get("dtype", "float16")).replace("torch.", ""))
+    return torch.float32
+
+
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -93,7 +93,9 @@ class JobLimits:
         import torch
         import torch.distributed as dist
 
-        code = torch.tensor([self.local_code(step)], dtype=torch.int32, device=device)
+        # torch.full fills on the device from a kernel argument; torch.tensor([...], device=cuda)
+        # would copy from pageable host memory, which waits for every queued kernel.
+        code = torch.full((1,), self.local_code(step), dtype=torch.int32, device=device)
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
         return code
 

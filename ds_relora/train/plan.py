@@ -62,10 +62,12 @@ def _load_hf_config(name_or_path: str):
         ) from None
 
 
-def build_hf_config(cfg: RunConfig, meta: dict):
+def build_hf_config(cfg: RunConfig, meta: dict, compute_dtype=None):
+    """The model's HF config; ``compute_dtype`` (the resolved DeepSpeed config's) decides what
+    ``attn_implementation: auto`` picks."""
     vocab = int(meta["vocab_size"])
     seq_len = cfg.data.seq_len
-    attn = resolve_attn_implementation(cfg.model.attn_implementation)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, compute_dtype)
     if cfg.model.name_or_path:
         hf = _load_hf_config(cfg.model.name_or_path)
         hf._attn_implementation = attn
@@ -144,7 +146,7 @@ def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int]:
 
 
 def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
-    from .ds_config import zero_stage
+    from .ds_config import compute_dtype, zero_stage
 
     ds = build_ds_config(cfg, world_size)
     adapters, merges, start = check_relora(cfg, zero_stage(ds))
@@ -158,7 +160,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
         check_compile_backend(cfg.train.compile_backend)
     micro, accum, global_batch = batch_layout(cfg, world_size)
     meta = _read_data_meta(cfg.data.path)
-    hf = build_hf_config(cfg, meta)
+    hf = build_hf_config(cfg, meta, compute_dtype(ds))
     if adapters and cfg.train.method in ("lora", "relora"):
         dims = [getattr(hf, k, None) for k in ("hidden_size", "intermediate_size")]
         limit = min(d for d in dims if d) if any(dims) else None

@@ -32,11 +32,12 @@ from ..checkpoint_format import open_weights
 from .checkpoint import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
 from .state_io import load_weights, local_snapshot, restore_snapshot
 from . import elastic
-from .ds_config import zero_stage
+from .ds_config import compute_dtype, zero_stage
 from .engine import build_engine, compile_engine, release_engine
 from .job_limits import REQUEUE_EXIT_CODE, JobLimits
 from .metrics import MetricsLogger
 from .phase_memory import PhaseMemory
+from .prefetch import StepPrefetcher
 from .plan import plan_run
 
 
@@ -61,9 +62,11 @@ class Trainer:
         self.val_data = PackedDataset(cfg.data.path, "validation", self.seq_len)
         val = validation_batches(self.val_data, self.plan.micro_batch, cfg.train.eval_batches, self.rank, self.world)
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
-        count = torch.tensor(len(val), device=comm_device())
+        count = torch.full((), len(val), device=comm_device())
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
-        self.val_batches = val[: int(count)]
+        # Pinned once (CUDA): every eval then copies them without blocking.
+        pin = comm_device().type == "cuda"
+        self.val_batches = [b.pin_memory() if pin else b for b in val[: int(count)]]
         self.tokenizer_dir = Path(cfg.data.path) / "tokenizer"
         self.engine = None
         self.controller = None
@@ -143,7 +146,7 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros((), device=self.engine.device)
         for b in batches:
-            b = b.to(self.engine.device)
+            b = b.to(self.engine.device, non_blocking=True)
             total += self.engine(input_ids=b, labels=b).loss.float()
         self.engine.train()
         return _all_reduce_mean(total / max(1, len(batches)), self.world).item()
@@ -164,6 +167,8 @@ class Trainer:
             "phase_offset": self.phase_offset, "relora_start": self.relora_start,
             "method": self.cfg.train.method, "world_size": self.world,
             "zero_stage": zero_stage(self.plan.ds_config),
+            # What `ds-relora eval` autocasts to on a GPU: the precision the run computed in.
+            "compute_dtype": str(compute_dtype(self.plan.ds_config)).removeprefix("torch."),
             "lora_scale": None, **(self.method.meta(self.cfg) if adapters else {}),
             "consumed_samples": self.iterator.state_dict()["consumed_samples"],
             "tokens_seen": self.tokens_seen, **self._layout(),
@@ -270,11 +275,13 @@ class Trainer:
         self._memory_phase(f"train {self.phase}")
         limits = JobLimits(cfg.train, self.step)
         limits.install_signal_handlers()
+        self.prefetch = StepPrefetcher(self.iterator)
         try:
             result = self._loop(limits)
             self._memory_phase(None)
             return result
         finally:
+            self.prefetch.close()
             limits.restore_signal_handlers()
             self.metrics.close()
 
@@ -293,11 +300,10 @@ class Trainer:
             lr_used = self.engine.get_lr()[0]  # this step's update runs at it; the scheduler steps after
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
-            batches = self.iterator.next_step()
+            batches = self.prefetch.next_step(device)  # on the device already; the next step is being read
             pre_event = self.method.before_step(self.engine, self.engine.lr_scheduler.last_epoch, batches) \
                 if self.phase == "adapters" else None
             for mb in batches:
-                mb = mb.to(device)
                 loss = self.engine(input_ids=mb, labels=mb).loss
                 self.engine.backward(loss)
                 self.engine.step()

@@ -23,8 +23,9 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[2]
-AUDITED = [str(REPO / "ds_relora" / "train" / "trainer.py"), str(REPO / "ds_relora" / "device.py"),
-           str(REPO / "ds_relora" / "relora") + os.sep]
+STEP_LOOP = [str(REPO / "ds_relora" / "train" / f) for f in ("trainer.py", "prefetch.py", "job_limits.py")] \
+    + [str(REPO / "ds_relora" / "device.py")]
+AUDITED = STEP_LOOP + [str(REPO / "ds_relora" / "relora") + os.sep]
 FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand, torch.randn,
              torch.randint, torch.randperm, torch.eye, torch.linspace}
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
@@ -39,6 +40,7 @@ class DeviceAudit(TorchFunctionMode):
         super().__init__()
         self.deviceless = Counter()
         self.host_reads = Counter()
+        self.blocking_copies = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -52,7 +54,23 @@ class DeviceAudit(TorchFunctionMode):
                     self.deviceless[where] += 1
                 if func in HOST_READS:
                     self.host_reads[where] += 1
+                if path in STEP_LOOP and _blocking_host_copy(func, args, kwargs):
+                    self.blocking_copies[where] += 1
         return func(*args, **kwargs)
+
+
+def _blocking_host_copy(func, args, kwargs) -> bool:
+    """A host tensor sent to a device without ``non_blocking`` (on a GPU: a copy from pageable
+    memory that waits for every queued kernel), or ``torch.tensor(data, device=...)``, which is
+    one. On the CPU the target is the CPU too, so any device target counts."""
+    if func in (torch.tensor, torch.as_tensor):
+        return kwargs.get("device") is not None
+    if func not in (torch.Tensor.to, torch.Tensor.cuda) or not isinstance(args[0], torch.Tensor) \
+            or args[0].device.type != "cpu":
+        return False
+    target = func is torch.Tensor.cuda or "device" in kwargs or \
+        any(isinstance(a, (torch.device, str)) for a in args[1:2])
+    return target and kwargs.get("non_blocking") is not True
 
 
 def run_train(config: str) -> dict:
@@ -62,7 +80,8 @@ def run_train(config: str) -> dict:
     with audit:
         rc = worker.main(["--config", config])
     return {"part": "train", "rank": int(os.environ["RANK"]), "rc": rc,
-            "deviceless": dict(audit.deviceless), "host_reads": dict(audit.host_reads)}
+            "deviceless": dict(audit.deviceless), "host_reads": dict(audit.host_reads),
+            "blocking_copies": dict(audit.blocking_copies)}
 
 
 def run_checks(offload: bool) -> dict:
