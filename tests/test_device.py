@@ -225,3 +225,21 @@ def test_gpu_check_smoke_runs_the_same_path_on_cpu(prepared_data, tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in pair["rows"])
     assert res["attention"] == "sdpa" and res["ok"]
     assert res["compile"] == "aot_eager" and "ZeRO-2, compiled aot_eager" in proc.stdout
+
+
+def test_init_draws_the_same_values_under_a_device_redirect():
+    # The GPU check builds its model inside ``with torch.device("cuda")``, which sends bare
+    # factories (torch.empty) to the GPU but leaves the CPU generator where it is. ``meta`` stands
+    # for that GPU here: the values must still come from the CPU generator, equal to a plain init.
+    from ds_relora.models import build_model, init_weights, llama_config, preset_shape
+
+    model = build_model(llama_config(preset_shape("tiny"), 64, 16), seed=3)
+    plain = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.data.zero_()
+    with torch.device(META):
+        init_weights(model, 3, 0.02)
+    for n, p in model.named_parameters():
+        assert p.device.type == "cpu"
+        if "norm" not in n:  # norms keep their (zeroed here) constructor values
+            assert torch.equal(p.detach(), plain[n]), n
