@@ -208,12 +208,16 @@ def init_weights(model, seed: int, std: float) -> None:
             name = f"{module_name}.{key}" if module_name else key
             shape = full_shape(p)
             if key == "weight":
-                value = torch.empty(shape).normal_(0.0, std, generator=_param_generator(seed, name))
+                gen = _param_generator(seed, name)
+                # Drawn on the generator's device (CPU) whatever device context the model is built
+                # under: a CUDA normal_ rejects a CPU generator, and a CUDA generator would draw
+                # other values than a CPU-built model of the same seed.
+                value = torch.empty(shape, device=gen.device).normal_(0.0, std, generator=gen)
                 pad = getattr(module, "padding_idx", None)
                 if pad is not None:
                     value[pad].zero_()
             else:
-                value = torch.zeros(shape)
+                value = torch.zeros(shape, device=p.device)
             set_module_value(p, value.to(p.device))
 
 

@@ -1,46 +1,83 @@
 #!/usr/bin/env bash
 # One-command GPU check on one NVIDIA GPU machine, no network needed:
-#   bash scripts/gpu_check.sh [--peak-tflops 989] [any ds_relora.gpu_check option]
-# Installs the wheels that scripts/prepare_gpu_wheels.sh put into .whl/ (DeepSpeed, pydantic,
-# ...) into a private folder, keeping the machine's own torch/transformers, then runs
-# `python -m ds_relora.gpu_check` under an 8-minute limit: bf16 ReLoRA runs on ZeRO 0/2/3/3+offload
-# (merge, reset, checkpoint, resume), the attention kernel, and the full-vs-relora throughput pair
-# (tokens/s, MFU, peak memory). Prints a results block; writes $OUT/gpu_check.json when OUT is set.
+#   bash scripts/gpu_check.sh [any ds_relora.gpu_check option, e.g. --peak-tflops 989 --compile inductor]
+# Installs ds_relora as a wheel (built from this checkout when setuptools can, else the one in
+# .whl/ from scripts/prepare_gpu_wheels.sh) with --no-deps into a private folder, plus DeepSpeed,
+# pydantic, ... from .whl/ when the machine lacks them (its own torch and transformers are kept),
+# then runs `python -m ds_relora.gpu_check` from an empty folder, so the installed wheel is what
+# is checked. Planned for 6 minutes on one H100/H200 (GPU_CHECK_LIMIT_S=360, install included):
+# bf16 relora/remora/galore runs on ZeRO 0/2/3/3+offload (merge, reset, checkpoint, resume), then
+# the full-vs-relora throughput pairs (tokens/s, MFU, peak memory, attention kernel that ran);
+# a part that would not fit in the time left is skipped. gpu_check.json is rewritten after every
+# part in $OUT (default: gpu_check_out/ in the checkout), so a timeout keeps what ran.
 # Exit status: 0 all passed, 1 a run failed, 2 setup problem, 124 over the time limit.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-WHEELS=${WHEELS:-.whl}
+WHEELS=$(cd "$HERE" && mkdir -p "${WHEELS:-.whl}" && cd "${WHEELS:-.whl}" && pwd)
 SITE=${DS_RELORA_SITE:-/tmp/ds_relora_site}
-LIMIT=${GPU_CHECK_LIMIT_S:-470}
+LIMIT=${GPU_CHECK_LIMIT_S:-360}
+export OUT=${OUT:-$HERE/gpu_check_out}
 started=$(date +%s)
 
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "error: no CUDA GPU visible to $PY (torch.cuda.is_available() is False): run this on the GPU machine" >&2
   exit 2
 fi
-# Install only when something is missing; --no-deps keeps the machine's torch and transformers.
+shopt -s nullglob
+# The dependencies only when something is missing; --no-deps keeps the machine's torch and transformers.
 if ! "$PY" -c 'import deepspeed, pydantic, hjson' >/dev/null 2>&1 \
    && ! PYTHONPATH="$SITE" "$PY" -c 'import deepspeed, pydantic, hjson' >/dev/null 2>&1; then
-  shopt -s nullglob
-  wheels=("$WHEELS"/*.whl)
-  if [ ${#wheels[@]} -eq 0 ]; then
-    echo "error: DeepSpeed is not installed and $WHEELS/ holds no wheels: run scripts/prepare_gpu_wheels.sh on a networked machine first and bring $WHEELS/ along" >&2
+  deps=()
+  for w in "$WHEELS"/*.whl; do [[ $(basename "$w") == ds_relora-* ]] || deps+=("$w"); done
+  if [ ${#deps[@]} -eq 0 ]; then
+    echo "error: DeepSpeed is not installed and $WHEELS/ holds no wheels: run scripts/prepare_gpu_wheels.sh on a networked machine first and bring .whl/ along" >&2
     exit 2
   fi
-  echo "installing ${#wheels[@]} wheel(s) from $WHEELS/ into $SITE"
-  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "${wheels[@]}"
+  echo "installing ${#deps[@]} dependency wheel(s) from $WHEELS/ into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "${deps[@]}"
 fi
-# The checkout first (its ds_relora, benchmarks/ and ds_configs/), then the installed wheels.
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# ds_relora itself: a fresh wheel of this checkout (the .whl/ one may predate local changes).
+fresh=$(mktemp -d)
+if [ -f "$HERE/pyproject.toml" ] \
+   && "$PY" -m pip wheel -q --no-index --no-deps --no-build-isolation "$HERE" -w "$fresh" >/dev/null 2>&1; then
+  own=("$fresh"/ds_relora-*.whl)
+else
+  own=("$WHEELS"/ds_relora-*.whl)
+fi
+if [ ${#own[@]} -eq 0 ]; then
+  echo "error: no ds_relora wheel: this checkout did not build (needs setuptools>=77) and $WHEELS/ has none: run scripts/prepare_gpu_wheels.sh" >&2
+  exit 2
+fi
+echo "installing ${own[-1]#"$fresh"/} into $SITE"
+"$PY" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "${own[-1]}"
+rm -rf "$fresh"
+
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export DS_ACCELERATOR=cuda TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/ds_relora_torch_ext}
-"$PY" -c 'import deepspeed, torch; print(f"deepspeed {deepspeed.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}")'
+empty=$(mktemp -d)
+cd "$empty"  # nothing of the checkout is importable from here
+"$PY" - "$SITE" <<'EOF' || exit 2
+import os, sys
+
+import deepspeed, torch
+
+import ds_relora
+
+where = os.path.dirname(ds_relora.__file__)
+if not where.startswith(os.path.realpath(sys.argv[1])) and not where.startswith(sys.argv[1]):
+    sys.exit(f"error: ds_relora was imported from {where}, not the wheel in {sys.argv[1]}: unset PYTHONPATH entries that shadow it")
+print(f"ds_relora {ds_relora.__version__} ({where}), deepspeed {deepspeed.__version__}, torch {torch.__version__}, "
+      f"{torch.cuda.get_device_name(0)}")
+EOF
 left=$((LIMIT - ($(date +%s) - started)))
 [ "$left" -ge 60 ] || left=60  # (timeout 0 would mean no limit at all)
 rc=0
-timeout --signal=TERM --kill-after=10 "$left" "$PY" -m ds_relora.gpu_check "$@" || rc=$?
+# The check plans its parts 20 s inside the hard limit; a later --budget-s of the caller wins.
+timeout --signal=TERM --kill-after=10 "$left" "$PY" -m ds_relora.gpu_check --budget-s $((left - 20)) "$@" || rc=$?
 if [ "$rc" -eq 124 ]; then
-  echo "error: the GPU check ran past its ${LIMIT}s limit (GPU_CHECK_LIMIT_S)" >&2
+  echo "error: the GPU check ran past its ${LIMIT}s limit (GPU_CHECK_LIMIT_S); $OUT/gpu_check.json has the parts that finished" >&2
 fi
+echo "results: $OUT/gpu_check.json"
 exit "$rc"
