@@ -5,7 +5,10 @@ HF config (``hf_config_file``).
 
 A checkpoint is ``checkpoints/step-N/``. It is complete when its ``meta.json`` exists, parses,
 has this ``format_version`` and its ``files`` manifest (size and a hash of every other file)
-matches the folder. ``meta.json`` is written last, after every file of the folder (written by
+matches the folder. Format 4 hashes each *whole* file (xxh3-128), computed while the file is
+written (:class:`HashingFile`, :class:`~ds_relora.tensor_files.StreamingWriter`): a byte flipped
+in the middle of a 10 GB shard is caught without the save reading anything back. Formats 2-3
+hashed the size and the first and last 4 MiB; they are still verified that way. ``meta.json`` is written last, after every file of the folder (written by
 any rank) and the folder itself were fsynced, so a crash never leaves a ``meta.json`` that
 points at unwritten data.
 
@@ -17,6 +20,7 @@ place. A crash between the two renames leaves two complete folders under other n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,13 +30,14 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Format 3 writes the weights and the moments as Hugging Face sharded sets, each shard by the rank
 # that holds it; formats 1 and 2 had one file of each, written by rank 0 (and format 2 is resumed
 # as well). Format 1 had no manifest or data fingerprint: its weights can still be read
-# (eval/export/spectrum/warm start), it cannot be resumed.
-WEIGHTS_READABLE_VERSIONS = (1, 2, 3)
-RESUMABLE_VERSIONS = (2, 3)
+# (eval/export/spectrum/warm start), it cannot be resumed. Format 4 is format 3 with whole-file
+# hashes in the manifest.
+WEIGHTS_READABLE_VERSIONS = (1, 2, 3, 4)
+RESUMABLE_VERSIONS = (2, 3, 4)
 META = "meta.json"
 # Every parameter by its HF name in fp32 (the optimizer's masters of the trainable ones, frozen W,
 # adapters and adapter buffers): ``model-0000k-of-0000n.safetensors`` + its index, with
@@ -47,7 +52,9 @@ MOMENTS_SET = "optimizer"
 CONSOLIDATED, OPTIMIZER_FP32, LEGACY_HF_CONFIG = "model_fp32.safetensors", "optimizer_fp32.safetensors", "hf_config.json"
 STAGING, REPLACED = ".saving", ".replaced"
 STEP_FOLDER = re.compile(r"^step-(\d+)(\.saving|\.replaced)?$")
-_HASH_ENDS = 4 << 20  # bytes hashed at each end of a file: whole small files, ends of big ones
+_HASH_ENDS = 4 << 20  # formats 2-3: bytes hashed at each end of a file
+WHOLE_HASH = "xxh3_128"  # format 4's manifest key: the hash of every byte of the file
+_READ_CHUNK = 8 << 20
 
 
 def read_meta(folder: str | Path, *, for_resume: bool = False) -> dict:
@@ -156,9 +163,58 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 # ----------------------------------------------------------------------------- manifest
+def _new_hash():
+    # xxh3-128 (xxhash, a dependency of datasets): ~10x blake2b's speed, so hashing every byte
+    # costs a save and a resume little next to the disk; 128 bits leave no realistic collision.
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+class HashingFile:
+    """A binary file object that hashes and counts every byte written through it: the save's
+    whole-file hash without reading the file back. Deliberately has no ``fileno`` (so that
+    ``torch.save`` writes through :meth:`write`, not around it)."""
+
+    def __init__(self, raw):
+        self.raw, self.hash, self.size = raw, _new_hash(), 0
+        self.error: OSError | None = None  # torch.save reports a failed write as a RuntimeError
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.hash.update(view)
+        self.size += view.nbytes
+        done = 0
+        try:
+            while done < view.nbytes:  # a nearly full disk takes part of a write, then refuses
+                n = self.raw.write(view[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def record(self) -> dict:
+        return {"size": self.size, WHOLE_HASH: self.hash.hexdigest()}
+
+
+def whole_file_hash(path: Path) -> str:
+    h = _new_hash()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_READ_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
 def file_digest(path: Path) -> str:
-    """sha256 of the size and of the first and last 4 MiB (the whole file when smaller): catches
-    truncation, zeroed or unwritten blocks at the ends, and a swapped file; cheap on big shards."""
+    """Formats 2-3: sha256 of the size and of the first and last 4 MiB (the whole file when smaller)."""
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -169,37 +225,101 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_manifest(folder: Path) -> dict[str, dict]:
-    """{relative path: {size, sha256_ends}} of every file under ``folder`` but ``meta.json``."""
+def file_manifest(folder: Path, streamed: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{relative path: {size, xxh3_128}} of every file under ``folder`` but ``meta.json``. The
+    hashes in ``streamed`` (taken while the files were written, by whichever rank wrote them) are
+    used as they are; only the files written without one (configs, indexes, tokenizer, DeepSpeed's
+    recovery scripts: small) are read here."""
     folder = Path(folder)
+    streamed = streamed or {}
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel != META:
-            out[rel] = {"size": path.stat().st_size, "sha256_ends": file_digest(path)}
+        if rel == META:
+            continue
+        size = path.stat().st_size
+        # A streamed record whose size disagrees with the disk keeps its own size: verification
+        # then reports the file as damaged instead of a manifest that blesses what is there.
+        out[rel] = streamed.get(rel) or {"size": size, WHOLE_HASH: whole_file_hash(path)}
     return out
 
 
-def write_meta(folder: Path, meta: dict) -> None:
+def write_meta(folder: Path, meta: dict, streamed: dict[str, dict] | None = None) -> None:
     """Write ``meta.json`` last: format version and the manifest of the (already fsynced) files."""
-    meta = {**meta, "format_version": FORMAT_VERSION, "files": file_manifest(folder)}
+    meta = {**meta, "format_version": FORMAT_VERSION, "files": file_manifest(folder, streamed)}
     write_atomic(Path(folder) / META, json.dumps(meta, indent=2))
 
 
-def verify(folder: Path, meta: dict, *, hashes: bool = True) -> str | None:
-    """What is wrong with a checkpoint folder against its manifest, or None when it is intact."""
-    for rel, expected in (meta.get("files") or {}).items():
+def _hash_problem(folder: Path, rel: str, expected: dict) -> str | None:
+    path = Path(folder) / rel
+    if WHOLE_HASH in expected:
+        ok = whole_file_hash(path) == expected[WHOLE_HASH]
+    elif "sha256_ends" in expected:
+        ok = file_digest(path) == expected["sha256_ends"]
+    else:
+        return f"{rel} has no hash in {META}"
+    return None if ok else f"{rel} does not match its hash in {META}"
+
+
+def verify(folder: Path, meta: dict, *, hashes: bool = True, only: set[str] | None = None) -> str | None:
+    """What is wrong with a checkpoint folder against its manifest, or None when it is intact.
+    ``hashes=False`` checks presence and sizes only; ``only`` hashes just those files (a rank's share)."""
+    files = meta.get("files") or {}
+    for rel, expected in files.items():
         path = Path(folder) / rel
         if not path.is_file():
             return f"{rel} is missing"
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{rel} has {size} bytes, {META} says {expected['size']}"
-        if hashes and file_digest(path) != expected["sha256_ends"]:
-            return f"{rel} does not match its hash in {META}"
-    if not meta.get("files"):
+    if not files:
         return f"{META} lists no files"
+    if hashes:
+        for rel, expected in files.items():
+            if only is None or rel in only:
+                problem = _hash_problem(folder, rel, expected)
+                if problem:
+                    return problem
     return None
+
+
+_RANK_FILE = re.compile(r"(?:^rng_rank|^zero_pp_rank_|/zero_pp_rank_)(\d+)[._]")
+
+
+def verify_share(meta: dict, rank: int, world: int) -> set[str]:
+    """The files of a checkpoint that ``rank`` hashes on resume: its own per-rank files (its RNG,
+    its ZeRO partition: the bytes it reads itself), and an about equal share by bytes of the
+    shared ones. Every file is hashed by exactly one rank, so verifying costs each rank about
+    1/world of the checkpoint."""
+    files = meta.get("files") or {}
+    load = [0] * world
+    owner: dict[str, int] = {}
+    shared = []
+    for rel, entry in files.items():
+        m = _RANK_FILE.search(rel)
+        if m and int(m.group(1)) < world:
+            owner[rel] = int(m.group(1))
+            load[owner[rel]] += entry["size"]
+        else:
+            shared.append(rel)
+    for rel in sorted(shared, key=lambda r: (-files[r]["size"], r)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owner[rel] = r
+        load[r] += files[rel]["size"]
+    return {rel for rel, r in owner.items() if r == rank}
+
+
+def expected_checkpoint_bytes(module) -> int:
+    """About what one checkpoint of ``module`` takes on disk: every parameter in fp32 (weights
+    set), the trainable ones' two Adam moments (moments set), and DeepSpeed's state of the
+    trainable ones (fp32 master, two moments, the module's copy): 4 N + 24 T bytes, an upper
+    bound (DeepSpeed's module copy is bf16 on bf16 runs)."""
+    total = trainable = 0
+    for p in module.parameters():
+        n = int(getattr(p, "ds_numel", 0) or p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return 4 * total + 24 * trainable
 
 
 def check_complete(folder: Path, *, hashes: bool = True) -> dict:
@@ -208,6 +328,17 @@ def check_complete(folder: Path, *, hashes: bool = True) -> dict:
     problem = verify(folder, meta, hashes=hashes)
     if problem:
         raise CheckpointError(f"{folder} is damaged ({problem}): pick another step-N folder")
+    return meta
+
+
+def check_intact(folder: Path) -> dict:
+    """For eval/export/spectrum: the meta of a readable checkpoint whose files all match their
+    hashes (format 1 has no manifest: nothing to check); CheckpointError naming the file."""
+    meta = read_meta(folder)
+    if meta.get("files"):
+        problem = verify(folder, meta)
+        if problem:
+            raise CheckpointError(f"{folder} is damaged ({problem}): pick another step-N folder")
     return meta
 
 

@@ -57,9 +57,11 @@ def streaming_token_budget(cfg) -> int | None:
 def cmd_train(args) -> int:
     from .train.checkpoint import write_atomic
     from .config import dump_config
+    from .disk import check_free_space, check_writable
     from .launch import build_launch, exec_plan
+    from . import run_lock
     from .train.checkpoint import resolve_resume
-    from .train.plan import check_resume_fits, plan_run
+    from .train.plan import check_resume_fits, expected_save_bytes, plan_run
 
     cfg = _load(args)
     if args.resume:
@@ -67,21 +69,37 @@ def cmd_train(args) -> int:
     world = cfg.launch.num_nodes * cfg.launch.num_gpus
     plan = plan_run(cfg, world)  # every check that needs no worker, before any worker starts
     run_dir = Path(cfg.train.run_dir)
-    resume = resolve_resume(cfg.train.resume, run_dir)
+    # Meta and sizes here; the ranks hash the files (each its share) before they load them.
+    resume = resolve_resume(cfg.train.resume, run_dir, hashes=False)
     if resume is not None:
         check_resume_fits(cfg, plan, resume)
     resolved = run_dir / "config.yaml"
     launch = build_launch(cfg.launch, ["--config", str(resolved)], strict=not args.dry_run)
+    # A read-only or full run_dir fails here, in one line, not at the first checkpoint.
+    check_writable(run_dir, "train.run_dir")
+    warning = check_free_space(run_dir, expected_save_bytes(cfg, plan), "train.run_dir")
+    if warning:
+        print(warning, file=sys.stderr)
     if args.dry_run:
         print(launch.describe())
+        print(f"run folder lock ({run_dir / run_lock.LOCK_NAME}): {run_lock.state(run_dir)}")
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything is written: a second run on this folder stops here, naming the first.
+    lock = run_lock.acquire(run_dir)
     write_atomic(resolved, dump_config(cfg))
+    if lock is not None:
+        launch = build_launch(cfg.launch, ["--config", str(resolved), "--run-lock", lock.token])
     if launch.in_process:
         os.environ.update(launch.env)
         from .worker import main as worker_main
 
-        return worker_main(["--config", str(resolved)])
+        try:
+            return worker_main(launch.commands[-1][launch.commands[-1].index("--config"):])
+        finally:
+            if lock is not None:
+                lock.release()
+    if lock is not None:
+        lock.keep_across_exec()  # the launcher (same pid after exec) holds it until the run ends
     return exec_plan(launch)
 
 
@@ -249,12 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Where each command writes, for a disk error's fix.
+_WRITES_TO = {"prepare-data": "--out (or data.path)", "train": "train.run_dir", "export": "--out"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from .disk import disk_error, is_disk_error
+
+        if not is_disk_error(exc):
+            raise
+        print(f"error: {disk_error(exc, setting=_WRITES_TO.get(args.command, 'the output folder'))}", file=sys.stderr)
         return 2
 
 

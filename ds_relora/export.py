@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -11,15 +12,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint_format import fsync_dir, fsync_tree, hf_config_file, public_mode
+from .checkpoint_format import check_intact, fsync_dir, fsync_tree, hf_config_file, public_mode
 from .errors import CheckpointError
-from .weights import iter_effective_weights, read_meta
+from .weights import iter_effective_weights
 
 
 def _checkpoint_config(folder: Path):
     from transformers import AutoConfig
 
-    read_meta(folder)
+    check_intact(folder)  # every file against its hash in meta.json: damage is one line, never a model
     return AutoConfig.from_pretrained(str(hf_config_file(folder)))
 
 
@@ -137,6 +138,11 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     for stale in out.parent.glob(out.name + ".tmp-export*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp, aside = out.with_name(f"{out.name}.tmp-export.{tag}"), out.with_name(f"{out.name}.tmp-export-old.{tag}")
+    from .disk import check_free_space, disk_error, is_disk_error
+    from .tensor_files import nbytes
+
+    needed = sum(nbytes(shape, torch_dtype) for shape in _expected_shapes(config).values())
+    check_free_space(out.parent, needed, "--out", what="the export")
     try:
         tmp.mkdir()
         _write_weights(folder, config, tmp, torch_dtype, max_shard_bytes)
@@ -157,6 +163,14 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
             os.rename(out, aside)
         os.rename(tmp, out)
         fsync_dir(out.parent)
+    except Exception as exc:
+        # safetensors reports a failed write as its own error type, with the OS error code in the text.
+        code = re.search(r"code: (\d+)", str(exc)) if not isinstance(exc, OSError) else None
+        if code:
+            exc = OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp))
+        if is_disk_error(exc):
+            raise disk_error(exc, tmp, needed=needed, setting="--out") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(aside, ignore_errors=True)

@@ -45,10 +45,15 @@ def nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
 class StreamingWriter:
     """One safetensors file whose tensors (names, dtypes, shapes declared up front) are written in
     that order, each as soon as it exists; the header is written first. The file appears under its
-    name only once complete (``close``: fsync, then rename)."""
+    name only once complete (``close``: fsync, then rename). Every byte is hashed as it is written;
+    ``close`` puts the file's size and hash in ``digests`` under its name (for the manifest)."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None,
+                 digests: dict | None = None):
+        from .checkpoint_format import HashingFile
+
         self.path = Path(path)
+        self.digests = digests
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.order = [name for name, _, _ in entries]
         self.spec = {name: (dtype, tuple(int(d) for d in shape)) for name, dtype, shape in entries}
@@ -64,7 +69,8 @@ class StreamingWriter:
         self.total = offset
         self.next = 0
         self.file = open(self.tmp, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.out = HashingFile(self.file)
+        self.out.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.next >= len(self.order) or self.order[self.next] != name:
@@ -75,7 +81,7 @@ class StreamingWriter:
         if tuple(t.shape) != shape:
             raise RuntimeError(f"{self.path.name}: {name} has shape {tuple(t.shape)}, declared {shape}")
         if t.numel():
-            self.file.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self.out.write(t.reshape(-1).view(torch.uint8).numpy())
         self.next += 1
 
     def close(self) -> None:
@@ -88,9 +94,14 @@ class StreamingWriter:
 
         public_mode(self.tmp)
         os.replace(self.tmp, self.path)
+        if self.digests is not None:
+            self.digests[self.path.name] = self.out.record()
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # flushing the buffer fails again on a full disk; the file goes anyway
+            pass
         self.tmp.unlink(missing_ok=True)
 
 

@@ -121,24 +121,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_relora.worker")
     parser.add_argument("--config", required=True, help="resolved run config (written by ds-relora train)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    # The id of the run-folder lock held by the `ds-relora train` that started this worker;
+    # without it (a worker started by hand) rank 0 takes the lock itself.
+    parser.add_argument("--run-lock", default=None, help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
     from .config import load_config
+    from .disk import disk_error, is_disk_error
     from .errors import UserError
 
+    lock = None
     try:
         cfg = load_config(args.config)
         from .quiet import quiet_worker
 
         quiet_worker()
         init_distributed()
+        from .run_lock import hold_in_workers, mark_released
         from .train.trainer import Trainer
 
+        lock = hold_in_workers(cfg.train.run_dir, args.run_lock)
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
-        return Trainer(cfg).run().get("exit_code", 0)
+        code = Trainer(cfg).run().get("exit_code", 0)
+        if args.run_lock and os.environ.get("RANK", "0") == "0":
+            mark_released(cfg.train.run_dir, args.run_lock)
+        return code
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        print(f"error: {disk_error(exc, setting='train.run_dir')}", file=sys.stderr)
+        return 2
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -291,7 +291,7 @@ def test_format_version_is_checked(runs, tmp_path):
 
     folder = _copy_ckpt(runs, tmp_path)
     meta = json.loads((folder / "meta.json").read_text())
-    for version, words in ((4, "upgrade ds_relora"), (1, "warm_start_from"), (None, "not written by")):
+    for version, words in ((5, "upgrade ds_relora"), (1, "warm_start_from"), (None, "not written by")):
         (folder / "meta.json").write_text(json.dumps({**meta, "format_version": version}))
         with pytest.raises(CheckpointError, match=words) as exc:
             read_meta(folder, for_resume=True)

@@ -297,3 +297,17 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
                     f"{folder} has adapters with {dotted}={theirs} but this run sets {ours}: resume with the same "
                     f"{dotted}, or use another train.run_dir"
                 )
+
+
+def expected_save_bytes(cfg: RunConfig, plan: RunPlan) -> int:
+    """About what one checkpoint of this run takes on disk (its largest phase's), for the free
+    space check before launch: the model is built on the meta device (no memory)."""
+    from ..checkpoint_format import expected_checkpoint_bytes
+
+    model = _meta_model(plan.hf_config)
+    full_phase = not plan.adapters or (plan.relora_start > 0 and not cfg.relora.warm_start_from)
+    if not full_phase:
+        from ..methods import get_method
+
+        get_method(cfg.train.method).wrap(model, cfg, seed=cfg.train.seed)
+    return expected_checkpoint_bytes(model)

@@ -44,9 +44,13 @@ def _buffer_value(buf: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_state(engine, folder: Path, *, with_moments: bool) -> dict[str, list[str]]:
+def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | None = None,
+                errors: list | None = None) -> dict[str, list[str]]:
     """Collective: write the weights set (and the moments set) into ``folder``; returns the
-    shard files this rank wrote. Rank 0 writes the two index files."""
+    shard files this rank wrote. Rank 0 writes the two index files. Each shard's size and hash
+    go into ``digests``. With ``errors`` given, a disk error (no space, read-only) is appended
+    there and this rank stops writing but keeps taking part in the gathers: a rank that left
+    them would hang the others; the caller agrees on the errors afterwards."""
     from ..methods import adapter_buffers
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -62,45 +66,85 @@ def write_state(engine, folder: Path, *, with_moments: bool) -> dict[str, list[s
     shard_of = {owner: i for i, owner in enumerate(sorted(set(owners)))}
     count = len(shard_of)
     mine = [i for i, o in enumerate(owners) if o == rank]
+    from ..disk import is_disk_error
+
     writers: dict[str, StreamingWriter] = {}
     written = {WEIGHTS: [], MOMENTS_SET: []}
-    if mine:
-        name = shard_name(WEIGHTS, shard_of[rank], count)
-        writers[WEIGHTS] = StreamingWriter(folder / name, [weight_entries[i] for i in mine], {"format": "pt"})
-        written[WEIGHTS].append(name)
-        own_moments = [e for i in mine for e in moment_entries[i]]
-        if own_moments:
-            name = shard_name(MOMENTS_SET, shard_of[rank], count)
-            writers[MOMENTS_SET] = StreamingWriter(folder / name, own_moments, {"format": "pt"})
-            written[MOMENTS_SET].append(name)
+    failed = []
+    try:
+        if mine:
+            name = shard_name(WEIGHTS, shard_of[rank], count)
+            writers[WEIGHTS] = StreamingWriter(folder / name, [weight_entries[i] for i in mine], {"format": "pt"}, digests)
+            written[WEIGHTS].append(name)
+            own_moments = [e for i in mine for e in moment_entries[i]]
+            if own_moments:
+                name = shard_name(MOMENTS_SET, shard_of[rank], count)
+                writers[MOMENTS_SET] = StreamingWriter(folder / name, own_moments, {"format": "pt"}, digests)
+                written[MOMENTS_SET].append(name)
+    except OSError as exc:
+        if errors is None or not is_disk_error(exc):
+            raise
+        exc.filename = exc.filename or str(folder)
+        failed.append(exc)
+        for w in writers.values():
+            w.abort()
+
+    def put(key: str, name: str, value: torch.Tensor) -> None:
+        if failed:
+            return
+        try:
+            writers[key].write(name, value)
+        except OSError as exc:
+            if errors is None or not is_disk_error(exc):
+                raise
+            exc.filename = exc.filename or str(writers[key].path)
+            failed.append(exc)
+            for w in writers.values():  # its temp files go: the space is what ran out
+                if not w.file.closed:
+                    w.abort()
+
     try:
         for i, (name, p) in enumerate(params):
             keep = owners[i] == rank
             value = _full_value(engine, p, keep)
             if keep:
-                writers[WEIGHTS].write(name, value)
+                put(WEIGHTS, name, value)
             del value
             for key_name, _, _ in moment_entries[i]:
                 moment = get_moment(engine, p, key_name.rsplit(".", 1)[1])
                 if keep:
-                    writers[MOMENTS_SET].write(key_name, moment if moment is not None else torch.zeros(full_shape(p)))
+                    put(MOMENTS_SET, key_name, moment if moment is not None else torch.zeros(full_shape(p)))
                 del moment
         for i, (name, buf) in enumerate(buffers, start=len(params)):
             if owners[i] == rank:
-                writers[WEIGHTS].write(name, _buffer_value(buf))
-        for w in writers.values():
-            w.close()
-    except BaseException:
+                put(WEIGHTS, name, _buffer_value(buf))
+        if not failed:
+            for w in writers.values():
+                w.close()
+    except BaseException as exc:
         for w in writers.values():
             if not w.file.closed:
                 w.abort()
-        raise
+        if errors is not None and is_disk_error(exc):
+            exc.filename = exc.filename or str(folder)
+            failed.append(exc)
+        else:
+            raise
+    if failed:
+        errors.append(failed[0])
+        return written
     if rank == 0:
-        for prefix, entries in ((WEIGHTS, [[e] for e in weight_entries]), (MOMENTS_SET, moment_entries)):
-            weight_map = {n: shard_name(prefix, shard_of[owners[i]], count) for i, group in enumerate(entries) for n, _, _ in group}
-            if weight_map:
-                total = sum(nbytes(s, d) for group in entries for _, d, s in group)
-                write_index(folder, prefix, weight_map, total)
+        try:
+            for prefix, entries in ((WEIGHTS, [[e] for e in weight_entries]), (MOMENTS_SET, moment_entries)):
+                weight_map = {n: shard_name(prefix, shard_of[owners[i]], count) for i, group in enumerate(entries) for n, _, _ in group}
+                if weight_map:
+                    total = sum(nbytes(s, d) for group in entries for _, d, s in group)
+                    write_index(folder, prefix, weight_map, total)
+        except OSError as exc:
+            if errors is None or not is_disk_error(exc):
+                raise
+            exc.filename = exc.filename or str(folder)
+            errors.append(exc)
     return written
 
 
