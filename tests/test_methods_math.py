@@ -4,6 +4,7 @@ GaLore as a frozen-projection adapter checked against galore-torch's own GaLoreA
 import copy
 import importlib.util
 import math
+import re
 import sys
 import types
 
@@ -347,3 +348,18 @@ def test_registered_methods_validate_wrap_and_fold():
         get_method("mora").wrap(Net(), _cfg(mora={"rank": 64}, relora={"target_modules": ["l1"]}), 0)
     # mora.rank / galore.rank default to relora.rank: one rank for a method comparison.
     assert get_method("mora").wrap(Net(), _cfg(relora={"rank": 2, "target_modules": ["l2"]}), 0)[0][1].r_hat == 9
+
+
+@pytest.mark.parametrize("method, rank, needle", [
+    ("galore", 100, "set galore.rank between 1 and 12"),
+    ("galore", 60, "set galore.rank between 1 and 12"),
+    ("mora", 40, "set mora.rank to at most 2"),
+    ("mora", 30, "set mora.rank to at most 2"),
+])
+def test_rank_error_gives_the_bound_of_all_layers(method, rank, needle):
+    # The first wrapped layer is the wide one: its own bound (60 / 30) would only move the error on.
+    shapes = [("wide", 64, 60), ("mid", 64, 32), ("narrow", 12, 64)]
+    with pytest.raises(ConfigError) as err:
+        get_method(method).check_shapes(_cfg(**{method: {"rank": rank}}), shapes)
+    msg = str(err.value)
+    assert re.search(re.escape(needle) + r"(?!\d)", msg) and "\n" not in msg, msg  # "at most 2", not 29
