@@ -12,7 +12,6 @@ thread pool), and a fork after that can deadlock, which is why HF tokenizers war
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import pickle
@@ -39,15 +38,72 @@ _eos = 0
 _dtype = np.dtype("<u2")
 
 
-def flatten(ids_per_doc: list[list[int]], eos: int, dtype: np.dtype) -> Chunk:
-    """``(flat, lengths)``: each document's ids followed by EOS, concatenated.
+# A tokenizer call needs ~100 bytes of working memory per input character (offsets, alignments
+# and token strings for every byte), so one 20 MB document would peak near 3 GB. Documents longer
+# than LONG_DOC_CHARS are encoded PIECE_CHARS at a time into a compact array instead; shorter
+# ones (nearly all) go through the batched call unchanged.
+LONG_DOC_CHARS = 1_000_000
+PIECE_CHARS = 1 << 16
+
+
+def pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``size`` (default ``PIECE_CHARS``) characters.
+
+    Each cut falls just before a space that has a non-space character on both sides: a byte-level
+    pre-tokenizer (the trained BPE's, GPT-2's) starts a new word there anyway, so the pieces
+    encode to exactly the ids of the whole text. A stretch of ``size // 2`` characters without
+    such a space (a base64 blob) is cut hard; only the token at that cut can differ.
+    """
+    size = size or PIECE_CHARS
+    start, end = 0, len(text)
+    while end - start > size:
+        lo, cut = start + size // 2, start + size
+        while True:
+            cut = text.rfind(" ", lo, cut)
+            if cut < 0 or (not text[cut - 1].isspace() and not text[cut + 1].isspace()):
+                break
+        if cut < 0:
+            cut = start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_documents(encode: Callable[[list[str]], list[list[int]]], texts: list[str], eos: int, dtype: np.dtype) -> Chunk:
+    """``flatten(encode(texts))``, with each document over ``LONG_DOC_CHARS`` encoded piece by piece."""
+    long = [len(t) > LONG_DOC_CHARS for t in texts]
+    if not any(long):
+        return flatten(encode(texts), eos, dtype)
+    short_ids = iter(encode([t for t, is_long in zip(texts, long) if not is_long]))
+    ids = [_encode_long(encode, t, dtype) if is_long else next(short_ids) for t, is_long in zip(texts, long)]
+    return flatten(ids, eos, dtype)
+
+
+def _encode_long(encode: Callable[[list[str]], list[list[int]]], text: str, dtype: np.dtype) -> tuple[np.ndarray, ...]:
+    # Arrays of the token dtype (a Python list of ids takes ~36 bytes per token), kept as parts:
+    # flatten copies them into its output once, with no concatenated copy in between.
+    return tuple(np.asarray(encode([piece])[0], dtype=dtype) for piece in pieces(text))
+
+
+def flatten(ids_per_doc: list, eos: int, dtype: np.dtype) -> Chunk:
+    """``(flat, lengths)``: each document's ids followed by EOS, concatenated. A document is a
+    list of ids, or a tuple of id arrays (a long document's pieces, ``_encode_long``).
 
     ``lengths[i]`` counts document ``i``'s tokens with its EOS; it is 0 for a document that
     tokenizes to nothing (no EOS either: the packer skips it).
     """
-    lengths = np.fromiter((len(ids) + 1 if len(ids) else 0 for ids in ids_per_doc), dtype=np.int64, count=len(ids_per_doc))
-    with_eos = (itertools.chain(ids, (eos,)) for ids in ids_per_doc if len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(with_eos), dtype=dtype, count=int(lengths.sum()))
+    sizes = [sum(map(len, ids)) if isinstance(ids, tuple) else len(ids) for ids in ids_per_doc]
+    lengths = np.fromiter((n + 1 if n else 0 for n in sizes), dtype=np.int64, count=len(sizes))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    for ids, n in zip(ids_per_doc, sizes):
+        if not n:
+            continue
+        for part in ids if isinstance(ids, tuple) else (ids,):
+            flat[pos:pos + len(part)] = part
+            pos += len(part)
+        flat[pos] = eos
+        pos += 1
     return flat, lengths
 
 
@@ -95,11 +151,11 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _encode_chunk(texts: list[str]) -> Chunk:
-    return flatten(_encode(texts), _eos, _dtype)
+    return encode_documents(_encode, texts, _eos, _dtype)
 
 
 def encode_in_order(batches: Iterable[list[str]], tok, eos: int, dtype: np.dtype, workers: int) -> Iterator[Chunk]:
-    """``flatten`` of each batch, tokenized by ``workers`` processes, yielded in batch order.
+    """``encode_documents`` of each batch, tokenized by ``workers`` processes, yielded in batch order.
 
     Closing the generator early (max_tokens reached, an interrupt) cancels what is queued and
     lets the workers exit after their current batch.

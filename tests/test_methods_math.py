@@ -4,6 +4,7 @@ GaLore as a frozen-projection adapter checked against galore-torch's own GaLoreA
 import copy
 import importlib.util
 import math
+import re
 import sys
 import types
 
@@ -502,3 +503,18 @@ def test_galore_projector_dtype_follows_the_activation_in_forward():
     assert y.dtype == torch.bfloat16
     want = nn.functional.linear(x, layer.weight) + SCALE * (x @ layer.galore_proj.bfloat16().t() @ layer.galore_C.t())
     torch.testing.assert_close(y, want + layer.bias, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("method, rank, needle", [
+    ("galore", 100, "set galore.rank between 1 and 12"),
+    ("galore", 60, "set galore.rank between 1 and 12"),
+    ("mora", 40, "set mora.rank to at most 2"),
+    ("mora", 30, "set mora.rank to at most 2"),
+])
+def test_rank_error_gives_the_bound_of_all_layers(method, rank, needle):
+    # The first wrapped layer is the wide one: its own bound (60 / 30) would only move the error on.
+    shapes = [("wide", 64, 60), ("mid", 64, 32), ("narrow", 12, 64)]
+    with pytest.raises(ConfigError) as err:
+        get_method(method).check_shapes(_cfg(**{method: {"rank": rank}}), shapes)
+    msg = str(err.value)
+    assert re.search(re.escape(needle) + r"(?!\d)", msg) and "\n" not in msg, msg  # "at most 2", not 29

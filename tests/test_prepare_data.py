@@ -116,7 +116,8 @@ def test_local_json_and_hub_source_share_the_datasets_streaming_path(tmp_path, m
     monkeypatch.setattr(datasets, "load_dataset", spy)
     out = prepare_data(cfg(tmp_path / "*.json*"), tmp_path / "out1", log=quiet)
     assert decoded_docs(out, "train") == DOCS[5:8] + DOCS[:5]  # sorted: arr.json < rows.jsonl
-    assert calls == [("json", None, {"data_files": [str(tmp_path / "arr.json"), str(local)], "split": "train", "streaming": True})]
+    # .jsonl is read line by line (bounded memory for long lines), .json through the builder.
+    assert calls == [("json", None, {"data_files": [str(tmp_path / "arr.json")], "split": "train", "streaming": True})]
 
     calls.clear()
     out = prepare_data(cfg("hf:someorg/corpus:en", split="valid"), tmp_path / "out2", log=quiet)

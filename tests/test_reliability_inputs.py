@@ -219,8 +219,8 @@ def test_resume_without_optimizer_state_on_other_ranks_is_refused_before_launch(
     sets = [s for s in real_run["sets"] if not s.startswith("launch.")]
     rc, _, err = _cli("train", "--config", "quickstart", "--set", *sets, "launch.launcher=local", "launch.num_gpus=2",
                       "--resume", str(old), "--dry-run")
-    line = _one_line_error(rc, err, "written by 1 ranks on ZeRO-")
-    assert "resume it with 1 ranks" in line and "warm_start_from" not in line
+    line = _one_line_error(rc, err, "written by 1 rank on ZeRO-")
+    assert "resume it with 1 rank and" in line and "warm_start_from" not in line
 
 
 @pytest.mark.parametrize("overrides,needle", [

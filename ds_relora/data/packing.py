@@ -24,7 +24,7 @@ import numpy as np
 from ..config import PrepareConfig
 from ..errors import DataError
 from ..faults import fault_point_local
-from ..tokenize_pool import Chunk, encode_in_order, flatten
+from ..tokenize_pool import Chunk, encode_documents, encode_in_order
 from .dataset import SPLITS
 from .tokenizer import encode_batch, id_bound, token_dtype
 
@@ -83,7 +83,7 @@ class _ShardWriter:
             if self._file is None or self._in_shard == self.shard_tokens:
                 self._open_next()
             chunk = ids[: self.shard_tokens - self._in_shard]
-            self._file.write(chunk.tobytes())
+            self._file.write(chunk.data)  # the array's own buffer: a long document is not copied again
             self._in_shard += len(chunk)
             self.tokens += len(chunk)
             ids = ids[len(chunk):]
@@ -140,7 +140,8 @@ def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
 def _encoded_chunks(docs: Iterable[str], tok, eos: int, dtype: np.dtype, workers: int) -> Iterator[Chunk]:
     """``(flat, lengths)`` per batch of documents, in source order, from 1 or more processes."""
     if workers == 1:
-        return (flatten(encode_batch(tok, batch), eos, dtype) for batch in _batches(docs))
+        # A lambda, not encode_batch itself: the module attribute is looked up per call (tests replace it).
+        return (encode_documents(lambda texts: encode_batch(tok, texts), batch, eos, dtype) for batch in _batches(docs))
     return encode_in_order(_batches(docs), tok, eos, dtype, workers)
 
 

@@ -46,6 +46,7 @@ from typing import Callable, Iterator
 from ..config import PrepareConfig
 from ..config_base import to_dict
 from ..errors import ConfigError, DataError
+from .. import tokenize_pool
 from .corpus import open_documents, resolve_local_files, stdlib_files
 from .dataset import FORMAT_VERSION
 from .packing import PROGRESS_FILE, no_documents, pack, write_durable
@@ -300,12 +301,17 @@ def _train_on_prefix(docs: Iterator[str], cfg: PrepareConfig, spool_path: Path):
             nonlocal count
             chars = 0
             for text in docs:
-                data = text.encode("utf-8")
-                spool.write(len(data).to_bytes(8, "little"))
-                spool.write(data)
                 count += 1
                 chars += len(text)
-                yield text
+                if len(text) <= tokenize_pool.LONG_DOC_CHARS:
+                    data = text.encode("utf-8")
+                    spool.write(len(data).to_bytes(8, "little"))
+                    spool.write(data)
+                    yield text
+                else:
+                    # Piece by piece, like packing: the trainer's memory per call grows with the
+                    # text, and the word counts are the same (pieces are cut between words).
+                    yield from _spool_long(spool, text)
                 if chars >= budget:
                     return
 
@@ -313,6 +319,21 @@ def _train_on_prefix(docs: Iterator[str], cfg: PrepareConfig, spool_path: Path):
     if count == 0:
         raise no_documents(cfg)
     return tok, itertools.chain(_replay(spool_path), docs)
+
+
+def _spool_long(spool, text: str) -> Iterator[str]:
+    """Write one long document to the spool without a whole-text UTF-8 copy; yield its pieces."""
+    header = spool.tell()
+    spool.write(bytes(8))
+    size = 0
+    for piece in tokenize_pool.pieces(text):
+        data = piece.encode("utf-8")
+        spool.write(data)
+        size += len(data)
+        yield piece
+    spool.seek(header)
+    spool.write(size.to_bytes(8, "little"))
+    spool.seek(0, os.SEEK_END)
 
 
 def _replay(spool_path: Path) -> Iterator[str]:

@@ -278,7 +278,8 @@ class GaLoreMethod(Method):
             raise ConfigError("relora.keep_base_fp32 is not supported by train.method=galore: set it to false")
 
     def check_shapes(self, cfg, shapes) -> None:
-        for name, out_features, in_features in shapes:
+        # Smallest layer first: its bound is the one every layer meets, so one fix is enough.
+        for name, out_features, in_features in sorted(shapes, key=lambda s: min(s[1], s[2])):
             check_layer(name, out_features, in_features, adapter_rank(cfg, "galore"))
 
     def wrap(self, model, cfg, seed: int):

@@ -286,7 +286,8 @@ class MoRAMethod(Method):
             raise ConfigError(f"mora.rank={adapter_rank(cfg, 'mora')} must be at least 1")
 
     def check_shapes(self, cfg, shapes) -> None:
-        for name, out_features, in_features in shapes:
+        # Tightest layer first: its bound is the one every layer meets, so one fix is enough.
+        for name, out_features, in_features in sorted(shapes, key=lambda s: max_rank_for(s[1], s[2])):
             check_layer(name, out_features, in_features, adapter_rank(cfg, "mora"), cfg.mora.compression)
 
     def wrap(self, model, cfg, seed: int):

@@ -340,7 +340,7 @@ def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     meta = read_meta(folder, for_resume=True)
     if meta.get("world_size") != world_size:
         raise CheckpointError(
-            f"{folder} was written by {meta.get('world_size')} ranks but this run has {world_size}: resume with "
+            f"{folder} was written by {meta.get('world_size')} rank{'' if meta.get('world_size') == 1 else 's'} but this run has {world_size}: resume with "
             f"the same number of ranks, or start a new run from it with relora.warm_start_from"
         )
     # Its module file lacks the frozen params (saved once, in the weights set: each rank reads its shard).

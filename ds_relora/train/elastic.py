@@ -26,6 +26,7 @@ import torch
 from ..checkpoint_format import has_moments, open_moments, open_weights
 from ..errors import CheckpointError
 from ..relora.zero_state import MOMENTS, set_moment
+from .metrics import plural
 from .state_io import load_weights
 
 
@@ -38,9 +39,9 @@ def check_elastic(folder: Path, meta: dict, world_size: int, stage: int) -> None
     """One line when a checkpoint cannot be resumed on this world size / stage."""
     if "optimizer_step" not in meta or (meta["optimizer_step"] > 0 and not has_moments(folder)):
         raise CheckpointError(
-            f"{folder} was written by {meta.get('world_size')} ranks on ZeRO-{meta.get('zero_stage')} before "
+            f"{folder} was written by {plural(meta.get('world_size'), 'rank')} on ZeRO-{meta.get('zero_stage')} before "
             f"checkpoints held the stage-independent optimizer state (the Adam moments), and this run has "
-            f"{world_size} ranks on ZeRO-{stage}: resume it with {meta.get('world_size')} ranks and the same "
+            f"{plural(world_size, 'rank')} on ZeRO-{stage}: resume it with {plural(meta.get('world_size'), 'rank')} and the same "
             "ZeRO stage (DeepSpeed's optimizer shards are per rank)"
         )
 

@@ -24,6 +24,10 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
         lr_scheduler=lambda opt: make_scheduler(opt, schedule),
         config=ds_config,
     )
+    # DeepSpeed copies zero_to_fp32.py / zero_to_torch.py into checkpoints/ on every ZeRO save (no
+    # flag turns it off); our checkpoints hold whole fp32 tensors already, so they are only clutter.
+    if hasattr(engine, "_copy_recovery_script"):
+        engine._copy_recovery_script = lambda save_path: None
     return engine
 
 

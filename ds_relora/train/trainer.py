@@ -35,7 +35,7 @@ from . import elastic
 from .ds_config import compute_dtype, zero_stage
 from .engine import build_engine, compile_engine, release_engine
 from .job_limits import REQUEUE_EXIT_CODE, JobLimits
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, plural
 from .phase_memory import PhaseMemory
 from .prefetch import StepPrefetcher
 from .plan import plan_run
@@ -232,10 +232,11 @@ class Trainer:
         if resume is not None:
             if is_elastic:
                 client = elastic.restore(self.engine, resume, meta)
-                self.metrics_note = (f"resumed {resume} (written by {meta['world_size']} ranks on ZeRO-{meta['zero_stage']}) "
-                                     f"on {self.world} ranks on ZeRO-{zero_stage(self.plan.ds_config)}")
+                self.metrics_note = (f"resumed {resume} (written by {plural(meta['world_size'], 'rank')} on ZeRO-{meta['zero_stage']}) "
+                                     f"on {plural(self.world, 'rank')} on ZeRO-{zero_stage(self.plan.ds_config)}")
             else:
                 client = load_checkpoint(self.engine, resume, self.world)["ds_relora"]
+                self.metrics_note = f"resumed from {Path(resume).name}"
             self.iterator.load_state_dict(client["data"])
             self.tokens_seen = client["tokens_seen"]
             self.resumed_at = self.last_saved_step = self.step
@@ -287,8 +288,10 @@ class Trainer:
 
     def _loop(self, limits: JobLimits) -> dict:
         cfg, total = self.cfg, self.cfg.train.total_steps
-        self.metrics.info(f"{cfg.train.method}: {human(self.params['total'])} params, "
-                          f"{human(self.params['trainable'])} trainable, {self.world} rank(s), "
+        # The first line names the phase that is running: a warm start trains full-rank first.
+        phase = "full-rank warm start" if self.phase == "full" and self.plan.adapters else cfg.train.method
+        self.metrics.info(f"{phase}: {human(self.params['total'])} params, "
+                          f"{human(self.params['trainable'])} trainable, {plural(self.world, 'rank')}, "
                           f"ZeRO-{zero_stage(self.plan.ds_config)}, global batch {self.plan.global_batch} x {self.seq_len}"
                           + (f", torch.compile {cfg.train.compile_backend}" if cfg.train.compile else ""))
         last_eval = None
