@@ -11,7 +11,10 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: a CPU build where one is on local disk, else PyPI's default build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,eval]"
+# setuptools' build backend warns "Editable installation. Please be careful with folders ... with
+# the same name as your package" on every editable build, and pip >= 25 prints backend warnings
+# even under -q. The filter matches only that message; build errors are not warnings and still show.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[test,eval]"
 # Test-only oracle for GaLore (the paper authors' package). --no-deps: it declares bitsandbytes,
 # which only its 8-bit optimizer needs; the tests load its AdamW without the package __init__.
 python -m pip install -q --no-deps "galore-torch==1.0"

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 
@@ -87,7 +88,8 @@ class MetricsLogger:
             import wandb
 
             id_file = run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            # Our own id: wandb.util.generate_id is gone from wandb >= 0.2x (the run died at start).
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(run_dir), id=run_id,
                                     resume="allow")
