@@ -20,6 +20,9 @@ def load_any_model(path: str | Path):
     if (folder / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
+        from .quiet import quiet_transformers_loading
+
+        quiet_transformers_loading()
         return AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     raise CheckpointError(f"{folder} is neither a ds_relora checkpoint (meta.json) nor an HF model folder (config.json)")
 

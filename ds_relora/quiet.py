@@ -47,3 +47,15 @@ def quiet_worker(verbose: bool | None = None) -> bool:
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass
     return True
+
+
+def quiet_transformers_loading() -> None:
+    """For ``from_pretrained`` in a command whose output is its result (``ds-relora eval``):
+    transformers >= 5 draws a "Loading weights" progress bar per load and logs advisory notices
+    (e.g. the ``torch_dtype`` rename). Errors still raise; ``DS_RELORA_VERBOSE=1`` keeps them all."""
+    if verbose_requested(os.environ):
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
