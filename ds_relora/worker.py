@@ -97,8 +97,16 @@ def init_distributed() -> None:
     timeout = datetime.timedelta(seconds=float(os.environ.get("DS_RELORA_DIST_TIMEOUT", "600")))
     # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT from this argument, not the env.
     port = int(os.environ.get("MASTER_PORT", "29500"))
-    deepspeed.init_distributed(dist_backend=dist_backend(cuda), auto_mpi_discovery=True, verbose=False,
-                               timeout=timeout, distributed_port=port)
+    try:
+        deepspeed.init_distributed(dist_backend=dist_backend(cuda), auto_mpi_discovery=True, verbose=False,
+                                   timeout=timeout, distributed_port=port)
+    except RuntimeError as exc:  # torch's DistNetworkError
+        if "EADDRINUSE" not in str(exc):
+            raise
+        # Free at `ds-relora train`'s check, taken since (another run starting at the same time).
+        port = os.environ.get("MASTER_PORT", port)
+        raise LaunchError(f"master port {port} was taken by another process while the ranks started (EADDRINUSE): "
+                          "pick another with --set launch.master_port=N, or leave it at the default to get a free one") from None
     if cuda and int(os.environ.get("LOCAL_RANK", "0")) != torch.cuda.current_device():
         # MPI discovery found a different local rank than the launcher variables said.
         select_cuda_device(int(os.environ["LOCAL_RANK"]))
