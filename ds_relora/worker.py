@@ -125,6 +125,29 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+# How a collective fails on the survivors when a peer process is gone (gloo over TCP, NCCL).
+PEER_DIED = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+
+
+def peer_died_line(exc: BaseException) -> str | None:
+    """One line for a survivor's console when ``exc`` only says another rank died: that rank's own
+    output (and the launcher's) holds the cause, so N-1 copies of the collective's traceback do not
+    help. None for any other error."""
+    text = str(exc)
+    reason = next((r for r in PEER_DIED if r in text), None)
+    if reason is None:
+        return None
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    # With two ranks the dead one is known; beyond that the transport error does not name it.
+    who = f"rank {1 - rank}" if world == 2 else "another rank"
+    backend = "gloo" if "gloo" in text else "nccl" if "NCCL" in text else "process group"
+    return f"rank {rank}: stopping: {who} died ({backend}: {reason.lower()}); see that rank's output for the cause"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_relora.worker")
     parser.add_argument("--config", required=True, help="resolved run config (written by ds-relora train)")
@@ -162,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {disk_error(exc, setting='train.run_dir')}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        line = peer_died_line(exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return 1
     finally:
         if lock is not None:
             lock.release()

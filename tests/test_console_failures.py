@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from launch_harness import env, root  # noqa: F401  (fixtures are used by name)
+from launch_harness import env, procs, root  # noqa: F401  (fixtures are used by name)
 from helpers import REPO, tiny_run_config, write_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,3 +30,29 @@ def test_port_taken_after_the_check_is_one_line_naming_the_setting(prepared_data
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-4000:]
     assert lines[0].startswith("error: ") and f"port {port}" in lines[0] and "launch.master_port" in lines[0], lines[0]
+
+
+def test_survivor_of_a_dead_rank_says_one_line(prepared_data, root, env, procs):
+    """Two ranks without a launcher (srun/torchrun-style env); rank 1 exits hard after step 3
+    (tests/workers/launch_die_worker.py). Rank 0 sees gloo's closed connection and says so in one
+    line, without the traceback of the collective it was in."""
+    import time
+
+    from launch_harness import TRAIN_TIMEOUT, free_port, start, train_config
+
+    cfg, _ = train_config(prepared_data, root, "survivor", {"launcher": "none"})
+    port, ranks = free_port(), []
+    for rank in range(2):
+        renv = {**env, "DS_RELORA_VERBOSE": "0", "DS_RELORA_TEST_DIE_AT_STEP": "3", "DS_RELORA_TEST_DIE_RANK": "1",
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(start(procs, f"survivor-rank{rank}", [sys.executable, "-m", "launch_die_worker", "--config", str(cfg)],
+                           renv, root / "logs"))
+    for r in ranks:
+        r.wait(time.time() + TRAIN_TIMEOUT)
+    survivor = ranks[0]
+    assert ranks[1].p.returncode == 3 and survivor.p.returncode == 1, "\n".join(r.log() for r in ranks)
+    err = survivor.stderr
+    assert "Traceback" not in err, err[-4000:]
+    stops = [ln for ln in err.splitlines() if "stopping" in ln]
+    assert len(stops) == 1 and stops[0].startswith("rank 0: stopping: rank 1 died"), err[-4000:]
