@@ -84,8 +84,10 @@ def cmd_train(args) -> int:
         print(launch.describe())
         print(f"run folder lock ({run_dir / run_lock.LOCK_NAME}): {run_lock.state(run_dir)}")
         return 0
-    # Before anything is written: a second run on this folder stops here, naming the first.
-    lock = run_lock.acquire(run_dir)
+    # Before anything is written: a second run on this folder stops here, naming the first. In
+    # no_ssh mode every node runs this command on the same (shared) run folder: node 0's holds
+    # the lock for the run, as its rank 0 is the one that writes.
+    lock = run_lock.acquire(run_dir) if not (cfg.launch.no_ssh and cfg.launch.node_rank) else None
     write_atomic(resolved, dump_config(cfg))
     if lock is not None:
         launch = build_launch(cfg.launch, ["--config", str(resolved), "--run-lock", lock.token])
