@@ -30,6 +30,10 @@ SWAP = [sys.executable, str(WORKERS / "launch_swap.py")]  # ds-relora train with
 TRAIN_TIMEOUT = 150  # one tiny launch takes ~15-35 s here
 STEPS = 16
 MERGES = [8, 12]  # warm start 4 steps, then ReLoRA with merges every 4
+# Launch paths (local vs 2 nodes over pdsh, vs mpirun) run the same ranks on the same split:
+# measured exactly equal on the native (AVX2) and ATen-default kernels
+# (benchmarks/invariance/tolerances.py, AMD EPYC). 1e-6 leaves room for another reduction order
+# in a launcher's process group; a wrong rank mapping moves the loss by 1e-3 or more.
 REL = 1e-6
 # Variables a surrounding launcher (torchrun, srun, mpirun) may have set: they would change how
 # the ranks find each other, so no launch here inherits them.

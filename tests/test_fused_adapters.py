@@ -205,12 +205,15 @@ def test_zero3_fused_trains_like_zero0_with_dropout(zero_runs):
     ref = runs["z0-fused"]["losses"]
     assert ref[-1] < ref[0]
     assert len(runs["z3-fused"]["losses"]) == len(ref)
+    # Measured exactly equal on the native (AVX2) and ATen-default kernels (2 ranks both sides;
+    # benchmarks/invariance/tolerances.py, AMD EPYC): the bound is room for another CPU's GEMMs.
     assert all(within_abs(a, b, 1e-5, "fused adapters ZeRO-3 vs 0") for a, b in zip(runs["z3-fused"]["losses"], ref))
 
 
 def test_zero3_fused_equals_unfused(zero_runs):
     runs, _ = zero_runs
     assert len(runs["z3-fused-p0"]["losses"]) == len(runs["z3-unfused-p0"]["losses"]) > 0
+    # Measured exactly equal on the native and ATen-default kernels (tolerances.py, AMD EPYC).
     pairs = zip(runs["z3-fused-p0"]["losses"], runs["z3-unfused-p0"]["losses"])
     assert all(within_abs(a, b, 1e-6, "fused vs unfused, ZeRO-3") for a, b in pairs)
 
@@ -221,5 +224,6 @@ def test_zero3_replicated_base_trains_identically_and_stays_consistent(zero_runs
     assert all(r["replicated"] == 2 * 7 for r in rep), "every frozen W of both layers kept gathered"
     assert all(r["gathered_ok"] for r in rep), "gathered W and its shard agree after steps and the merge"
     assert len(runs["z3-replicate"]["losses"]) == len(runs["z3-fused"]["losses"]) > 0
+    # Measured exactly equal on the native and ATen-default kernels (tolerances.py, AMD EPYC).
     pairs = zip(runs["z3-replicate"]["losses"], runs["z3-fused"]["losses"])
     assert all(within_abs(a, b, 1e-5, "replicated base vs sharded, ZeRO-3") for a, b in pairs)

@@ -84,5 +84,7 @@ def test_same_losses_on_one_rank_and_under_zero_1_2_3():
         assert r["merges"] == [4, 8]
         for step, (a, b) in enumerate(zip(r["losses"], ref["losses"])):
             # fp32: 1 rank sums the batch's gradient in one pass, 2 ranks in two halves plus an
-            # all-reduce, so the sums round differently (~1e-7 relative); 1e-5 is the bound.
+            # all-reduce, so the sums round differently (~1e-7 relative). Measured worst 1.1e-7
+            # native (AVX2), 2.3e-7 ATen default (benchmarks/invariance/tolerances.py, AMD EPYC):
+            # 44x margin.
             assert within_rel(a, b, 1e-5, "relora 1 rank vs 2 ranks ZeRO 1-3"), (r["stage"], step, a, b)

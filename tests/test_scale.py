@@ -71,6 +71,8 @@ def test_from_pretrained_streams_the_hf_shards_into_every_stage(scale_runs):
     fresh, _ = read_metrics(scale_runs / "fresh")
     z3, _ = read_metrics(scale_runs / "pretrained_z3")
     z0, _ = read_metrics(scale_runs / "pretrained_z0")
+    # Measured exactly equal at both steps on the native (AVX2) and ATen-default kernels
+    # (benchmarks/invariance/tolerances.py, AMD EPYC): the bounds are room for another CPU.
     assert within_rel(z3[1], z0[1], 1e-6, "from_pretrained ZeRO-3 vs 0, step 1")
     assert within_rel(z3[6], z0[6], 1e-5, "from_pretrained ZeRO-3 vs 0, step 6")
     assert abs(z3[1] - fresh[1]) > 1e-3  # the pretrained weights were loaded, not the seeded init
