@@ -88,6 +88,7 @@ def cmd_train(args) -> int:
     # no_ssh mode every node runs this command on the same (shared) run folder: node 0's holds
     # the lock for the run, as its rank 0 is the one that writes.
     lock = run_lock.acquire(run_dir) if not (cfg.launch.no_ssh and cfg.launch.node_rank) else None
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(resolved, dump_config(cfg))
     if lock is not None:
         launch = build_launch(cfg.launch, ["--config", str(resolved), "--run-lock", lock.token])
