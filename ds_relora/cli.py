@@ -58,7 +58,8 @@ def cmd_train(args) -> int:
     from .train.checkpoint import write_atomic
     from .config import dump_config
     from .disk import check_free_space, check_writable
-    from .launch import build_launch, exec_plan
+    from .launch import build_launch, run_plan
+    from . import rank_exits
     from . import run_lock
     from .train.checkpoint import resolve_resume
     from .train.plan import check_resume_fits, expected_save_bytes, plan_run
@@ -101,9 +102,13 @@ def cmd_train(args) -> int:
         finally:
             if lock is not None:
                 lock.release()
-    if lock is not None:
-        lock.keep_across_exec()  # the launcher (same pid after exec) holds it until the run ends
-    return exec_plan(launch)
+    if not (cfg.launch.no_ssh and cfg.launch.node_rank):
+        rank_exits.clear(run_dir)
+    try:
+        return run_plan(launch, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def cmd_eval(args) -> int:

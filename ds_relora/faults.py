@@ -1,9 +1,10 @@
 """Fault injection for the reliability tests, in one place.
 
-``DS_RELORA_FAULT=<point>:<step>`` (e.g. ``save:16``, ``merge:16``, ``signal:5``) makes rank
-``DS_RELORA_FAULT_RANK`` (default 1) act at that point of that global step: ``save`` and
-``merge`` kill the process with SIGKILL (a node crash), ``signal`` sends it SIGUSR1 (what SLURM
-sends before a time limit). Unset, :func:`fault_point` is a dictionary lookup.
+``DS_RELORA_FAULT=<point>:<step>`` (e.g. ``save:16``, ``merge:16``, ``signal:5``, ``error:5``)
+makes rank ``DS_RELORA_FAULT_RANK`` (default 1) act at that point of that global step: ``save``
+and ``merge`` kill the process with SIGKILL (a node crash), ``signal`` sends it SIGUSR1 (what
+SLURM sends before a time limit), ``error`` raises an exception (a bug or a bad batch in one rank;
+the step loop's point, like ``signal``). Unset, :func:`fault_point` is a dictionary lookup.
 
 One-process commands have no rank: :func:`fault_point_local` (``prepare:<n>``, after
 prepare-data's n-th checkpoint) kills the calling process itself.
@@ -23,6 +24,8 @@ def fault_point(point: str, step: int) -> None:
 
     if dist.get_rank() != int(os.environ.get("DS_RELORA_FAULT_RANK", "1")):
         return
+    if point == "error":
+        raise ValueError(f"injected fault at step {step} (DS_RELORA_FAULT={spec})")
     os.kill(os.getpid(), signal.SIGUSR1 if point == "signal" else signal.SIGKILL)
 
 

@@ -1,7 +1,7 @@
 """Turn the ``launch:`` config section into the command(s) that start the workers.
 
 ``ds-relora train`` calls :func:`build_launch`, prints :meth:`LaunchPlan.describe` for
-``--dry-run`` or hands the plan to :func:`exec_plan`. Every user mistake (hostfile, world size,
+``--dry-run`` or hands the plan to :func:`run_plan`. Every user mistake (hostfile, world size,
 port, master address, missing executable) raises a one-line LaunchError before anything starts.
 ``python -m ds_relora.launch`` holds the helpers the shell launchers and srun tasks call.
 """
@@ -55,7 +55,7 @@ class LaunchPlan:
     commands: list[list[str]]
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     hostfile_text: str | None = None
-    hostfile_path: str | None = None  # hostfile_text is written here by exec_plan
+    hostfile_path: str | None = None  # hostfile_text is written here by run_plan
     in_process: bool = False  # launcher=none: the caller runs the worker itself, with env set
     world_size: int = 1
     wait_for_master: tuple[str, int] | None = None  # no_ssh nodes > 0 check rank 0 first
@@ -330,8 +330,12 @@ def build_launch(launch: LaunchConfig, worker_args: list[str], env: Mapping[str,
     return plan
 
 
-def exec_plan(plan: LaunchPlan) -> int:
-    """Write the hostfile, wait for the master if asked, then run the commands (the last by exec)."""
+def run_plan(plan: LaunchPlan, run_dir: str | Path | None = None) -> int:
+    """Write the hostfile, wait for the master if asked, then run the commands; the last (the
+    launcher) under :func:`ds_relora.supervise.run_supervised`, which names the rank that failed
+    first from ``run_dir``'s exit records."""
+    from .supervise import run_supervised
+
     if plan.in_process:
         raise ValueError("launcher=none plans run in the caller's process; set plan.env and call the worker")
     if plan.hostfile_text is not None and plan.hostfile_path:
@@ -342,7 +346,7 @@ def exec_plan(plan: LaunchPlan) -> int:
     for cmd in plan.commands[:-1]:
         if (rc := subprocess.call(cmd, env=env)) != 0:
             return rc
-    os.execvpe(plan.commands[-1][0], plan.commands[-1], env)
+    return run_supervised(plan.commands[-1], env, run_dir)
 
 
 def main_dry_run(config: str | None, overrides: Sequence[str] = (), env: Mapping[str, str] = os.environ,

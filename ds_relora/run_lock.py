@@ -2,7 +2,7 @@
 
 Two runs on one run folder overwrite each other's checkpoints and interleave metrics.jsonl.
 ``ds-relora train`` takes the lock before it writes anything and keeps it for the run's life
-(its descriptor survives the ``exec`` of the launcher, which has the same pid); the workers it
+(it stays the launcher's parent until the launcher exits); the workers it
 starts get the lock's id on their command line (``--run-lock``) and run under it. A worker
 started by hand (srun, torchrun) has no id and takes the lock itself on rank 0.
 
@@ -77,9 +77,6 @@ class RunLock:
     @property
     def token(self) -> str:
         return self.info["id"]
-
-    def keep_across_exec(self) -> None:
-        os.set_inheritable(self.fd, True)
 
     def release(self) -> None:
         """Mark the run ended (no stale-lock notice for the next run) and unlock."""

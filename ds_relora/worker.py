@@ -148,6 +148,16 @@ def peer_died_line(exc: BaseException) -> str | None:
     return f"rank {rank}: stopping: {who} died ({backend}: {reason.lower()}); see that rank's output for the cause"
 
 
+def _record_exit(cfg, exc: BaseException, *, peer: bool) -> None:
+    """This rank's cause of failure for the launcher's summary line (ds_relora.rank_exits)."""
+    if cfg is None:
+        return
+    from .rank_exits import record
+
+    rank = int(os.environ.get("RANK", "0"))
+    record(cfg.train.run_dir, rank, f"{type(exc).__name__}: {exc}", peer=peer)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_relora.worker")
     parser.add_argument("--config", required=True, help="resolved run config (written by ds-relora train)")
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from .disk import disk_error, is_disk_error
     from .errors import UserError
 
-    lock = None
+    lock = cfg = None
     try:
         cfg = load_config(args.config)
         from .quiet import quiet_worker
@@ -177,20 +187,27 @@ def main(argv: list[str] | None = None) -> int:
             mark_released(cfg.train.run_dir, args.run_lock)
         return code
     except UserError as exc:
+        _record_exit(cfg, exc, peer=False)
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        _record_exit(cfg, exc, peer=False)
         if not is_disk_error(exc):
             raise
         print(f"error: {disk_error(exc, setting='train.run_dir')}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         line = peer_died_line(exc)
+        _record_exit(cfg, exc, peer=line is not None)
         if line is None:
             raise
         print(line, file=sys.stderr, flush=True)
         return 1
+    except BaseException as exc:
+        if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            _record_exit(cfg, exc, peer=False)
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -155,7 +155,7 @@ def test_slurm_hostfile_mode(fakebin, tmp_path):
     c = cfg(launcher="slurm", num_nodes=2, num_gpus=8, hostfile=hf, master_addr="127.0.0.1")
     plan = L.build_launch(c, ARGS, {**fakebin, **SLURM})
     assert plan.hostfile_text == "node01 slots=8\nnode02 slots=8\n" and plan.hostfile_path == hf
-    assert not Path(hf).exists()  # written only by exec_plan, never by a dry run
+    assert not Path(hf).exists()  # written only by run_plan, never by a dry run
     assert names(plan.commands[0])[:8] == ["deepspeed", "--hostfile", hf, "--master_addr", "127.0.0.1", "--master_port", str(c.master_port), "--launcher"]
 
 
@@ -173,7 +173,7 @@ def test_none_runs_in_process(fakebin):
     assert plan.in_process and plan.env["WORLD_SIZE"] == "1" and plan.env["RANK"] == "0"
     assert plan.commands[0][-4:] == ["-m", "ds_relora.worker", *ARGS]
     with pytest.raises(ValueError):
-        L.exec_plan(plan)
+        L.run_plan(plan)
 
 
 def test_describe_is_shell_quoted(fakebin):
@@ -429,16 +429,17 @@ def test_dry_run_make_hostfile(tmp_path):
     assert L.parse_hostfile(tmp_path / "hf") == {"a": 2, "b": 2}
 
 
-def test_exec_plan_writes_hostfile_then_execs(tmp_path):
+def test_run_plan_writes_hostfile_then_runs_the_launcher(tmp_path):
     hf = tmp_path / "shared" / "hf"
-    code = ("from ds_relora import launch as L; "
-            f"L.exec_plan(L.LaunchPlan('x', [['sh', '-c', 'cat \"$0\"; echo $FOO', {str(hf)!r}]], env={{'FOO': 'bar'}}, "
-            f"hostfile_text='a slots=2\\n', hostfile_path={str(hf)!r}))")
+    code = ("import sys; from ds_relora import launch as L; "
+            f"sys.exit(L.run_plan(L.LaunchPlan('x', [['sh', '-c', 'cat \"$0\"; echo $FOO; exit 7', {str(hf)!r}]], env={{'FOO': 'bar'}}, "
+            f"hostfile_text='a slots=2\\n', hostfile_path={str(hf)!r})))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.stdout == "a slots=2\nbar\n", res.stderr
+    assert res.returncode == 7  # the launcher's exit code is the command's
 
 
-def test_exec_plan_stops_when_master_unreachable(monkeypatch):
+def test_run_plan_stops_when_master_unreachable(monkeypatch):
     monkeypatch.setenv("DS_RELORA_MASTER_WAIT", "0.5")
     plan = L.LaunchPlan("deepspeed", [["false"]], wait_for_master=("127.0.0.1", _free_port()))
-    one_line_error(L.exec_plan, plan, match="cannot reach master")
+    one_line_error(L.run_plan, plan, match="cannot reach master")

@@ -32,7 +32,7 @@ def one_line_error(rc: int, stdout: str, stderr: str, *fragments: str) -> str:
 
 
 def test_unreachable_master_fails_after_the_configured_wait(prepared_data, root, env, procs):
-    """Node 1 of a --no_ssh launch whose master port has nothing listening: exec_plan's
+    """Node 1 of a --no_ssh launch whose master port has nothing listening: run_plan's
     check_master_reachable retries for DS_RELORA_MASTER_WAIT seconds, then one error line."""
     hostfile = root / "hostfile-2x1"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -104,6 +104,47 @@ def test_dying_rank_stops_the_deepspeed_launch(prepared_data, root, env, procs):
     assert p.ended - float(mark.read_text()) < 60, p.log()
     assert "exits with return code" in out  # deepspeed's launch.py saw it and stopped the rest
     assert max(step_lines(run_dir)) == DIE_AT and not (run_dir / "checkpoints" / f"step-{STEPS}").exists()
+
+
+def test_launcher_names_the_rank_that_failed_first(prepared_data, root, env, procs):
+    """The real deepspeed launcher, 2 ranks of ds_relora.worker: rank 1 raises at step 3
+    (DS_RELORA_FAULT=error:3), rank 0 fails in its next collective. DeepSpeed's own line names
+    whichever command it checked last; ds-relora train's last line names rank 1 and its error."""
+    launch = {"launcher": "local", "num_gpus": 2, "master_port": free_port()}
+    cfg, run_dir = train_config(prepared_data, root, "fails-first", launch)
+    p = run(procs, "fails-first", [*DS_RELORA, "train", "--config", str(cfg)],
+            {**env, "DS_RELORA_FAULT": "error:3", "DS_RELORA_FAULT_RANK": "1"}, root / "logs")
+    assert p.p.returncode not in (0, 75), p.log()
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, p.log()
+    assert errors[0].startswith("error: rank 1 (host ") and "failed first: ValueError: injected fault at step 3" in errors[0]
+    assert errors[0].endswith(f"the launcher exited with code {p.p.returncode}"), errors[0]
+    # The survivor says one line, not the collective's traceback.
+    assert "rank 0: stopping: rank 1 died" in p.stderr, p.log()
+
+
+def test_a_signal_to_ds_relora_train_reaches_the_launcher_and_its_code_comes_back(tmp_path):
+    """ds-relora train stays the launcher's parent: a SIGTERM sent to it alone (kill, timeout,
+    a scheduler) is passed on, and the launcher's exit code (75: stopped for a requeue) is its."""
+    import os
+    import signal
+    import subprocess
+
+    ready = tmp_path / "ready"
+    child = f"trap 'exit 75' TERM; touch {ready}; while :; do sleep 0.05; done"
+    code = ("import os, sys; from ds_relora.supervise import run_supervised; "
+            f"sys.exit(run_supervised(['sh', '-c', {child!r}], dict(os.environ), None))")
+    parent = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 75
+    finally:
+        if parent.poll() is None:
+            parent.kill()
 
 
 @pytest.fixture(scope="module")

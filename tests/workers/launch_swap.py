@@ -1,7 +1,7 @@
 """``ds-relora train`` whose launch plan starts another worker module (test-only).
 
 ``python launch_swap.py MODULE train --config X --set ...`` runs the real CLI path (plan_run,
-resolved config, build_launch, exec_plan and the real launcher) with ``--module MODULE`` (or
+resolved config, build_launch, run_plan and the real launcher) with ``--module MODULE`` (or
 ``-m MODULE`` under mpirun) in place of ``ds_relora.worker``. MODULE must be importable by the
 ranks, e.g. through PYTHONPATH.
 """

@@ -1,0 +1,71 @@
+"""Why the ranks of a run ended: one record per failed rank, one summary line for the launcher.
+
+When a rank dies, every other rank fails in its next collective, and DeepSpeed's launcher names
+whichever command it looked at last. So a failing rank writes ``run_dir/.ds-relora-exits/rank-R.json``
+(rank, host, pid, time, its error in one line, and whether it failed by itself or only because a
+peer was gone) and ``ds-relora train``, which supervises the launcher, prints one line naming the
+rank that failed first and why. A rank killed outright (SIGKILL, out of memory) writes nothing; the
+summary then says that no rank recorded a cause. This module owns the record format and is its
+only reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+FOLDER = ".ds-relora-exits"
+
+
+def _folder(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FOLDER
+
+
+def clear(run_dir: str | Path) -> None:
+    """Before a launch (under the run-folder lock): records of an earlier run would name its ranks."""
+    shutil.rmtree(_folder(run_dir), ignore_errors=True)
+
+
+def record(run_dir: str | Path, rank: int, reason: str, *, peer: bool) -> None:
+    """Rank ``rank`` is failing with ``reason`` (``peer``: only because another rank is gone).
+    Never raises: a rank on its way out must not fail again on a full or read-only disk."""
+    line = " ".join(str(reason).split())[:300]
+    info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+            "reason": line, "peer": peer}
+    try:
+        folder = _folder(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".rank-{rank}.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, folder / f"rank-{rank}.json")
+    except OSError:
+        pass
+
+
+def read(run_dir: str | Path) -> list[dict]:
+    records = []
+    for path in sorted(_folder(run_dir).glob("rank-*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records
+
+
+def summary(run_dir: str | Path, code: int) -> str:
+    """The launcher's one line for a run whose launcher exited with ``code`` (not 0 or 75)."""
+    records = read(run_dir)
+    first = min((r for r in records if not r.get("peer")), key=lambda r: r["time"], default=None)
+    end = f"the launcher exited with code {code}"
+    if first is not None:
+        return (f"rank {first['rank']} (host {first['host']}, pid {first['pid']}) failed first: {first['reason']}; "
+                f"{end}")
+    if records:
+        stopped = ", ".join(str(r["rank"]) for r in sorted(records, key=lambda r: r["rank"]))
+        return (f"a rank died without saying why (killed by a signal: out of memory, kill -9, a lost node?); "
+                f"rank(s) {stopped} stopped because a peer was gone; {end}")
+    return f"no rank recorded an error ({end}): see the output above"
