@@ -4,7 +4,8 @@
 makes rank ``DS_RELORA_FAULT_RANK`` (default 1) act at that point of that global step: ``save``
 and ``merge`` kill the process with SIGKILL (a node crash), ``signal`` sends it SIGUSR1 (what
 SLURM sends before a time limit), ``error`` raises an exception (a bug or a bad batch in one rank;
-the step loop's point, like ``signal``). Unset, :func:`fault_point` is a dictionary lookup.
+the step loop's point, like ``signal``), ``hold`` waits there until the file named by
+``DS_RELORA_FAULT_RELEASE`` exists (a run that is certainly still running while a test acts). Unset, :func:`fault_point` is a dictionary lookup.
 
 One-process commands have no rank: :func:`fault_point_local` (``prepare:<n>``, after
 prepare-data's n-th checkpoint) kills the calling process itself.
@@ -23,6 +24,14 @@ def fault_point(point: str, step: int) -> None:
     import torch.distributed as dist
 
     if dist.get_rank() != int(os.environ.get("DS_RELORA_FAULT_RANK", "1")):
+        return
+    if point == "hold":
+        import time
+        from pathlib import Path
+
+        release, deadline = Path(os.environ["DS_RELORA_FAULT_RELEASE"]), time.time() + 600
+        while not release.exists() and time.time() < deadline:
+            time.sleep(0.05)
         return
     if point == "error":
         raise ValueError(f"injected fault at step {step} (DS_RELORA_FAULT={spec})")

@@ -120,7 +120,7 @@ def _lock_info(run_dir: Path) -> dict | None:
         return None
 
 
-STEPS = 160
+STEPS = 16
 
 
 @pytest.mark.distributed
@@ -128,11 +128,13 @@ def test_a_second_run_on_the_same_folder_stops_naming_the_first(prepared_data, p
     from ds_relora.checkpoint_format import check_intact
 
     run_dir = root / "shared"
-    # Long enough (~0.2 s a step here) that the second run, which plans for ~10 s, meets it running.
-    cfg = tiny_run_config(prepared_data, run_dir, 2, train={"total_steps": STEPS, "save_every": STEPS // 2},
-                          relora={"warm_start_steps": 32, "reset_every": 32})
+    cfg = tiny_run_config(prepared_data, run_dir, 2, train={"total_steps": STEPS, "save_every": STEPS // 2})
     path = write_config(root / "shared.yaml", cfg)
-    first = start(procs, "first", [*DS_RELORA, "train", "--config", str(path)], env, root / "logs")
+    # The first run waits after step 2 until the test lets it go: it certainly still runs (and
+    # holds the lock) while the second run and the dry run look at the folder.
+    release = root / "shared.release"
+    held = {**env, "DS_RELORA_FAULT": "hold:2", "DS_RELORA_FAULT_RANK": "0", "DS_RELORA_FAULT_RELEASE": str(release)}
+    first = start(procs, "first", [*DS_RELORA, "train", "--config", str(path)], held, root / "logs")
     deadline = time.time() + 120
     while not (_lock_info(run_dir) or {}).get("pid"):
         assert first.rc is None and time.time() < deadline, first.log()
@@ -143,14 +145,14 @@ def test_a_second_run_on_the_same_folder_stops_naming_the_first(prepared_data, p
     errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and f"pid {first.p.pid}" in errors[0] and "in use by another run" in errors[0], second.log()
     assert "Traceback" not in second.stderr
-    if first.rc is None:  # --dry-run names the holder while the first still runs
-        from ds_relora.cli import main
+    from ds_relora.cli import main
 
-        capsys.readouterr()
-        assert main(["train", "--config", str(path), "--dry-run"]) == 0
-        out = capsys.readouterr().out
-        if first.rc is None:
-            assert f"held by pid {first.p.pid}" in out, out
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0  # names the holder
+    out = capsys.readouterr().out
+    assert f"held by pid {first.p.pid}" in out, out
+    assert first.rc is None, first.log()
+    release.touch()
     assert first.wait(time.time() + 300) == 0, first.log()
     steps = [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(ln)["type"] == "step"]

@@ -316,6 +316,7 @@ class Trainer:
             loss_mean = _all_reduce_mean(loss_sum / len(batches), self.world)
             fault_point("signal", self.step)
             fault_point("error", self.step)
+            fault_point("hold", self.step)
             stop_code = limits.agreed_code(self.step, device) if self.step < total else None
             # The step's one host read (it also waits for the GPU, so the step time is real).
             loss_value, norm, stop_code = host_scalars(loss_mean, self.engine.get_global_grad_norm(), stop_code)
