@@ -119,8 +119,8 @@ def test_launcher_names_the_rank_that_failed_first(prepared_data, root, env, pro
     assert len(errors) == 1, p.log()
     assert errors[0].startswith("error: rank 1 (host ") and "failed first: ValueError: injected fault at step 3" in errors[0]
     assert errors[0].endswith(f"the launcher exited with code {p.p.returncode}"), errors[0]
-    # The survivor says one line, not the collective's traceback.
-    assert "rank 0: stopping: rank 1 died" in p.stderr, p.log()
+    # (What the survivor prints depends on whether the launcher's kill or the failed collective
+    # reaches it first: tests/test_console_failures.py checks it without a launcher.)
 
 
 def test_a_signal_to_ds_relora_train_reaches_the_launcher_and_its_code_comes_back(tmp_path):
