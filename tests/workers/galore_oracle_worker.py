@@ -15,7 +15,7 @@ from ds_relora.train.trainer import Trainer
 from ds_relora.worker import init_distributed
 
 sys.path.insert(0, "tests")
-from test_methods_math import load_galore_adamw  # noqa: E402
+from test_galore_math import load_galore_adamw  # noqa: E402
 
 
 def reference_losses(cfg, lrs: list[float]) -> list[float]:
