@@ -1,11 +1,11 @@
 """Model-state bytes of a LLaMA-shaped model trained full-rank or with ReLoRA adapters, next to
-the FLOP and parameter counts, which live in the package (``ds_relora.flops``: the GPU check runs
+the FLOP and parameter counts, which live in the package (``ds_relora.estimate.flops``: the GPU check runs
 from an installed wheel) and are re-exported here for the benchmarks.
 """
 
 from __future__ import annotations
 
-from ds_relora.flops import counts, flops_per_token, params, speed_ratio
+from ds_relora.estimate.flops import counts, flops_per_token, params, speed_ratio
 
 __all__ = ["counts", "flops_per_token", "params", "speed_ratio", "simple_state_bytes", "per_rank_state_bytes"]
 

@@ -41,8 +41,10 @@ def worker(args) -> None:
 
     from ds_relora.config import RunConfig
     from ds_relora.models import WRAPPED_TYPES, Shape, build_model, llama_config, preset_shape
-    from ds_relora.relora import JaggedCosine, merge_and_reinit, wrap_model
-    from ds_relora.train.ds_config import build_ds_config
+    from ds_relora.methods.schedule import JaggedCosine
+    from ds_relora.methods.merging import merge_and_reinit
+    from ds_relora.methods.lora_layer import wrap_model
+    from ds_relora.zero.ds_config import build_ds_config
     from ds_relora.train.engine import build_engine
 
     rank, world = init_distributed()

@@ -47,9 +47,11 @@ def run_one(stage: int, mode: str, args, rank: int, world: int) -> list[dict]:
 
     from ds_relora.config import RunConfig
     from ds_relora.models import WRAPPED_TYPES, Shape, build_model, llama_config
-    from ds_relora.relora import JaggedCosine, merge_and_reinit, wrap_model
-    from ds_relora.relora.zero_state import get_master
-    from ds_relora.train.ds_config import build_ds_config
+    from ds_relora.methods.schedule import JaggedCosine
+    from ds_relora.methods.merging import merge_and_reinit
+    from ds_relora.methods.lora_layer import wrap_model
+    from ds_relora.zero.state import get_master
+    from ds_relora.zero.ds_config import build_ds_config
     from ds_relora.train.engine import build_engine
 
     shape = Shape(args.hidden, args.intermediate, args.layers, args.heads)

@@ -8,30 +8,20 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
-from .memory_estimate import METHODS as MEMORY_METHODS
-
-RECIPES = Path(__file__).parent / "recipes"
-
-
-def resolve_config_path(name: str | None) -> str | None:
-    """A config by path, or a shipped recipe by bare name (``quickstart``)."""
-    if name is None or Path(name).is_file():
-        return name
-    recipe = RECIPES / (name if name.endswith(".yaml") else name + ".yaml")
-    return str(recipe) if recipe.is_file() else name
-
+from ds_relora import __version__
+from ds_relora.config import resolve_config_path
+from ds_relora.errors import UserError
+from ds_relora.estimate.memory import METHODS as MEMORY_METHODS
 
 def _load(args):
-    from .config import load_config
+    from ds_relora.config import load_config
 
     overrides = [s for group in (args.set or []) for s in group]
     return load_config(resolve_config_path(args.config), overrides)
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare_data
+    from ds_relora.data import prepare_data
 
     cfg = _load(args)
     budget = streaming_token_budget(cfg)
@@ -55,14 +45,14 @@ def streaming_token_budget(cfg) -> int | None:
 
 
 def cmd_train(args) -> int:
-    from .train.checkpoint import write_atomic
-    from .config import dump_config
-    from .disk import check_free_space, check_writable
-    from .launch import build_launch, run_plan
-    from . import rank_exits
-    from . import run_lock
-    from .train.checkpoint import resolve_resume
-    from .train.plan import check_resume_fits, expected_save_bytes, plan_run
+    from ds_relora.checkpoint.store import write_atomic
+    from ds_relora.config import dump_config
+    from ds_relora.disk import check_free_space, check_writable
+    from ds_relora.launch.launchers import build_launch, run_plan
+    from ds_relora import rank_exits
+    from ds_relora import run_lock
+    from ds_relora.checkpoint.store import resolve_resume
+    from ds_relora.train.plan import check_resume_fits, expected_save_bytes, plan_run
 
     cfg = _load(args)
     if args.resume:
@@ -95,7 +85,7 @@ def cmd_train(args) -> int:
         launch = build_launch(cfg.launch, ["--config", str(resolved), "--run-lock", lock.token])
     if launch.in_process:
         os.environ.update(launch.env)
-        from .worker import main as worker_main
+        from ds_relora.worker import main as worker_main
 
         try:
             return worker_main(launch.commands[-1][launch.commands[-1].index("--config"):])
@@ -112,11 +102,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import eval_device_and_dtype, evaluate_model, load_any_model, run_dtype
-    from .weights import META, read_meta
+    from ds_relora.eval.evaluate import eval_device_and_dtype, evaluate_model, load_any_model, run_dtype
+    from ds_relora.checkpoint.weights import META, read_meta
 
     if args.tasks:
-        from .study.lm_eval import cmd_eval_tasks
+        from ds_relora.study.lm_eval import cmd_eval_tasks
 
         return cmd_eval_tasks(args)
     folder = Path(args.path)
@@ -145,7 +135,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_model
+    from ds_relora.checkpoint.export import export_model
 
     out = export_model(args.checkpoint, args.out, args.dtype, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
@@ -153,7 +143,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_spectrum(args) -> int:
-    from .spectrum import compute_spectrum, format_report, plot_spectrum
+    from ds_relora.eval.spectrum import compute_spectrum, format_report, plot_spectrum
 
     spectra = compute_spectrum(Path(args.before), Path(args.after))
     print(format_report(spectra, args.threshold))
@@ -164,7 +154,7 @@ def cmd_spectrum(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .memory_estimate import estimate_memory, format_table
+    from ds_relora.estimate.memory import estimate_memory, format_table
 
     est = estimate_memory(args.preset, args.method, args.rank, args.zero_stage, args.gpus, args.micro_batch,
                           args.seq_len, vocab_size=args.vocab_size, precision=args.precision,
@@ -173,7 +163,7 @@ def cmd_estimate(args) -> int:
                           zero3_frozen_base=args.zero3_frozen_base)
     print(format_table(est))
     if args.gpu_memory_gib:
-        from .stage_advice import format_advice, recommend_stage
+        from ds_relora.estimate.stage_advice import format_advice, recommend_stage
 
         rows, pick = recommend_stage(args.gpu_memory_gib, preset=args.preset, method=args.method, rank=args.rank,
                                      num_gpus=args.gpus, micro_batch=args.micro_batch, seq_len=args.seq_len,
@@ -186,8 +176,8 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import RunConfig, dump_config
-    from .config_base import field_docs
+    from ds_relora.config import RunConfig, dump_config
+    from ds_relora.config_base import field_docs
 
     if args.explain:
         import dataclasses
@@ -208,8 +198,8 @@ def _config_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .study.cli import add_study_commands
-    from .study.lm_eval import add_task_args
+    from ds_relora.study.cli import add_study_commands
+    from ds_relora.study.lm_eval import add_task_args
 
     ap = argparse.ArgumentParser(prog="ds-relora", description="ReLoRA pre-training on DeepSpeed")
     ap.add_argument("--version", action="version", version=f"ds-relora {__version__}")
@@ -287,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        from .disk import disk_error, is_disk_error
+        from ds_relora.disk import disk_error, is_disk_error
 
         if not is_disk_error(exc):
             raise

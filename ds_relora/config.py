@@ -21,10 +21,43 @@ from typing import Literal, Optional
 
 import yaml
 
-from .config_base import Checked, apply_overrides, doc, from_dict, to_dict
-from .errors import ConfigError
+from ds_relora.config_base import Checked, apply_overrides, doc, from_dict, to_dict
+from ds_relora.errors import ConfigError
 
 Method = Literal["full", "lora", "relora", "control", "mora", "remora", "galore"]
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def resolve_config_path(name: str | None) -> str | None:
+    """A config by path, or a shipped recipe by bare name (``quickstart``)."""
+    if name is None or Path(name).is_file():
+        return name
+    recipe = RECIPES / (name if name.endswith(".yaml") else name + ".yaml")
+    return str(recipe) if recipe.is_file() else name
+
+
+
+def parse_duration(value, where: str = "train.time_limit") -> float | None:
+    """Seconds of '13800', '3h50m', '90m', '1d2h', '03:50:00' or '50:00' (MM:SS); None stays None."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    seconds = None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    elif re.fullmatch(r"\d+(:\d{1,2}){1,2}", text):
+        parts = [int(p) for p in text.split(":")]
+        seconds = float(sum(p * 60 ** i for i, p in enumerate(reversed(parts))))
+    elif text and (m := _DURATION.match(text)):
+        d, h, mi, s = (float(g or 0) for g in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    if seconds is None or seconds <= 0:
+        raise ConfigError(f"{where}={value!r} is not a positive duration: write seconds (13800), '3h50m', '90m' or 'HH:MM:SS'")
+    return seconds
+
 
 
 @dataclasses.dataclass
@@ -214,7 +247,6 @@ class TrainConfig(Checked):
         self.require("stop_after_steps", n is None or n >= 1, "must be at least 1: or null to train to total_steps")
         n = self.max_steps_per_job
         self.require("max_steps_per_job", n is None or n >= 1, "must be at least 1 (or null)")
-        from .train.job_limits import parse_duration
 
         parse_duration(self.time_limit, "train.time_limit")
         # compile_backend is checked against torch's backends by plan_run (it needs torch).

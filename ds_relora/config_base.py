@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from .errors import ConfigError
+from ds_relora.errors import ConfigError
 
 
 def doc(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:

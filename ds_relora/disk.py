@@ -13,7 +13,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from .errors import UserError
+from ds_relora.display import human_bytes
+from ds_relora.errors import UserError
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -26,14 +27,6 @@ class DiskError(UserError):
 
 def is_disk_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _existing(path: Path) -> Path:

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from .errors import ConfigError
+from ds_relora.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ def resolve_attn_implementation(requested: str, compute_dtype: torch.dtype | Non
     if not torch.cuda.is_available():
         return "sdpa"
     if compute_dtype is None:
-        from .train.ds_config import bf16_available
+        from ds_relora.zero.ds_config import bf16_available
 
         compute_dtype = torch.bfloat16 if bf16_available() else torch.float32
     if compute_dtype in HALF_DTYPES and flash_attn_importable():
@@ -162,7 +162,7 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None):
 
     from transformers import AutoModelForCausalLM
 
-    from .train.ds_config import zero_stage
+    from ds_relora.zero.ds_config import zero_stage
 
     partitioned = ds_config is not None and zero_stage(ds_config) == 3
     if partitioned:
@@ -199,7 +199,7 @@ def init_weights(model, seed: int, std: float) -> None:
     ZeRO-3 every rank computes a parameter and writes only its own shard (one whole parameter in
     memory at a time, no communication). Other parameters (norms) keep their constructor's
     constant values."""
-    from .relora.zero_state import full_shape, set_module_value
+    from ds_relora.zero.state import full_shape, set_module_value
 
     for module_name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -230,21 +230,13 @@ def describe_params(model) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
-def human(n: float) -> str:
-    for unit in ("", "K", "M", "B"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}T"
-
-
 def pretrained_weights(name_or_path: str):
     """The weights of a pretrained HF model (a local folder or a hub name), read per tensor from
     its safetensors files, so that each rank only ever holds one tensor beyond its shard. A model
     published only as ``pytorch_model*.bin`` is loaded whole once, as ``transformers`` does."""
     from pathlib import Path
 
-    from .tensor_files import TensorSet
+    from ds_relora.tensor_files import TensorSet
 
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():

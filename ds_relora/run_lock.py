@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from ds_relora.errors import UserError
 
 LOCK_NAME = ".ds-relora.lock"
 # Filesystems without flock (some Lustre/NFS mounts): the run goes on without the guard.

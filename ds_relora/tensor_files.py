@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from ds_relora.durable import HashingFile, public_mode, write_atomic
+from ds_relora.errors import CheckpointError
 
 _DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -50,7 +51,6 @@ class StreamingWriter:
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None,
                  digests: dict | None = None):
-        from .checkpoint_format import HashingFile
 
         self.path = Path(path)
         self.digests = digests
@@ -90,7 +90,6 @@ class StreamingWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        from .checkpoint_format import public_mode
 
         public_mode(self.tmp)
         os.replace(self.tmp, self.path)
@@ -117,7 +116,6 @@ def owners_by_bytes(sizes: list[int], parts: int) -> list[int]:
 
 
 def write_index(folder: Path, prefix: str, weight_map: dict[str, str], total_size: int) -> None:
-    from .checkpoint_format import write_atomic
 
     write_atomic(Path(folder) / index_name(prefix),
                  json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))

@@ -12,7 +12,7 @@ import datetime
 import os
 import sys
 
-from .errors import LaunchError
+from ds_relora.errors import LaunchError
 
 
 # How the process group is started on a GPU, and why pure NCCL: every collective ds_relora
@@ -152,7 +152,7 @@ def _record_exit(cfg, exc: BaseException, *, peer: bool) -> None:
     """This rank's cause of failure for the launcher's summary line (ds_relora.rank_exits)."""
     if cfg is None:
         return
-    from .rank_exits import record
+    from ds_relora.rank_exits import record
 
     rank = int(os.environ.get("RANK", "0"))
     record(cfg.train.run_dir, rank, f"{type(exc).__name__}: {exc}", peer=peer)
@@ -166,19 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     # without it (a worker started by hand) rank 0 takes the lock itself.
     parser.add_argument("--run-lock", default=None, help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
-    from .config import load_config
-    from .disk import disk_error, is_disk_error
-    from .errors import UserError
+    from ds_relora.config import load_config
+    from ds_relora.disk import disk_error, is_disk_error
+    from ds_relora.errors import UserError
 
     lock = cfg = None
     try:
         cfg = load_config(args.config)
-        from .quiet import quiet_worker
+        from ds_relora.quiet import quiet_worker
 
         quiet_worker()
         init_distributed()
-        from .run_lock import hold_in_workers, mark_released
-        from .train.trainer import Trainer
+        from ds_relora.run_lock import hold_in_workers, mark_released
+        from ds_relora.train.trainer import Trainer
 
         lock = hold_in_workers(cfg.train.run_dir, args.run_lock)
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .train.job_limits import REQUEUE_EXIT_CODE
+    from ds_relora.train.job_limits import REQUEUE_EXIT_CODE
 
     code = main()
     if code in (0, REQUEUE_EXIT_CODE):  # every rank finished (or stopped) at the same step

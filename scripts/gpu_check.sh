@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-command GPU check on one NVIDIA GPU machine, no network needed:
-#   bash scripts/gpu_check.sh [any ds_relora.gpu_check option, e.g. --peak-tflops 989 --compile inductor]
+#   bash scripts/gpu_check.sh [any ds_relora.gpu.check option, e.g. --peak-tflops 989 --compile inductor]
 # Installs ds_relora as a wheel (built from this checkout when setuptools can, else the one in
 # .whl/ from scripts/prepare_gpu_wheels.sh) with --no-deps into a private folder, plus DeepSpeed,
 # pydantic, ... from .whl/ when the machine lacks them (its own torch and transformers are kept),
-# then runs `python -m ds_relora.gpu_check` from an empty folder, so the installed wheel is what
+# then runs `python -m ds_relora.gpu` from an empty folder, so the installed wheel is what
 # is checked. Planned for 6 minutes on one H100/H200 (GPU_CHECK_LIMIT_S=360, install included):
 # bf16 relora/remora/galore runs on ZeRO 0/2/3/3+offload (merge, reset, checkpoint, resume), then
 # the full-vs-relora throughput pairs (tokens/s, MFU, peak memory, attention kernel that ran);
@@ -75,7 +75,7 @@ left=$((LIMIT - ($(date +%s) - started)))
 [ "$left" -ge 60 ] || left=60  # (timeout 0 would mean no limit at all)
 rc=0
 # The check plans its parts 20 s inside the hard limit; a later --budget-s of the caller wins.
-timeout --signal=TERM --kill-after=10 "$left" "$PY" -m ds_relora.gpu_check --budget-s $((left - 20)) "$@" || rc=$?
+timeout --signal=TERM --kill-after=10 "$left" "$PY" -m ds_relora.gpu --budget-s $((left - 20)) "$@" || rc=$?
 if [ "$rc" -eq 124 ]; then
   echo "error: the GPU check ran past its ${LIMIT}s limit (GPU_CHECK_LIMIT_S); $OUT/gpu_check.json has the parts that finished" >&2
 fi

@@ -168,7 +168,7 @@ def step_lines(run_dir: Path) -> list[int]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    from ds_relora.checkpoint_format import open_weights
+    from ds_relora.checkpoint.format import open_weights
 
     return open_weights(run_dir / "checkpoints" / f"step-{STEPS}").load_all()
 

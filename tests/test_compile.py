@@ -56,7 +56,7 @@ def test_wrapped_model_traces_into_one_graph():
     import torch._dynamo
 
     from ds_relora.models import WRAPPED_TYPES, Shape, build_model, llama_config
-    from ds_relora.relora import wrap_model
+    from ds_relora.methods.lora_layer import wrap_model
 
     model = build_model(llama_config(Shape(hidden=48, intermediate=100, layers=2, heads=4), 61, 32), seed=0)
     wrap_model(model, rank=4, alpha=8.0, dropout=0.1, target_modules=list(WRAPPED_TYPES), seed=1)

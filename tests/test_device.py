@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from distributed import results, run_workers
-from ds_relora.relora import keep_mask, reset_moments
-from ds_relora.relora.merge import _add_delta_to_base, base_delta, compute_device, reinit_values
-from ds_relora.relora.optim_reset import pruned_count, reset_generator
+from ds_relora.zero.optim_reset import keep_mask, reset_moments
+from ds_relora.methods.merging import _add_delta_to_base, base_delta, compute_device, reinit_values
+from ds_relora.zero.optim_reset import pruned_count, reset_generator
 from ds_relora.train import trainer as trainer_mod
 from ds_relora.worker import dist_backend, local_rank_from_env
 
@@ -86,7 +86,7 @@ def _z3_weight(out, inp, rank, world, shard_device, gathered):
 @pytest.mark.parametrize("gathered", [False, True])
 def test_zero3_row_slice_merge_matches_full_product(monkeypatch, rank, gathered):
     # 7 x 5 over 3 ranks: partitions of 12 cut through rows; the last one is padded.
-    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: rank)
+    monkeypatch.setattr("ds_relora.methods.merging._partition_rank", lambda p: rank)
     a, b = torch.rand(3, 5), torch.rand(7, 3)
     w, full = _z3_weight(7, 5, rank, 3, "cpu", gathered)
     _add_delta_to_base(w, a, b, 0.25)
@@ -102,16 +102,16 @@ def test_zero3_row_slice_merge_matches_full_product(monkeypatch, rank, gathered)
 def test_zero3_merge_into_shard_on_another_device(monkeypatch):
     # The shard lives apart (meta stands for pinned CPU memory vs. GPU masters): the rows are
     # computed and moved to the shard's device; nothing mixes devices.
-    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: 1)
+    monkeypatch.setattr("ds_relora.methods.merging._partition_rank", lambda p: 1)
     w, _ = _z3_weight(7, 5, 1, 2, META, gathered=False)
     _add_delta_to_base(w, torch.rand(3, 5), torch.rand(7, 3), 0.25)
     assert w.ds_tensor.device == META
 
 
 def test_reinit_write_reaches_a_shard_on_another_device(monkeypatch):
-    from ds_relora.relora.zero_state import set_module_value
+    from ds_relora.zero.state import set_module_value
 
-    monkeypatch.setattr("ds_relora.relora.zero_state._partition_rank", lambda p: 1)
+    monkeypatch.setattr("ds_relora.zero.state._partition_rank", lambda p: 1)
     w, _ = _z3_weight(7, 5, 1, 2, META, gathered=False)
     set_module_value(w, torch.rand(7, 5))  # the new A/B come from the masters' device
     assert w.ds_tensor.device == META
@@ -147,12 +147,12 @@ def test_backend_and_local_rank_selection():
 def test_merge_orders_shard_writes_with_zero3_streams(monkeypatch):
     # ZeRO-3 gathers (and copies offloaded shards) on its own CUDA stream: a merge's in-place
     # writes to ds_tensor must come after a device sync and be followed by one.
-    from ds_relora.relora import merge as merge_mod
-    from ds_relora.relora.layer import ReLoRALinear
+    from ds_relora.methods import merging as merge_mod
+    from ds_relora.methods.lora_layer import ReLoRALinear
 
     events = []
-    monkeypatch.setattr("ds_relora.relora.merge._partition_rank", lambda p: 1)
-    monkeypatch.setattr("ds_relora.relora.zero_state._partition_rank", lambda p: 1)
+    monkeypatch.setattr("ds_relora.methods.merging._partition_rank", lambda p: 1)
+    monkeypatch.setattr("ds_relora.zero.state._partition_rank", lambda p: 1)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
     for name in ("add_delta_rows", "set_module_value"):
         real = getattr(merge_mod, name)
@@ -240,8 +240,8 @@ class MetaEngine:
 def test_step_loop_and_merge_on_an_accelerator_never_block_or_mix_devices(prepared_data, monkeypatch):
     from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
     from ds_relora.methods import get_method
-    from ds_relora.relora.controller import ReLoRAController
-    from ds_relora.relora.layer import wrap_model
+    from ds_relora.methods.controller import ReLoRAController
+    from ds_relora.methods.lora_layer import wrap_model
     from ds_relora.train.job_limits import JobLimits
     from ds_relora.train.prefetch import StepPrefetcher
 

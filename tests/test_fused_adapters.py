@@ -11,10 +11,10 @@ from torch import nn
 from distributed import results, run_workers
 from helpers import within_abs
 from ds_relora.models import Shape, build_model, llama_config
-from ds_relora.relora import wrap_model
-from ds_relora.relora.dropout_gemm import draw_seed, dropout_gemm
-from ds_relora.relora.layer import ReLoRALinear
-from ds_relora.relora.shared_input import SharedInput, link_shared_inputs, unlink_shared_inputs
+from ds_relora.methods.lora_layer import ReLoRALinear, wrap_model
+from ds_relora.methods.dropout_gemm import draw_seed, dropout_gemm
+from ds_relora.methods.lora_layer import ReLoRALinear
+from ds_relora.methods.fused_input import SharedInput, link_shared_inputs, unlink_shared_inputs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPE = Shape(hidden=48, intermediate=100, layers=2, heads=4)
@@ -133,7 +133,7 @@ def test_activation_checkpointing_recomputes_the_same_masks():
     same shared mask (checkpoint restores the RNG) and hit no stale cache entry."""
     base = tiny_wrapped(0.1)
     ckpt = copy.deepcopy(base)
-    link_shared_inputs(ckpt)  # deepcopy keeps the links; relinking is idempotent
+    link_shared_inputs(ckpt, ReLoRALinear)  # deepcopy keeps the links; relinking is idempotent
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.train(), ckpt.train()
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))

@@ -1,4 +1,4 @@
-"""The GPU check (``python -m ds_relora.gpu_check``) without a GPU: its FLOP count, budget,
+"""The GPU check (``python -m ds_relora.gpu``) without a GPU: its FLOP count, budget,
 results file and attention probe, and its ``--smoke`` rehearsal run from an installed wheel in an
 empty folder, as ``scripts/gpu_check.sh`` runs it on the GPU machine."""
 
@@ -16,7 +16,7 @@ from helpers import REPO
 
 
 def test_largest_micro_batch_extrapolates_linearly():
-    from ds_relora.gpu_bench import largest_micro_batch
+    from ds_relora.gpu.bench import largest_micro_batch
 
     gib = 2**30
     # 10 GiB fixed + 1 GiB per sequence, 100 GiB card, 85% of it usable: 75 sequences.
@@ -26,7 +26,7 @@ def test_largest_micro_batch_extrapolates_linearly():
 
 def test_causal_attention_counts_the_unmasked_half():
     from benchmarks import analytic
-    from ds_relora.flops import flops_per_token
+    from ds_relora.estimate.flops import flops_per_token
     from ds_relora.models import preset_shape
 
     shape, s = preset_shape("350m"), 1024
@@ -47,7 +47,7 @@ class Clock:
 
 
 def test_parts_fit_the_budget_and_the_results_file_follows_every_part(tmp_path):
-    from ds_relora.gpu_check import Budget, Parts
+    from ds_relora.gpu.check import Budget, Parts
 
     clock = Clock()
     res = {"parts": [], "notes": [], "runs": []}
@@ -81,7 +81,7 @@ def test_parts_fit_the_budget_and_the_results_file_follows_every_part(tmp_path):
 
 
 def test_budget_must_be_positive(capsys):
-    from ds_relora.gpu_check import main
+    from ds_relora.gpu.check import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--smoke", "--budget-s", "0"])
@@ -91,7 +91,7 @@ def test_budget_must_be_positive(capsys):
 def test_attention_probe_names_the_kernel_that_ran():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ds_relora.gpu_bench import attention_ran
+    from ds_relora.gpu.bench import attention_ran
     from ds_relora.models import build_model, llama_config, preset_shape
 
     x = torch.randint(0, 64, (2, 16))
@@ -129,7 +129,7 @@ def test_gpu_check_rehearsal_runs_every_part_from_an_installed_wheel(tmp_path):
     # -S: no .pth files, so no editable install of the checkout; torch & co. from site-packages.
     env = dict(os.environ, OUT=str(tmp_path / "out"),
                PYTHONPATH=os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]]))
-    proc = subprocess.run([sys.executable, "-S", "-m", "ds_relora.gpu_check", "--smoke", "--work", str(tmp_path / "work")],
+    proc = subprocess.run([sys.executable, "-S", "-m", "ds_relora.gpu.check", "--smoke", "--work", str(tmp_path / "work")],
                           cwd=empty, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ds_relora GPU check" in proc.stdout and "result: PASS" in proc.stdout
@@ -159,7 +159,7 @@ def test_gpu_check_rehearsal_runs_every_part_from_an_installed_wheel(tmp_path):
 @pytest.mark.distributed
 def test_compiled_throughput_compiles_one_graph_for_every_micro_batch(prepared_data, tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "ds_relora.gpu_check", "--smoke", "--stages", "zero0",
+    proc = subprocess.run([sys.executable, "-m", "ds_relora.gpu.check", "--smoke", "--stages", "zero0",
                            "--methods", "relora", "--compile", "aot_eager", "--data", str(prepared_data),
                            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -26,7 +26,7 @@ from launch_harness import DS_RELORA, env, procs, root, start  # noqa: F401  (fi
 def _fake_checkpoint(folder: Path, step: int, numel: int) -> Path:
     """A format-4 checkpoint folder written through the save's own writers: one weights shard of
     ``numel`` fp32 values (StreamingWriter, hashed while written), a small config, meta.json."""
-    from ds_relora.checkpoint_format import write_meta
+    from ds_relora.checkpoint.format import write_meta
     from ds_relora.tensor_files import shard_name, write_index
 
     staging = folder.with_name(folder.name + ".saving")
@@ -56,7 +56,7 @@ def _flip_middle(path: Path) -> None:
 AGREE = textwrap.dedent('''
     import sys
     import torch.distributed as dist
-    from ds_relora.train.checkpoint import agree_on_resume
+    from ds_relora.checkpoint.store import agree_on_resume
     dist.init_process_group("gloo")
     log = (lambda m: print(m, flush=True)) if dist.get_rank() == 0 else None
     print("CHOSEN", agree_on_resume("auto", sys.argv[1], log), flush=True)
@@ -65,9 +65,9 @@ AGREE = textwrap.dedent('''
 
 
 def test_a_byte_flipped_mid_shard_is_skipped_by_resume_and_refused_by_eval_and_export(tmp_path, capsys):
-    from ds_relora.checkpoint_format import check_complete, verify
+    from ds_relora.checkpoint.format import check_complete, verify
     from ds_relora.cli import main
-    from ds_relora.train.checkpoint import resolve_resume
+    from ds_relora.checkpoint.store import resolve_resume
 
     ckpts = tmp_path / "run" / "checkpoints"
     numel = 3 << 20  # 12 MiB of fp32: its middle lies outside the first and last 4 MiB
@@ -99,7 +99,7 @@ def test_a_byte_flipped_mid_shard_is_skipped_by_resume_and_refused_by_eval_and_e
     assert not (tmp_path / "exp").exists()
 
     # Format 3 (hash of the ends) still loads and is verified the old way.
-    from ds_relora.checkpoint_format import file_digest
+    from ds_relora.checkpoint.format import file_digest
 
     old = json.loads((older / "meta.json").read_text())
     old["format_version"] = 3
@@ -125,7 +125,7 @@ STEPS = 16
 
 @pytest.mark.distributed
 def test_a_second_run_on_the_same_folder_stops_naming_the_first(prepared_data, procs, env, root, capsys):  # noqa: F811
-    from ds_relora.checkpoint_format import check_intact
+    from ds_relora.checkpoint.format import check_intact
 
     run_dir = root / "shared"
     cfg = tiny_run_config(prepared_data, run_dir, 2, train={"total_steps": STEPS, "save_every": STEPS // 2})
@@ -225,7 +225,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_checkpoint(prepared
     """Mode: a 2 MiB tmpfs as run_dir; the first checkpoint (~2.8 MB) runs out of space in
     the middle. The worker is started by hand (no parent), so no free-space check precedes the
     save: the save itself must fail on one line and leave nothing that looks like a checkpoint."""
-    from ds_relora.train.checkpoint import resolve_resume
+    from ds_relora.checkpoint.store import resolve_resume
 
     run_dir = tmpfs("full", "2m") / "run"
     cfg = tiny_run_config(prepared_data, run_dir, 2, train={"method": "full", "total_steps": 4, "save_every": 2},
@@ -269,7 +269,7 @@ def test_too_little_space_or_a_read_only_run_dir_is_one_line_before_launch(prepa
 
 def test_export_to_a_full_or_read_only_disk_is_one_line(tmpfs, tmp_path):
     """Mode: tmpfs of 1 MiB (the export needs more) and a read-only tmpfs, as --out."""
-    from ds_relora.checkpoint_format import write_meta
+    from ds_relora.checkpoint.format import write_meta
     from transformers import LlamaConfig
 
     ckpt = tmp_path / "step-1"

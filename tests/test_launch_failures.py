@@ -132,7 +132,7 @@ def test_a_signal_to_ds_relora_train_reaches_the_launcher_and_its_code_comes_bac
 
     ready = tmp_path / "ready"
     child = f"trap 'exit 75' TERM; touch {ready}; while :; do sleep 0.05; done"
-    code = ("import os, sys; from ds_relora.supervise import run_supervised; "
+    code = ("import os, sys; from ds_relora.launch.supervise import run_supervised; "
             f"sys.exit(run_supervised(['sh', '-c', {child!r}], dict(os.environ), None))")
     parent = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     try:

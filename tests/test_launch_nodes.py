@@ -97,7 +97,7 @@ def mpi_run(prepared_data, root, env, procs):
 
 
 def test_mpirun_discovers_ranks_and_matches_one_node(local_run, mpi_run, env):
-    from ds_relora.launch import main_dry_run
+    from ds_relora.launch.launchers import main_dry_run
 
     p, cfg, run_dir = mpi_run
     plan = main_dry_run(str(cfg), env=env)

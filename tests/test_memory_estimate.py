@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from ds_relora.errors import ConfigError
-from ds_relora.memory_estimate import (activation_bytes, estimate_memory, format_table, model_state_bytes,
+from ds_relora.estimate.memory import (activation_bytes, estimate_memory, format_table, model_state_bytes,
                                        relative_error)
 from ds_relora.models import Shape
-from ds_relora.relora.dropout_gemm import dropout_gemm
+from ds_relora.methods.dropout_gemm import dropout_gemm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,7 @@ def test_activation_formula_matches_saved_tensors(method, precision):
 def test_activation_formula_matches_relora_layer(fuse):
     """The package's own layer, with dropout, shared-input fusion on and off."""
     from ds_relora.models import WRAPPED_TYPES, build_model, llama_config
-    from ds_relora.relora import wrap_model
+    from ds_relora.methods.lora_layer import wrap_model
 
     shape, vocab, batch, seq, rank = Shape(128, 344, 2, 4), 500, 2, 64, 8
     model = build_model(llama_config(shape, vocab, seq), seed=0).train()
@@ -294,8 +294,8 @@ def test_zero3_replicated_frozen_base_weights():
 
 
 def test_stage_advice_picks_the_fastest_setting_that_fits():
-    from ds_relora.memory_estimate import GiB
-    from ds_relora.stage_advice import HEADROOM, OPTIONS, format_advice, recommend_stage
+    from ds_relora.estimate.memory import GiB
+    from ds_relora.estimate.stage_advice import HEADROOM, OPTIONS, format_advice, recommend_stage
 
     setting = dict(preset="1.3b", method="relora", rank=128, num_gpus=8, micro_batch=8, seq_len=1024)
     rows, pick = recommend_stage(1000, **setting)

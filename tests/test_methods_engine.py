@@ -115,9 +115,9 @@ def test_resume_after_merge_is_bit_identical(runs, method, stage):
 def test_export_folds_the_adapter(runs, tmp_path, method, stage):
     from transformers import AutoModelForCausalLM
 
-    from ds_relora.evaluate import evaluate_model
-    from ds_relora.export import export_model
-    from ds_relora.weights import read_meta
+    from ds_relora.eval.evaluate import evaluate_model
+    from ds_relora.checkpoint.export import export_model
+    from ds_relora.checkpoint.weights import read_meta
 
     run_dir = runs[(method, stage)]
     ckpt = run_dir / "checkpoints" / "step-24"
@@ -133,7 +133,7 @@ def test_export_folds_the_adapter(runs, tmp_path, method, stage):
 
 
 def test_remora_pattern_switches_at_every_merge(runs):
-    from ds_relora.checkpoint_format import open_weights
+    from ds_relora.checkpoint.format import open_weights
 
     state = open_weights(runs[("remora", 3)] / "checkpoints" / "step-24").load_all()
     patterns = {k: v.tolist() for k, v in state.items() if k.endswith(".mora_pattern")}
@@ -177,7 +177,7 @@ def test_galore_projector_is_the_same_bits_on_1_2_3_ranks_and_every_stage(prepar
         dirs[(world, stage)] = run_dir
     for world, configs in launch.items():
         run_workers([WORKER, *configs], world, timeout=600)
-    from ds_relora.checkpoint_format import open_weights
+    from ds_relora.checkpoint.format import open_weights
 
     def projectors(run_dir):
         state = open_weights(run_dir / "checkpoints" / "step-6").load_all()

@@ -129,12 +129,12 @@ def test_warm_start_switch_keeps_the_function(resume_runs, stage):
 def test_export_round_trip(resume_runs, tmp_path, stage):
     from transformers import AutoModelForCausalLM
 
-    from ds_relora.evaluate import evaluate_model
-    from ds_relora.export import export_model
+    from ds_relora.eval.evaluate import evaluate_model
+    from ds_relora.checkpoint.export import export_model
     from ds_relora.models import build_model
-    from ds_relora.relora import wrap_model
-    from ds_relora.checkpoint_format import hf_config_file, open_weights
-    from ds_relora.weights import read_meta
+    from ds_relora.methods.lora_layer import wrap_model
+    from ds_relora.checkpoint.format import hf_config_file, open_weights
+    from ds_relora.checkpoint.weights import read_meta
 
     whole = resume_runs[stage][0]
     ckpt = whole / "checkpoints" / "step-32"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_relora import tokenize_pool
+from ds_relora.data import tokenize_pool
 from ds_relora.config import PrepareConfig
 from ds_relora.data import load_tokenizer, prepare_data, read_meta
 

@@ -73,7 +73,7 @@ def _shortened(recipe: Path, data: Path, run_dir: Path) -> dict:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_as_shipped_is_consistent(recipe):
     from ds_relora.config import load_config
-    from ds_relora.train.ds_config import build_ds_config
+    from ds_relora.zero.ds_config import build_ds_config
     from ds_relora.train.plan import check_relora
 
     cfg = load_config(recipe)

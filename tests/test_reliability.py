@@ -156,7 +156,7 @@ RESUME_AGREEMENT = textwrap.dedent('''
     import os, sys
     import torch.distributed as dist
     from ds_relora.errors import CheckpointError
-    from ds_relora.train.checkpoint import agree_on_resume
+    from ds_relora.checkpoint.store import agree_on_resume
     dist.init_process_group("gloo")
     # Rank 1 runs on a "node" that does not see rank 0's relative run_dir (no shared filesystem).
     os.chdir(sys.argv[1] if dist.get_rank() == 0 else sys.argv[2])
@@ -184,7 +184,7 @@ def test_rank0_decides_resume_and_a_rank_that_cannot_read_it_names_host_and_path
 def test_controller_reads_the_scheduler_epoch_after_the_checkpoint_load(monkeypatch):
     from types import SimpleNamespace
 
-    from ds_relora.relora import controller as ctl
+    from ds_relora.methods import controller as ctl
 
     merges = []
     monkeypatch.setattr(ctl, "merge_and_reinit", lambda *a, step, **k: merges.append(step) or {"modules": 0})
@@ -223,7 +223,7 @@ def test_the_switch_never_rewrites_a_saved_checkpoint_and_can_skip_its_own(runs)
 
 @pytest.mark.distributed
 def test_tied_embeddings_switch_to_relora(runs):
-    from ds_relora.export import load_merged_model
+    from ds_relora.checkpoint.export import load_merged_model
 
     _, events = read_metrics(runs["root"] / "tied")
     (switch,) = [e for e in events if e["event"] == "switch"]
@@ -234,7 +234,7 @@ def test_tied_embeddings_switch_to_relora(runs):
 
 @pytest.mark.distributed
 def test_weights_files_are_readable_by_the_group(runs, tmp_path):
-    from ds_relora.export import export_model
+    from ds_relora.checkpoint.export import export_model
 
     ckpt = runs["root"] / "ref" / "checkpoints" / "step-24"
     shards = sorted(ckpt.glob("*-of-*.safetensors"))
@@ -286,7 +286,7 @@ def _copy_ckpt(runs, tmp_path, step=24):
 
 
 def test_format_version_is_checked(runs, tmp_path):
-    from ds_relora.checkpoint_format import read_meta
+    from ds_relora.checkpoint.format import read_meta
     from ds_relora.errors import CheckpointError
 
     folder = _copy_ckpt(runs, tmp_path)
@@ -304,7 +304,7 @@ def test_format_version_is_checked(runs, tmp_path):
 
 def test_damaged_files_are_detected_and_auto_falls_back(runs, tmp_path):
     from ds_relora.errors import CheckpointError
-    from ds_relora.train.checkpoint import resolve_resume
+    from ds_relora.checkpoint.store import resolve_resume
 
     newest, older = _copy_ckpt(runs, tmp_path, 24), _copy_ckpt(runs, tmp_path, 16)
     shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -321,7 +321,7 @@ def test_damaged_files_are_detected_and_auto_falls_back(runs, tmp_path):
 
 
 def test_interrupted_swap_and_leftovers(runs, tmp_path, monkeypatch):
-    from ds_relora.train import checkpoint as ck
+    from ds_relora.checkpoint import store as ck
 
     folder = _copy_ckpt(runs, tmp_path, 16)
     root = folder.parent
@@ -348,7 +348,7 @@ def test_interrupted_swap_and_leftovers(runs, tmp_path, monkeypatch):
 
 
 def test_resume_on_other_data_or_layout_is_refused(runs, prepared_data, tmp_path):
-    from ds_relora.checkpoint_format import check_resume_matches, data_fingerprint, read_meta
+    from ds_relora.checkpoint.format import check_resume_matches, data_fingerprint, read_meta
     from ds_relora.errors import CheckpointError
 
     folder = runs["root"] / "ref" / "checkpoints" / "step-24"

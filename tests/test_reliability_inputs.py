@@ -127,13 +127,19 @@ def test_lora_keeps_hpz(prepared_data):
     """Only merges write W, so LoRA may keep a ZeRO++ secondary copy; ReLoRA may not."""
     from ds_relora.config import load_config
     from ds_relora.errors import ConfigError
-    from ds_relora.train.ds_config import build_ds_config
+    from ds_relora.zero.ds_config import build_ds_config
 
     sets = [f"data.path={prepared_data}", "deepspeed.config=zero3",
             "deepspeed.overrides={zero_optimization: {zero_hpz_partition_size: 2}}"]
-    assert build_ds_config(load_config(None, sets + ["train.method=lora"]), 2)["zero_optimization"]["zero_hpz_partition_size"] == 2
+    from ds_relora.methods import get_method
+
+    def build(method):
+        return build_ds_config(load_config(None, sets + [f"train.method={method}"]), 2,
+                               writes_base=get_method(method).writes_base)
+
+    assert build("lora")["zero_optimization"]["zero_hpz_partition_size"] == 2
     with pytest.raises(ConfigError, match="hpZ"):
-        build_ds_config(load_config(None, sets + ["train.method=relora"]), 2)
+        build("relora")
 
 
 # ---------------------------------------------------------------- data
@@ -263,7 +269,7 @@ def test_eval_of_a_folder_that_is_not_a_checkpoint(real_run, tmp_path):
 # ---------------------------------------------------------------- package: DeepSpeed JSONs, version, license
 
 def test_ds_configs_have_one_source_of_truth():
-    from ds_relora.train.ds_config import SHIPPED
+    from ds_relora.zero.ds_config import SHIPPED
 
     top = REPO / "ds_configs"
     assert SHIPPED == REPO / "ds_relora" / "ds_configs"
@@ -273,7 +279,7 @@ def test_ds_configs_have_one_source_of_truth():
 
 def test_ds_config_by_bare_name_from_any_folder(tmp_path, monkeypatch):
     from ds_relora.errors import ConfigError
-    from ds_relora.train.ds_config import SHIPPED, resolve_json_path
+    from ds_relora.zero.ds_config import SHIPPED, resolve_json_path
 
     monkeypatch.chdir(tmp_path)
     for name in ("zero3", "zero3.json", "ds_configs/zero3.json"):
@@ -306,7 +312,7 @@ def test_license_is_an_spdx_string():
 
 def test_local_launcher_is_quiet_unless_asked(tmp_path):
     from ds_relora.config import LaunchConfig
-    from ds_relora.launch import build_launch
+    from ds_relora.launch.launchers import build_launch
 
     env = {"PATH": os.environ["PATH"]}
     port = free_port()

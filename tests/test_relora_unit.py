@@ -9,8 +9,10 @@ from torch import nn
 
 from ds_relora.errors import ConfigError
 from ds_relora.models import PRESETS, build_model, llama_config
-from ds_relora.relora import JaggedCosine, ReLoRALinear, check_reset_args, keep_mask, merge_points, wrap_model
-from ds_relora.weights import merge_adapters
+from ds_relora.methods.schedule import JaggedCosine, merge_points
+from ds_relora.methods.lora_layer import ReLoRALinear, wrap_model
+from ds_relora.zero.optim_reset import check_reset_args, keep_mask
+from ds_relora.methods.lora import merge_adapters
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -137,7 +139,7 @@ def test_controller_merges_once_per_scheduler_step(monkeypatch):
     """A step DeepSpeed skipped (overflow) leaves the scheduler where it was: no second merge."""
     from types import SimpleNamespace
 
-    from ds_relora.relora import controller as ctl_mod
+    from ds_relora.methods import controller as ctl_mod
 
     calls = []
     monkeypatch.setattr(ctl_mod, "merge_and_reinit", lambda engine, modules, **kw: calls.append(kw["step"]) or {})

@@ -86,7 +86,7 @@ def test_the_run_precision_reaches_the_attention_choice(gpu_with_flash_attn, pre
 
     from ds_relora.config import RunConfig
     from ds_relora.config_base import from_dict
-    from ds_relora.train import ds_config as ds_mod
+    from ds_relora.zero import ds_config as ds_mod
     from ds_relora.train.plan import plan_run
 
     monkeypatch.setattr(ds_mod, "bf16_available", lambda: True)
@@ -106,7 +106,7 @@ def test_the_run_precision_reaches_the_attention_choice(gpu_with_flash_attn, pre
 # ----------------------------------------------------------------------------- ds-relora eval
 @pytest.mark.parametrize("cuda", [True, False])
 def test_eval_runs_on_cuda_in_the_runs_precision(monkeypatch, cuda):
-    from ds_relora.evaluate import eval_device_and_dtype
+    from ds_relora.eval.evaluate import eval_device_and_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     device, dtype = eval_device_and_dtype("auto", "auto", "bfloat16")
@@ -125,7 +125,7 @@ def test_eval_runs_on_cuda_in_the_runs_precision(monkeypatch, cuda):
 
 
 def _checkpoint_like(folder, compute_dtype):
-    from ds_relora.checkpoint_format import FORMAT_VERSION, META
+    from ds_relora.checkpoint.format import FORMAT_VERSION, META
 
     folder.mkdir()
     (folder / META).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": 4, "data_path": "d", "seq_len": 32,
@@ -135,7 +135,7 @@ def _checkpoint_like(folder, compute_dtype):
 
 @pytest.mark.parametrize("cuda", [True, False])
 def test_eval_cli_passes_the_checkpoints_precision(monkeypatch, tmp_path, capsys, cuda):
-    import ds_relora.evaluate as ev
+    import ds_relora.eval.evaluate as ev
     from ds_relora import cli
 
     folder = _checkpoint_like(tmp_path / "step-4", "bfloat16")
@@ -156,7 +156,7 @@ def test_eval_cli_passes_the_checkpoints_precision(monkeypatch, tmp_path, capsys
 
 
 def test_eval_autocasts_without_changing_fp32_results(prepared_data):
-    from ds_relora.evaluate import evaluate_model
+    from ds_relora.eval.evaluate import evaluate_model
     from ds_relora.models import PRESETS, build_model, llama_config
 
     model = build_model(llama_config(PRESETS["tiny"], 512, 32), seed=0).eval()

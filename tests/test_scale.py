@@ -90,7 +90,7 @@ def test_switch_from_shards_equals_warm_start_from_the_sharded_checkpoint(scale_
 def test_checkpoint_is_sharded_by_rank_and_loads_in_transformers(scale_runs):
     from transformers import AutoModelForCausalLM
 
-    from ds_relora.checkpoint_format import open_moments, open_weights
+    from ds_relora.checkpoint.format import open_moments, open_weights
 
     ckpt = scale_runs / "pretrained_z3" / "checkpoints" / "step-6"
     weights, moments = open_weights(ckpt), open_moments(ckpt)
@@ -115,7 +115,7 @@ def test_missing_shard_is_one_line_and_nothing_written(scale_runs, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "model-00002-of-00002.safetensors" in lines[0], proc.stderr
     assert not out.exists()
-    from ds_relora.checkpoint_format import check_complete
+    from ds_relora.checkpoint.format import check_complete
     from ds_relora.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors is missing"):
@@ -125,7 +125,7 @@ def test_missing_shard_is_one_line_and_nothing_written(scale_runs, tmp_path):
 def test_export_streams_into_hf_shards(scale_runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ds_relora.export import export_model, load_merged_model
+    from ds_relora.checkpoint.export import export_model, load_merged_model
 
     ckpt = scale_runs / "switch" / "checkpoints" / "step-16"
     out = export_model(ckpt, tmp_path / "export", max_shard_bytes=200_000)

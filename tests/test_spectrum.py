@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from ds_relora.errors import CheckpointError
 from ds_relora.models import WRAPPED_TYPES
-from ds_relora.spectrum import compute_spectrum, count_small, format_report, plot_spectrum
+from ds_relora.eval.spectrum import compute_spectrum, count_small, format_report, plot_spectrum
 
 H, F = 12, 20  # hidden and intermediate of the synthetic model
 SHAPES = {"q_proj": (H, H), "k_proj": (H, H), "v_proj": (H, H), "o_proj": (H, H),

@@ -276,7 +276,7 @@ def test_lm_eval_on_a_local_task_shows_in_compare(swept, tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from ds_relora.evaluate import load_any_model
+    from ds_relora.eval.evaluate import load_any_model
 
     ckpt = swept["out"] / "relora" / "checkpoints" / f"step-{TOTAL}"
     docs = [{"question": "def main", "choices": ["(", "import"], "label": 0},

@@ -147,7 +147,7 @@ def phase_table(events: list[dict], export: tuple[float, float] | None, fp32_mib
 
 def model_states(shape, vocab: int, ranks: int, rank: int) -> dict[tuple[str, bool], float]:
     """estimate-memory's model states per rank (MiB), ZeRO-3 fp32, with and without Adam moments."""
-    from ds_relora.memory_estimate import estimate_memory
+    from ds_relora.estimate.memory import estimate_memory
 
     out = {}
     for method in ("full", "relora"):
@@ -163,7 +163,7 @@ def read_memory_events(run_dir: Path) -> list[dict]:
 
 
 def estimate_lines(preset, method: str, rank: int, vocab: int, ranks: int, seq: int) -> list[str]:
-    from ds_relora.memory_estimate import estimate_memory
+    from ds_relora.estimate.memory import estimate_memory
 
     est = estimate_memory(preset, method, rank, 3, ranks, 1, seq, vocab, precision="fp32")
     states = est.weights + est.grads + est.master + est.adam

@@ -87,8 +87,8 @@ def worker(cfg: dict) -> None:
     from ds_relora.config import RunConfig
     from ds_relora.models import WRAPPED_TYPES, Shape, build_model, describe_params, llama_config
     from ds_relora.methods import get_method
-    from ds_relora.relora import JaggedCosine
-    from ds_relora.train.ds_config import build_ds_config
+    from ds_relora.methods.schedule import JaggedCosine
+    from ds_relora.zero.ds_config import build_ds_config
     from ds_relora.train.engine import build_engine
 
     cuda = cfg["device"] == "cuda"
@@ -117,7 +117,7 @@ def worker(cfg: dict) -> None:
     groups = get_method(cfg["method"]).param_groups(model, RunConfig())
     engine = build_engine(model.to(device), ds, lr=1e-4, schedule=JaggedCosine(10**6, 0), groups=groups)
     if cfg["method"] != "full" and cfg["stage"] == 3 and cfg["zero3_frozen_base"] != "partition":
-        from ds_relora.relora.zero3_frozen import apply_zero3_frozen_base
+        from ds_relora.zero.frozen_base import apply_zero3_frozen_base
 
         apply_zero3_frozen_base(engine, cfg["zero3_frozen_base"])
     if cfg.get("compile"):
@@ -158,14 +158,14 @@ def worker(cfg: dict) -> None:
     # step with the comms logger on (it synchronises after every op, so it is not timed).
     states = {}
     try:
-        from ds_relora.memory_estimate import model_state_bytes_from_engine
+        from ds_relora.estimate.memory import model_state_bytes_from_engine
 
         def grab():
             states.update(model_state_bytes_from_engine(engine))
 
         step(batch(), grab)
     except ImportError:
-        states = {"missing": "ds_relora.memory_estimate not available"}
+        states = {"missing": "ds_relora.estimate.memory not available"}
     dscomm.configure(enabled=True, prof_all=True, prof_ops=[], verbose=False, debug=True)
     comms_reset()
     step(batch())
@@ -201,7 +201,7 @@ def grad_bytes(comms: dict) -> int:
 
 def report(records: list[dict], args) -> str:
     try:
-        from ds_relora.memory_estimate import model_state_bytes as estimate_states
+        from ds_relora.estimate.memory import model_state_bytes as estimate_states
     except ImportError:
         estimate_states = None
     shape = args.shape_obj

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ds_relora.checkpoint_format import whole_file_hash
+from ds_relora.checkpoint.format import whole_file_hash
 from ds_relora.tensor_files import StreamingWriter
 
 ap = argparse.ArgumentParser()

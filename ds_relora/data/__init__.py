@@ -4,10 +4,10 @@
 ``DistributedBatchIterator`` and ``validation_batches`` read it in every training worker.
 """
 
-from .corpus import open_documents
-from .dataset import DistributedBatchIterator, PackedDataset, read_meta, validation_batches
-from .prepare import prepare_data
-from .tokenizer import EOS_TOKEN, load_tokenizer, train_bpe
+from ds_relora.data.corpus import open_documents
+from ds_relora.data.dataset import DistributedBatchIterator, PackedDataset, read_meta, validation_batches
+from ds_relora.data.prepare import prepare_data
+from ds_relora.data.tokenizer import EOS_TOKEN, load_tokenizer, train_bpe
 
 __all__ = [
     "EOS_TOKEN",

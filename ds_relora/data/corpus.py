@@ -18,7 +18,7 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..errors import DataError
+from ds_relora.errors import DataError
 
 # Builder name of ``datasets.load_dataset`` per extension; "text" means one file = one document.
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}

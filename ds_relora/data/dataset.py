@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ds_relora.errors import DataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")

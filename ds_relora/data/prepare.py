@@ -12,7 +12,7 @@ with ``os.replace``: a folder named ``out_dir`` with a ``meta.json`` is always c
 
 Parallel: with ``prepare.num_workers`` > 1 the tokenizer is still trained here, in one process;
 then worker processes tokenize batches of documents while this process reads the source and
-packs the returned tokens in source order (``ds_relora.tokenize_pool``, ``packing``). Split choice, the
+packs the returned tokens in source order (``ds_relora.data.tokenize_pool``, ``packing``). Split choice, the
 ``max_tokens`` cut and shard boundaries are all decided in this process, so the output is byte-identical
 to ``num_workers: 1``; settings that only change how the work is done (``EXECUTION_FIELDS``)
 are left out of ``meta.json`` for the same reason. Slicing one source over several nodes is
@@ -43,14 +43,14 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..config import PrepareConfig
-from ..config_base import to_dict
-from ..errors import ConfigError, DataError
-from .. import tokenize_pool
-from .corpus import open_documents, resolve_local_files, stdlib_files
-from .dataset import FORMAT_VERSION
-from .packing import PROGRESS_FILE, no_documents, pack, write_durable
-from .tokenizer import MIN_BPE_VOCAB, load_pretrained_tokenizer, train_bpe
+from ds_relora.config import PrepareConfig
+from ds_relora.config_base import to_dict
+from ds_relora.errors import ConfigError, DataError
+from ds_relora.data import tokenize_pool
+from ds_relora.data.corpus import open_documents, resolve_local_files, stdlib_files
+from ds_relora.data.dataset import FORMAT_VERSION
+from ds_relora.data.packing import PROGRESS_FILE, no_documents, pack, write_durable
+from ds_relora.data.tokenizer import MIN_BPE_VOCAB, load_pretrained_tokenizer, train_bpe
 
 Log = Callable[[str], None]
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ds_relora.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -68,7 +68,7 @@ def load_tokenizer(data_dir: str | Path) -> "PreTrainedTokenizerFast":
     """The tokenizer saved by ``prepare_data`` in ``data_dir``."""
     from transformers import AutoTokenizer
 
-    from .dataset import read_meta
+    from ds_relora.data.dataset import read_meta
 
     meta = read_meta(data_dir)
     path = Path(data_dir) / meta.get("tokenizer", "tokenizer")

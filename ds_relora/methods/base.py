@@ -26,7 +26,7 @@ what is theirs (``mora``, ``galore``).
 
 The ZeRO-exact layer every method shares (not a ReLoRA detail):
 
-* ``relora/zero_state.py``: ``get_master``/``set_master`` and ``get_moment``/``set_moment`` read
+* ``zero/state.py``: ``get_master``/``set_master`` and ``get_moment``/``set_moment`` read
   and write the optimizer's fp32 copy and Adam moments of one *whole* trainable parameter on
   every stage (collective on ZeRO 1/2/3, same value on every rank for the setters);
 * a merge adds ΔW into the frozen W: replicated on ZeRO 0-2 (every rank adds the same delta), and
@@ -46,8 +46,8 @@ from typing import Callable, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..relora.zero_state import full_shape
+from ds_relora.errors import ConfigError
+from ds_relora.zero.state import full_shape
 
 
 @dataclasses.dataclass
@@ -99,6 +99,9 @@ class Method:
     name: ClassVar[str] = ""
     adapters: ClassVar[bool] = False   # the method wraps linears (a frozen W plus trainables)
     merges: ClassVar[bool] = False     # merge-and-reinit at relora.reset_every (jagged LR, optimizer reset)
+    # The method adds into the frozen W during training (merges, GaLore's projector changes): a
+    # ZeRO++ second copy of W (hpZ, quantized weights) would go stale, so the DeepSpeed config refuses one.
+    writes_base: ClassVar[bool] = False
     resume_keys: ClassVar[tuple[str, ...]] = ()  # "section.key" settings a resume must not change
 
     def __init__(self):
@@ -222,7 +225,7 @@ def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_adapter_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Write saved adapter buffers back (resume); a missing one is a damaged checkpoint."""
-    from ..errors import CheckpointError
+    from ds_relora.errors import CheckpointError
 
     for name, mod in model.named_modules():
         own = getattr(mod, "adapter_buffers", dict)()

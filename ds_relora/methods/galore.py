@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .base import Method, ScheduleSpec, adapter_rank, register, wrap_targets
+from ds_relora.errors import ConfigError
+from ds_relora.methods.base import Method, ScheduleSpec, adapter_rank, register, wrap_targets
 
 
 def check_layer(name: str, out_features: int, in_features: int, rank: int) -> None:
@@ -238,7 +238,7 @@ def _update_projectors(engine, layers, grads: dict[str, torch.Tensor], rank: int
     all-reduced (fp64) gradient, computed on rank 0 and broadcast so every rank holds the same one."""
     import torch.distributed as dist
 
-    from ..relora.merge import merge_layer
+    from ds_relora.methods.merging import merge_layer
 
     for name, layer in layers:
         g = grads.pop(name)
@@ -258,6 +258,7 @@ class GaLoreMethod(Method):
     plain Adam. A frozen-projection adapter, not an optimizer wrapper: see the module docstring."""
 
     name = "galore"
+    writes_base = True  # each projector change merges C into W
     adapters = True
     resume_keys = ("galore.rank", "galore.scale", "relora.rank", "relora.target_modules")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..relora.layer import wrap_model
-from ..weights import merge_adapters
-from .base import Method, register
+import torch
+
+from ds_relora.methods.lora_layer import wrap_model
+from ds_relora.methods.base import Method, register
 
 
 @register
@@ -34,3 +35,19 @@ class ReLoRAMethod(LoRAMethod):
 
     name = "relora"
     merges = True
+    writes_base = True
+
+
+def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Fold every ``X.lora_B @ X.lora_A`` (times ``scale``) into ``X.weight``; drop the adapters."""
+    merged = {}
+    for name, tensor in state.items():
+        if name.endswith(".lora_A") or name.endswith(".lora_B"):
+            continue
+        if name.endswith(".weight") and name[: -len(".weight")] + ".lora_A" in state:
+            prefix = name[: -len(".weight")]
+            a = state[prefix + ".lora_A"].double()
+            b = state[prefix + ".lora_B"].double()
+            tensor = (tensor.double() + scale * (b @ a)).to(tensor.dtype)
+        merged[name] = tensor
+    return merged

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..relora.layer import adopt_frozen_base
-from .base import Method, adapter_rank, register, wrap_targets
+from ds_relora.errors import ConfigError
+from ds_relora.methods.lora_layer import adopt_frozen_base
+from ds_relora.methods.base import Method, adapter_rank, register, wrap_targets
 
 KINDS = ("sharing", "rope")
 ROPE_BASE = 10000.0
@@ -311,6 +311,7 @@ class ReMoRAMethod(MoRAMethod):
 
     name = "remora"
     merges = True
+    writes_base = True
 
     def wrap(self, model, cfg, seed: int):
         self.switch = cfg.mora.switch_groups

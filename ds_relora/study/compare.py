@@ -22,10 +22,10 @@ from typing import Optional
 
 import yaml
 
-from ..errors import UserError
-from .lm_eval import RESULTS_FILE, read_task_scores
-from .runner import STATE_FILE, point_state
-from .sweep import POINT_FILE, POINTS_FILE, comparable
+from ds_relora.errors import UserError
+from ds_relora.study.lm_eval import RESULTS_FILE, read_task_scores
+from ds_relora.study.runner import STATE_FILE, point_state
+from ds_relora.study.sweep import POINT_FILE, POINTS_FILE, comparable
 
 PEAK_KEY = re.compile(r"^peak_.*_(mb|mib)$")
 
@@ -95,7 +95,7 @@ def _peak_mem(records) -> Optional[float]:
 
 
 def _latest_meta(run_dir: Path) -> dict:
-    from ..train.checkpoint import complete_checkpoints
+    from ds_relora.checkpoint.store import complete_checkpoints
 
     found = complete_checkpoints(run_dir / "checkpoints")
     try:
@@ -283,8 +283,8 @@ def _csv(fields: list[str], rows: list[dict]) -> str:
 
 def compare(paths: list[str], out: Path, plots: bool = True) -> dict:
     """Write compare.md, compare.csv (one row per group), runs.csv (one per run) and the PNGs."""
-    from ..train.checkpoint import write_atomic
-    from .plots import fit_power_law, plot_all
+    from ds_relora.checkpoint.store import write_atomic
+    from ds_relora.study.plots import fit_power_law, plot_all
 
     runs = [summarize_run(p) for p in find_runs(paths)]
     if not runs:

@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import UserError
+from ds_relora.errors import UserError
 
 RESULTS_FILE = "lm_eval.json"
 INSTALL_HINT = "pip install 'ds_relora[eval]' (lm-eval and accelerate)"
@@ -93,7 +93,7 @@ def run_tasks(path: str | Path, tasks: list[str], *, include_path: list[str] | N
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    from ..evaluate import load_any_model
+    from ds_relora.eval.evaluate import load_any_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_any_model(folder).to(device).eval()
@@ -109,7 +109,7 @@ def run_tasks(path: str | Path, tasks: list[str], *, include_path: list[str] | N
     record["runs"] = [*record.get("runs", []), {
         "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot, "lm_eval_version": result.get("lm_eval_version"),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "n_samples": result.get("n-samples")}]
-    from ..train.checkpoint import write_atomic
+    from ds_relora.checkpoint.store import write_atomic
 
     write_atomic(folder / RESULTS_FILE, json.dumps(record, indent=2, default=str))
     return {"path": str(folder), "scores": scores, "results": result.get("results", {})}
@@ -124,7 +124,7 @@ def _read(path: Path) -> dict:
 
 def read_task_scores(run_dir: Path) -> dict[str, float]:
     """Scores of the newest checkpoint of ``run_dir`` that has lm-eval results (else the run folder's own)."""
-    from ..train.checkpoint import complete_checkpoints
+    from ds_relora.checkpoint.store import complete_checkpoints
 
     for _, folder in reversed(complete_checkpoints(Path(run_dir) / "checkpoints")):
         if (folder / RESULTS_FILE).is_file():

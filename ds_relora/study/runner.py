@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from ..train.checkpoint import complete_checkpoints, write_atomic
-from ..train.job_limits import REQUEUE_EXIT_CODE
+from ds_relora.checkpoint.store import complete_checkpoints, write_atomic
+from ds_relora.train.job_limits import REQUEUE_EXIT_CODE
 
 STATE_FILE = "sweep_state.json"
 STATUSES = ("done", "running", "failed", "partial", "pending")

@@ -29,9 +29,9 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import RunConfig, to_dict
-from ..config_base import doc, from_dict
-from ..errors import ConfigError, UserError
+from ds_relora.config import RunConfig, to_dict
+from ds_relora.config_base import doc, from_dict
+from ds_relora.errors import ConfigError, UserError
 
 # Run-control fields: they change how a point is run, not what it trains, so changing them
 # between two sweep invocations does not make an existing run folder stale.
@@ -153,7 +153,7 @@ def sweep_dir(spec: SweepSpec, path: Path, out: str | None = None) -> Path:
 
 
 def _base_dict(spec: SweepSpec, path: Path) -> dict:
-    from ..cli import resolve_config_path
+    from ds_relora.config import resolve_config_path
 
     data: dict = {}
     if spec.base:
@@ -258,8 +258,8 @@ def full_rank_params(cfg: RunConfig) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..data import read_meta
-    from ..train.plan import build_hf_config
+    from ds_relora.data import read_meta
+    from ds_relora.train.plan import build_hf_config
 
     full = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, method="full"))
     hf = build_hf_config(full, read_meta(cfg.data.path))
@@ -278,7 +278,7 @@ def apply_budget(cfg: RunConfig, budget: BudgetSpec, world: int) -> None:
         raise ConfigError("set only one of budget.tokens_per_param and budget.tokens")
     if budget.tokens_per_param is None and budget.tokens is None:
         return
-    from ..train.ds_config import batch_layout
+    from ds_relora.zero.ds_config import batch_layout
 
     _, _, global_batch = batch_layout(cfg, world)
     if budget.tokens_per_param is not None:
@@ -301,7 +301,7 @@ def apply_derive(cfg: RunConfig, d: DeriveSpec) -> None:
             raise ConfigError(f"derive.{field}={value} must be in [0, 1)")
     if d.warmup_fraction is not None:
         cfg.optim.warmup_steps = max(1, round(d.warmup_fraction * t.total_steps))
-    from ..methods import get_method
+    from ds_relora.methods import get_method
 
     method = get_method(t.method)
     adapters = method.adapters
@@ -332,8 +332,8 @@ def apply_derive(cfg: RunConfig, d: DeriveSpec) -> None:
 
 def validate(cfg: RunConfig, world: int) -> None:
     """The checks ``ds-relora train`` makes before it launches."""
-    from ..launch import build_launch
-    from ..train.plan import plan_run
+    from ds_relora.launch.launchers import build_launch
+    from ds_relora.train.plan import plan_run
 
     plan_run(cfg, world)
     build_launch(cfg.launch, ["--config", str(Path(cfg.train.run_dir) / "config.yaml")], strict=False)
@@ -362,8 +362,8 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
 def write_points(points: list[Point], out: Path, spec_path: Path) -> None:
     """One folder per point with its resolved config; refuses to overwrite a started run whose
     config changed (its checkpoints and metrics belong to the old config)."""
-    from ..config import dump_config
-    from ..train.checkpoint import write_atomic
+    from ds_relora.config import dump_config
+    from ds_relora.checkpoint.store import write_atomic
 
     for p in points:
         resolved = p.run_dir / "config.yaml"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from ..methods.base import default_param_groups
-from ..relora.schedule import JaggedCosine, make_scheduler
+from ds_relora.errors import ConfigError
+from ds_relora.methods.base import default_param_groups
+from ds_relora.methods.schedule import JaggedCosine, make_scheduler
 
 
 def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,

@@ -9,39 +9,16 @@ checkpoints and exits with :data:`REQUEUE_EXIT_CODE`, which a batch script reque
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
-from ..errors import ConfigError
+from ds_relora.config import parse_duration
 
 # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry".
 REQUEUE_EXIT_CODE = 75
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 # Larger code wins the all-reduce (MAX); names are what the log line and the metrics event say.
 REASONS = {1: "train.stop_after_steps", 2: "train.max_steps_per_job", 3: "train.time_limit", 4: "a stop signal"}
-
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(value, where: str = "train.time_limit") -> float | None:
-    """Seconds of '13800', '3h50m', '90m', '1d2h', '03:50:00' or '50:00' (MM:SS); None stays None."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    seconds = None
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        seconds = float(text)
-    elif re.fullmatch(r"\d+(:\d{1,2}){1,2}", text):
-        parts = [int(p) for p in text.split(":")]
-        seconds = float(sum(p * 60 ** i for i, p in enumerate(reversed(parts))))
-    elif text and (m := _DURATION.match(text)):
-        d, h, mi, s = (float(g or 0) for g in m.groups())
-        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
-    if seconds is None or seconds <= 0:
-        raise ConfigError(f"{where}={value!r} is not a positive duration: write seconds (13800), '3h50m', '90m' or 'HH:MM:SS'")
-    return seconds
-
 
 class JobLimits:
     """Per-rank stop state; :meth:`agreed_code` is collective."""

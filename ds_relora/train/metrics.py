@@ -16,11 +16,6 @@ import uuid
 from pathlib import Path
 
 
-def plural(n: int, word: str) -> str:
-    """``1 rank``, ``2 ranks``."""
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
 def truncate_to_checkpoint(path: Path, step: int) -> int:
     """Cut ``metrics.jsonl`` back to the record of the checkpoint at ``step`` (records after it
     were written by the interrupted job past its last checkpoint). Returns the records dropped."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..device import comm_device
+from ds_relora.device import comm_device
 
 
 def _status_bytes(key: str) -> int | None:

@@ -11,12 +11,13 @@ import dataclasses
 
 from pathlib import Path
 
-from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, DataError
-from ..models import control_shape, llama_config, preset_shape, resolve_attn_implementation
-from ..relora.optim_reset import check_reset_args
-from ..relora.schedule import JaggedCosine
-from .ds_config import batch_layout, build_ds_config
+from ds_relora.config import RunConfig
+from ds_relora.errors import CheckpointError, ConfigError, DataError
+from ds_relora.models import control_shape, llama_config, preset_shape, resolve_attn_implementation
+from ds_relora.zero.optim_reset import check_reset_args
+from ds_relora.methods import get_method
+from ds_relora.methods.schedule import JaggedCosine
+from ds_relora.zero.ds_config import batch_layout, build_ds_config
 
 
 @dataclasses.dataclass
@@ -34,7 +35,7 @@ class RunPlan:
 
 
 def _read_data_meta(path: str) -> dict:
-    from ..data import read_meta
+    from ds_relora.data import read_meta
 
     return read_meta(path)
 
@@ -96,7 +97,6 @@ def build_hf_config(cfg: RunConfig, meta: dict, compute_dtype=None):
 
 def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int]:
     """The adapter phase's settings (any adapter method): returns (adapters, merges, start step)."""
-    from ..methods import get_method
 
     r, total = cfg.relora, cfg.train.total_steps
     method = get_method(cfg.train.method)
@@ -112,7 +112,7 @@ def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int]:
         raise ConfigError("set only one of relora.warm_start_steps and relora.warm_start_from")
     start = r.warm_start_steps
     if r.warm_start_from:
-        from ..weights import read_meta
+        from ds_relora.checkpoint.weights import read_meta
 
         meta = read_meta(r.warm_start_from)
         if meta.get("phase") != "full":
@@ -146,16 +146,16 @@ def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int]:
 
 
 def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
-    from .ds_config import compute_dtype, zero_stage
+    from ds_relora.zero.ds_config import compute_dtype, zero_stage
 
-    ds = build_ds_config(cfg, world_size)
+    ds = build_ds_config(cfg, world_size, writes_base=get_method(cfg.train.method).writes_base)
     adapters, merges, start = check_relora(cfg, zero_stage(ds))
     if not 0 <= cfg.optim.warmup_steps < cfg.train.total_steps:
         raise ConfigError(
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be below train.total_steps={cfg.train.total_steps}"
         )
     if cfg.train.compile:
-        from .engine import check_compile_backend
+        from ds_relora.train.engine import check_compile_backend
 
         check_compile_backend(cfg.train.compile_backend)
     micro, accum, global_batch = batch_layout(cfg, world_size)
@@ -208,7 +208,6 @@ def check_adapter_phase(cfg: RunConfig, hf) -> int:
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from ..methods import get_method
 
     r = cfg.relora
     model = _meta_model(hf)
@@ -236,7 +235,7 @@ def check_same_model(folder: Path, hf, fix: str) -> None:
     """Refuse a checkpoint whose HF config has other parameter shapes than ``hf``."""
     import json
 
-    from ..checkpoint_format import hf_config_file
+    from ds_relora.checkpoint.format import hf_config_file
 
     try:
         hf_file = hf_config_file(folder)
@@ -259,12 +258,12 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
     number of ranks, another method, another model shape or vocabulary, another adapter rank."""
     import yaml
 
-    from ..weights import read_meta
+    from ds_relora.checkpoint.weights import read_meta
 
     folder = Path(folder)
     meta = read_meta(folder)
-    from .ds_config import zero_stage
-    from .elastic import check_elastic, needs_elastic
+    from ds_relora.zero.ds_config import zero_stage
+    from ds_relora.checkpoint.elastic import check_elastic, needs_elastic
 
     if needs_elastic(meta, plan.world_size, zero_stage(plan.ds_config)):
         try:
@@ -283,7 +282,6 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
                      "data (data.path, its tokenizer), or use another train.run_dir")
     config_file = folder / "config.yaml"
     if plan.adapters and meta.get("phase") == "adapters" and config_file.is_file():
-        from ..methods import get_method
 
         try:
             saved = yaml.safe_load(config_file.read_text()) or {}
@@ -302,12 +300,11 @@ def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
 def expected_save_bytes(cfg: RunConfig, plan: RunPlan) -> int:
     """About what one checkpoint of this run takes on disk (its largest phase's), for the free
     space check before launch: the model is built on the meta device (no memory)."""
-    from ..checkpoint_format import expected_checkpoint_bytes
+    from ds_relora.checkpoint.format import expected_checkpoint_bytes
 
     model = _meta_model(plan.hf_config)
     full_phase = not plan.adapters or (plan.relora_start > 0 and not cfg.relora.warm_start_from)
     if not full_phase:
-        from ..methods import get_method
 
         get_method(cfg.train.method).wrap(model, cfg, seed=cfg.train.seed)
     return expected_checkpoint_bytes(model)

@@ -16,29 +16,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint_format import check_resume_matches, data_fingerprint
-from ..config import RunConfig, dump_config
-from ..config_base import to_dict
-from ..data import DistributedBatchIterator, PackedDataset, validation_batches
-from ..device import comm_device, host_scalars
-from ..models import build_model, describe_params, human, pretrained_weights
-from ..methods import get_method
-from ..relora import JaggedCosine, merge_points
-from ..relora.zero3_frozen import apply_zero3_frozen_base
-from ..faults import fault_point
-from ..relora.controller import ReLoRAController
-from ..weights import read_meta
-from ..checkpoint_format import open_weights
-from .checkpoint import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
-from .state_io import load_weights, local_snapshot, restore_snapshot
-from . import elastic
-from .ds_config import compute_dtype, zero_stage
-from .engine import build_engine, compile_engine, release_engine
-from .job_limits import REQUEUE_EXIT_CODE, JobLimits
-from .metrics import MetricsLogger, plural
-from .phase_memory import PhaseMemory
-from .prefetch import StepPrefetcher
-from .plan import plan_run
+from ds_relora.checkpoint.format import check_resume_matches, data_fingerprint
+from ds_relora.config import RunConfig, dump_config
+from ds_relora.config_base import to_dict
+from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
+from ds_relora.device import comm_device, host_scalars
+from ds_relora.display import human, plural
+from ds_relora.models import build_model, describe_params, pretrained_weights
+from ds_relora.methods import get_method
+from ds_relora.methods.schedule import JaggedCosine, merge_points
+from ds_relora.zero.frozen_base import apply_zero3_frozen_base
+from ds_relora.faults import fault_point
+from ds_relora.methods.controller import ReLoRAController
+from ds_relora.checkpoint.weights import read_meta
+from ds_relora.checkpoint.format import open_weights
+from ds_relora.checkpoint.store import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
+from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
+from ds_relora.checkpoint import elastic
+from ds_relora.zero.ds_config import compute_dtype, zero_stage
+from ds_relora.train.engine import build_engine, compile_engine, release_engine
+from ds_relora.train.job_limits import REQUEUE_EXIT_CODE, JobLimits
+from ds_relora.train.metrics import MetricsLogger
+from ds_relora.train.phase_memory import PhaseMemory
+from ds_relora.train.prefetch import StepPrefetcher
+from ds_relora.train.plan import plan_run
 
 
 def _all_reduce_mean(value: torch.Tensor, world: int) -> torch.Tensor:
@@ -160,7 +161,7 @@ class Trainer:
 
     def _meta(self) -> dict:
         adapters = self.phase == "adapters"
-        from .. import __version__
+        from ds_relora import __version__
 
         return {
             "ds_relora_version": __version__, "step": self.step, "phase": self.phase,

@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.models import Shape, build_model, llama_config
-from ds_relora.relora import JaggedCosine, merge_and_reinit, wrap_model
-from ds_relora.relora.zero3_frozen import apply_zero3_frozen_base, frozen_zero3_params
+from ds_relora.methods.schedule import JaggedCosine
+from ds_relora.methods.merging import merge_and_reinit
+from ds_relora.methods.lora_layer import wrap_model
+from ds_relora.zero.frozen_base import apply_zero3_frozen_base, frozen_zero3_params
 from ds_relora.train.engine import build_engine
 from ds_relora.worker import init_distributed
 

@@ -8,7 +8,8 @@ ranks, e.g. through PYTHONPATH.
 
 import sys
 
-from ds_relora import cli, launch
+from ds_relora import cli
+from ds_relora.launch import launchers as launch
 
 if __name__ == "__main__":
     launch.WORKER = sys.argv[1]  # build_launch reads the module-level name at call time

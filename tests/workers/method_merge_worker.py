@@ -9,7 +9,8 @@ import torch
 from ds_relora.config import RunConfig
 from ds_relora.methods import get_method
 from ds_relora.models import build_model, llama_config
-from ds_relora.relora import JaggedCosine, merge_and_reinit
+from ds_relora.methods.schedule import JaggedCosine
+from ds_relora.methods.merging import merge_and_reinit
 from ds_relora.train.engine import build_engine
 from ds_relora.worker import init_distributed
 

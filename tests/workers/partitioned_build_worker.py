@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.models import PRESETS, build_model, llama_config
-from ds_relora.relora import wrap_model
+from ds_relora.methods.lora_layer import wrap_model
 from ds_relora.worker import init_distributed
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,

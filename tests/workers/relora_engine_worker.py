@@ -16,11 +16,14 @@ import torch.distributed as dist
 
 import deepspeed
 from ds_relora.models import Shape, build_model, llama_config
-from ds_relora.relora import JaggedCosine, keep_mask, merge_and_reinit, merge_points, reset_moments, wrap_model
-from ds_relora.relora.controller import ReLoRAController
-from ds_relora.relora.layer import kaiming_uniform_A
-from ds_relora.relora.optim_reset import reset_generator
-from ds_relora.relora.zero_state import full_shape, get_master, get_moment, set_moment
+from ds_relora.methods.schedule import JaggedCosine, merge_points
+from ds_relora.zero.optim_reset import keep_mask, reset_moments
+from ds_relora.methods.merging import merge_and_reinit
+from ds_relora.methods.lora_layer import wrap_model
+from ds_relora.methods.controller import ReLoRAController
+from ds_relora.methods.lora_layer import kaiming_uniform_A
+from ds_relora.zero.optim_reset import reset_generator
+from ds_relora.zero.state import full_shape, get_master, get_moment, set_moment
 from ds_relora.train.engine import build_engine
 from ds_relora.worker import init_distributed
 

@@ -1,0 +1,245 @@
+"""Moving a run's whole-tensor state between an engine of any ZeRO stage and the checkpoint's
+tensor sets, one parameter at a time, so that no rank ever holds the whole model.
+
+* :func:`write_state` (a save): every parameter's fp32 value (the optimizer's master of a
+  trainable one, the module tensor of a frozen one) and its Adam moments are gathered in turn;
+  the rank that owns it (contiguous runs of about equal bytes, one per rank) streams it into its
+  own shard and the others drop it. Peak extra host memory per rank: one parameter.
+* :func:`load_weights` (warm start, elastic resume, continued pre-training): each parameter is
+  read from the memory-mapped set and every rank writes only its own shard (module and master).
+* :func:`local_snapshot` / :func:`restore_snapshot` (the warm-start switch): this rank's fp32
+  shards of an engine, copied into an engine of the same world size and stage without any
+  gather (ZeRO-3: ``4 P / N`` bytes per rank instead of a whole model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
+from ds_relora.errors import CheckpointError
+from ds_relora.zero.state import MOMENTS, _z3_local_slice, full_shape, get_master, get_moment, is_zero3_param, set_master, set_module_value
+from ds_relora.tensor_files import StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
+
+
+def _full_value(engine, p, wanted: bool) -> torch.Tensor | None:
+    """``p``'s whole fp32 value on the ranks that want it (collective where ZeRO needs it)."""
+    import deepspeed
+
+    if p.requires_grad:
+        if wanted or is_zero3_param(p) or hasattr(p, "_hp_mapping"):
+            value = get_master(engine, p)
+            return value if wanted else None
+        return None
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=is_zero3_param(p)):
+        return p.data.detach().float().reshape(full_shape(p)).clone() if wanted else None
+
+
+def _buffer_value(buf: torch.Tensor) -> torch.Tensor:
+    return (buf.float() if buf.is_floating_point() else buf).detach()
+
+
+@torch.no_grad()
+def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | None = None,
+                errors: list | None = None) -> dict[str, list[str]]:
+    """Collective: write the weights set (and the moments set) into ``folder``; returns the
+    shard files this rank wrote. Rank 0 writes the two index files. Each shard's size and hash
+    go into ``digests``. With ``errors`` given, a disk error (no space, read-only) is appended
+    there and this rank stops writing but keeps taking part in the gathers: a rank that left
+    them would hang the others; the caller agrees on the errors afterwards."""
+    from ds_relora.methods import adapter_buffers
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    params = list(engine.module.named_parameters())
+    buffers = list(adapter_buffers(engine.module).items())
+    weight_entries = [(n, torch.float32, full_shape(p)) for n, p in params]
+    weight_entries += [(n, _buffer_value(b).dtype, tuple(b.shape)) for n, b in buffers]
+    moment_entries = [[(f"{n}.{k}", torch.float32, full_shape(p)) for k in MOMENTS] if with_moments and p.requires_grad
+                      else [] for n, p in params] + [[] for _ in buffers]
+    sizes = [nbytes(shape, dtype) + sum(nbytes(s, d) for _, d, s in moments)
+             for (_, dtype, shape), moments in zip(weight_entries, moment_entries)]
+    owners = owners_by_bytes(sizes, world)
+    shard_of = {owner: i for i, owner in enumerate(sorted(set(owners)))}
+    count = len(shard_of)
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    from ds_relora.disk import is_disk_error
+
+    writers: dict[str, StreamingWriter] = {}
+    written = {WEIGHTS: [], MOMENTS_SET: []}
+    failed = []
+    try:
+        if mine:
+            name = shard_name(WEIGHTS, shard_of[rank], count)
+            writers[WEIGHTS] = StreamingWriter(folder / name, [weight_entries[i] for i in mine], {"format": "pt"}, digests)
+            written[WEIGHTS].append(name)
+            own_moments = [e for i in mine for e in moment_entries[i]]
+            if own_moments:
+                name = shard_name(MOMENTS_SET, shard_of[rank], count)
+                writers[MOMENTS_SET] = StreamingWriter(folder / name, own_moments, {"format": "pt"}, digests)
+                written[MOMENTS_SET].append(name)
+    except OSError as exc:
+        if errors is None or not is_disk_error(exc):
+            raise
+        exc.filename = exc.filename or str(folder)
+        failed.append(exc)
+        for w in writers.values():
+            w.abort()
+
+    def put(key: str, name: str, value: torch.Tensor) -> None:
+        if failed:
+            return
+        try:
+            writers[key].write(name, value)
+        except OSError as exc:
+            if errors is None or not is_disk_error(exc):
+                raise
+            exc.filename = exc.filename or str(writers[key].path)
+            failed.append(exc)
+            for w in writers.values():  # its temp files go: the space is what ran out
+                if not w.file.closed:
+                    w.abort()
+
+    try:
+        for i, (name, p) in enumerate(params):
+            keep = owners[i] == rank
+            value = _full_value(engine, p, keep)
+            if keep:
+                put(WEIGHTS, name, value)
+            del value
+            for key_name, _, _ in moment_entries[i]:
+                moment = get_moment(engine, p, key_name.rsplit(".", 1)[1])
+                if keep:
+                    put(MOMENTS_SET, key_name, moment if moment is not None else torch.zeros(full_shape(p)))
+                del moment
+        for i, (name, buf) in enumerate(buffers, start=len(params)):
+            if owners[i] == rank:
+                put(WEIGHTS, name, _buffer_value(buf))
+        if not failed:
+            for w in writers.values():
+                w.close()
+    except BaseException as exc:
+        for w in writers.values():
+            if not w.file.closed:
+                w.abort()
+        if errors is not None and is_disk_error(exc):
+            exc.filename = exc.filename or str(folder)
+            failed.append(exc)
+        else:
+            raise
+    if failed:
+        errors.append(failed[0])
+        return written
+    if rank == 0:
+        try:
+            for prefix, entries in ((WEIGHTS, [[e] for e in weight_entries]), (MOMENTS_SET, moment_entries)):
+                weight_map = {n: shard_name(prefix, shard_of[owners[i]], count) for i, group in enumerate(entries) for n, _, _ in group}
+                if weight_map:
+                    total = sum(nbytes(s, d) for group in entries for _, d, s in group)
+                    write_index(folder, prefix, weight_map, total)
+        except OSError as exc:
+            if errors is None or not is_disk_error(exc):
+                raise
+            exc.filename = exc.filename or str(folder)
+            errors.append(exc)
+    return written
+
+
+def _partitioned(p) -> bool:
+    """A ZeRO-3 param that is not held whole (not persistent)."""
+    return is_zero3_param(p) and p.data.numel() != p.ds_numel
+
+
+def _write_local(p, local: torch.Tensor, with_master: bool) -> None:
+    """Write this rank's flat fp32 shard of a partitioned ZeRO-3 param (module and master)."""
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    part = p.ds_tensor
+    part.data.copy_(local.to(part.device, part.dtype))
+    if with_master:
+        safe_set_local_fp32_param(p, local.to(part.device))
+
+
+def _write_whole(engine, p, value: torch.Tensor, with_master: bool) -> None:
+    """Write a param's whole fp32 value (each rank its own part of it) and its master."""
+    if engine is not None:
+        value = value.to(engine.device)
+    set_module_value(p, value)
+    if with_master:
+        set_master(engine, p, value)
+
+
+def _read_local(tensors, name: str, p) -> torch.Tensor:
+    """This rank's padded flat shard ``[r*S, (r+1)*S)`` of a saved tensor, reading only its bytes
+    from a TensorSet (a dict holds the whole value already)."""
+    if not hasattr(tensors, "get_flat"):
+        return _z3_local_slice(p, tensors[name])
+    size = p.ds_tensor.numel()
+    start = dist.get_rank(group=p.ds_process_group) * size
+    local = torch.zeros(size, dtype=torch.float32)
+    chunk = tensors.get_flat(name, start, start + size)
+    local[: chunk.numel()] = chunk.float()
+    return local
+
+
+@torch.no_grad()
+def load_weights(module, tensors, *, source: str, engine=None, skip: set[str] = frozenset()) -> None:
+    """Write every parameter of ``module`` from ``tensors`` (a TensorSet or a dict of whole
+    values): each rank its own shard (under ZeRO-3 reading only that shard's bytes); with
+    ``engine`` (whose module it is) the trainable params' fp32 masters too. Params named in
+    ``skip`` (new adapters) keep their values. A missing or misshapen parameter is one line
+    naming ``source``."""
+    for name, p in module.named_parameters():
+        if name in skip:
+            continue
+        if name not in tensors:
+            raise CheckpointError(f"{source} has no {name}: it holds another model or method; use a checkpoint "
+                                  "of the same model shape")
+        shape = tensors.shape(name) if hasattr(tensors, "shape") else tuple(tensors[name].shape)
+        if tuple(shape) != full_shape(p):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(shape)}, this model's is {full_shape(p)}: "
+                                  "use a checkpoint of the same model shape")
+        with_master = engine is not None and p.requires_grad
+        if _partitioned(p):
+            _write_local(p, _read_local(tensors, name, p), with_master)
+            continue
+        _write_whole(engine, p, tensors[name].float(), with_master)
+
+
+@torch.no_grad()
+def local_snapshot(engine) -> dict[str, torch.Tensor]:
+    """This rank's fp32 share of every parameter, in host memory: the local master fragment
+    (ZeRO-3 trainable) or shard (ZeRO-3 frozen) without communication; the whole value of a
+    ZeRO-3 persistent (always gathered, small) param and on ZeRO 0-2, which replicate the module
+    anyway. Collective (the master getters): every rank calls it."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if _partitioned(p):
+            local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
+            out[name] = local.detach().reshape(-1).float().cpu().clone()
+        else:
+            out[name] = get_master(engine, p).cpu() if p.requires_grad else p.detach().float().cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def restore_snapshot(engine, snapshot: dict[str, torch.Tensor]) -> None:
+    """Write a :func:`local_snapshot` of an engine of the same stage and world size into the
+    matching parameters of ``engine`` (names absent from the snapshot, the new adapters, keep
+    their values). ZeRO-3 shards are written as they are, so no rank sees a whole tensor."""
+    for name, p in engine.module.named_parameters():
+        if name not in snapshot:
+            continue
+        value = snapshot.pop(name)
+        if is_zero3_param(p) and value.numel() != p.ds_numel:
+            if value.numel() != p.ds_tensor.numel() or not _partitioned(p):
+                raise RuntimeError(f"{name}: a shard of {value.numel()} values for a partition of {p.ds_tensor.numel()} "
+                                   "(the switch keeps the world size and the stage)")
+            _write_local(p, value, p.requires_grad)
+        else:
+            _write_whole(engine, p, value, p.requires_grad)
+

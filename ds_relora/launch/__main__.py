@@ -1,0 +1,7 @@
+"""``python -m ds_relora.launch``: the per-node launcher the launch scripts start (see ``launchers``)."""
+
+import sys
+
+from ds_relora.launch.launchers import main
+
+sys.exit(main())
