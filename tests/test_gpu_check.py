@@ -129,7 +129,7 @@ def test_gpu_check_rehearsal_runs_every_part_from_an_installed_wheel(tmp_path):
     # -S: no .pth files, so no editable install of the checkout; torch & co. from site-packages.
     env = dict(os.environ, OUT=str(tmp_path / "out"),
                PYTHONPATH=os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]]))
-    proc = subprocess.run([sys.executable, "-S", "-m", "ds_relora.gpu.check", "--smoke", "--work", str(tmp_path / "work")],
+    proc = subprocess.run([sys.executable, "-S", "-m", "ds_relora.gpu", "--smoke", "--work", str(tmp_path / "work")],
                           cwd=empty, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ds_relora GPU check" in proc.stdout and "result: PASS" in proc.stdout
@@ -159,7 +159,7 @@ def test_gpu_check_rehearsal_runs_every_part_from_an_installed_wheel(tmp_path):
 @pytest.mark.distributed
 def test_compiled_throughput_compiles_one_graph_for_every_micro_batch(prepared_data, tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "ds_relora.gpu.check", "--smoke", "--stages", "zero0",
+    proc = subprocess.run([sys.executable, "-m", "ds_relora.gpu", "--smoke", "--stages", "zero0",
                            "--methods", "relora", "--compile", "aot_eager", "--data", str(prepared_data),
                            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -145,7 +145,7 @@ def test_slurm_srun_mode(fakebin):
     plan = L.build_launch(cfg(launcher="slurm", num_nodes=2, num_gpus=4, master_port=29500), ARGS, env, strict=False)
     cmd = names(plan.commands[0])
     assert cmd[:8] == ["srun", "--nodes", "2", "--ntasks", "8", "--ntasks-per-node", "4", "--kill-on-bad-exit=1"]
-    assert cmd[8:14] == [sys.executable, "-m", "ds_relora.launch.launchers", "slurm-exec", "--", sys.executable]
+    assert cmd[8:14] == [sys.executable, "-m", "ds_relora.launch", "slurm-exec", "--", sys.executable]
     assert plan.env == {"MASTER_ADDR": "node01", "MASTER_PORT": str(L.slurm_port("4242"))} and plan.world_size == 8
     assert plan.hostfile_text is None
 
@@ -221,7 +221,7 @@ def test_slurm_env():
 
 def _run_helper(args, env, **kw):
     full = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-m", "ds_relora.launch.launchers", *args], env=full, capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run([sys.executable, "-m", "ds_relora.launch", *args], env=full, capture_output=True, text=True, timeout=60, **kw)
 
 
 def test_slurm_task_wrappers():

@@ -205,7 +205,7 @@ def results_block(res: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="ds_relora.gpu.check", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ds_relora.gpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU rehearsal: tiny preset, fp32, short phases (tests)")
     ap.add_argument("--methods", default="relora,remora,galore",

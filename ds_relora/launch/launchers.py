@@ -286,7 +286,7 @@ def _slurm(c: _Ctx) -> LaunchPlan:
     # The default port is swapped for one derived from the job id: jobs may share nodes.
     port = l.master_port if l.master_port != DEFAULT_PORT else check_port(env.get("MASTER_PORT") or slurm_port(job), "MASTER_PORT")
     addr, world, n, worker = c.master(hosts[0]), l.num_nodes * l.num_gpus, str(l.num_nodes), ["--module", WORKER, *c.args]
-    helper = [sys.executable, "-m", "ds_relora.launch.launchers"]
+    helper = [sys.executable, "-m", "ds_relora.launch"]
     if not (l.hostfile or l.no_ssh):  # one srun task per rank; slurm-exec maps SLURM_* to RANK etc.
         cmd = [c.exe("srun"), "--nodes", n, "--ntasks", str(world), "--ntasks-per-node", str(l.num_gpus), "--kill-on-bad-exit=1",
                *l.extra_args, *helper, "slurm-exec", "--", sys.executable, "-u", "-m", WORKER, *c.args]
