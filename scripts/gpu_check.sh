@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command GPU check on one NVIDIA GPU machine, no network needed:
-#   bash scripts/gpu_check.sh [any ds_relora.gpu.check option, e.g. --peak-tflops 989 --compile inductor]
+#   bash scripts/gpu_check.sh [any `python -m ds_relora.gpu` option, e.g. --peak-tflops 989 --compile inductor]
 # Installs ds_relora as a wheel (built from this checkout when setuptools can, else the one in
 # .whl/ from scripts/prepare_gpu_wheels.sh) with --no-deps into a private folder, plus DeepSpeed,
 # pydantic, ... from .whl/ when the machine lacks them (its own torch and transformers are kept),
