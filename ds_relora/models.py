@@ -153,20 +153,24 @@ def llama_config(shape: Shape, vocab_size: int, max_positions: int, *, eos_token
     return cfg
 
 
-def build_model(hf_config, seed: int, ds_config: dict | None = None):
+def build_model(hf_config, seed: int, ds_config: dict | None = None, device: torch.device | str | None = None):
     """A freshly initialised causal LM; the same values on every rank and every ZeRO stage for
     the same seed. With a ZeRO-3 ``ds_config`` it is built already partitioned
     (``deepspeed.zero.Init``: each module is whole only while it is constructed, then each rank
-    keeps its shard), so no rank ever holds the whole model."""
+    keeps its shard), so no rank ever holds the whole model. Otherwise it is built directly on
+    ``device`` (the device the engine trains on; default CPU), so a GPU run never holds a whole
+    fp32 model in host memory. Either way the weights are initialised once, by
+    :func:`init_weights`: transformers' own initialisation is skipped (it would draw every
+    weight a second time, for nothing)."""
     import contextlib
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     from ds_relora.zero.ds_config import zero_stage
 
     partitioned = ds_config is not None and zero_stage(ds_config) == 3
     if partitioned:
-        import deepspeed
+        import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
         # zero.Init patches tensor constructors, which breaks modules first imported inside it
         # (torch._dynamo, through transformers' generation utils): import them all beforehand.
@@ -174,15 +178,25 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None):
             AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
         context = deepspeed.zero.Init(config_dict_or_path=ds_config)
     else:
-        context = contextlib.nullcontext()
+        context = torch.device(device or "cpu")
     torch.manual_seed(seed)
-    with context:
+    with context, _no_hf_init():
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
     if not partitioned:
         model = model.float()
     init_weights(model, seed, getattr(hf_config, "initializer_range", 0.02))
     torch.manual_seed(seed)  # what follows (dropout) draws from a state that does not depend on the stage
     return model
+
+
+def _no_hf_init():
+    """transformers' context that skips its weight initialisation (moved between 4.x and 5.x).
+    Norm weights and rotary tables come from the module constructors either way."""
+    try:
+        from transformers.initialization import no_init_weights  # noqa: PLC0415  (transformers 5)
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # noqa: PLC0415  (transformers 4)
+    return no_init_weights()
 
 
 def _param_generator(seed: int, name: str) -> torch.Generator:

@@ -210,19 +210,21 @@ def load_weights(module, tensors, *, source: str, engine=None, skip: set[str] = 
 
 @torch.no_grad()
 def local_snapshot(engine) -> dict[str, torch.Tensor]:
-    """This rank's fp32 share of every parameter, in host memory: the local master fragment
-    (ZeRO-3 trainable) or shard (ZeRO-3 frozen) without communication; the whole value of a
-    ZeRO-3 persistent (always gathered, small) param and on ZeRO 0-2, which replicate the module
-    anyway. Collective (the master getters): every rank calls it."""
+    """This rank's fp32 share of every parameter, where it lives (a GPU run's snapshot stays on
+    the GPU, whose old engine is freed before the next is built; host memory never holds a whole
+    fp32 model): the local master fragment (ZeRO-3 trainable) or shard (ZeRO-3 frozen) without
+    communication; the whole value of a ZeRO-3 persistent (always gathered, small) param and on
+    ZeRO 0-2, which replicate the module anyway. Collective (the master getters): every rank
+    calls it."""
     from deepspeed.utils import safe_get_local_fp32_param
 
     out = {}
     for name, p in engine.module.named_parameters():
         if _partitioned(p):
             local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
-            out[name] = local.detach().reshape(-1).float().cpu().clone()
+            out[name] = local.detach().reshape(-1).float().clone()
         else:
-            out[name] = get_master(engine, p).cpu() if p.requires_grad else p.detach().float().cpu().clone()
+            out[name] = get_master(engine, p).clone() if p.requires_grad else p.detach().float().clone()
     return out
 
 
