@@ -184,8 +184,9 @@ def test_rank0_decides_resume_and_a_rank_that_cannot_read_it_names_host_and_path
 def test_merging_method_reads_the_scheduler_epoch_after_the_checkpoint_load(monkeypatch):
     from types import SimpleNamespace
 
-    from ds_relora.methods import merging
     from helpers import merging_method
+
+    from ds_relora.methods import merging
 
     merges = []
     monkeypatch.setattr(merging, "merge_and_reinit", lambda *a, step, **k: merges.append(step) or {"modules": 0})

@@ -139,8 +139,9 @@ def test_merging_method_merges_once_per_scheduler_step(monkeypatch):
     """A step DeepSpeed skipped (overflow) leaves the scheduler where it was: no second merge."""
     from types import SimpleNamespace
 
-    from ds_relora.methods import merging
     from helpers import merging_method
+
+    from ds_relora.methods import merging
 
     calls = []
     monkeypatch.setattr(merging, "merge_and_reinit", lambda engine, modules, **kw: calls.append(kw["step"]) or {})
