@@ -11,7 +11,7 @@ from pathlib import Path
 from ds_relora import __version__
 from ds_relora.config import resolve_config_path
 from ds_relora.errors import UserError
-from ds_relora.estimate.memory import METHODS as MEMORY_METHODS
+from ds_relora.methods import METHODS
 
 def _load(args):
     from ds_relora.config import load_config
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_spectrum)
     p = sub.add_parser("estimate-memory", help="analytic per-GPU memory planner")
     p.add_argument("--preset", default="1.3b")
-    p.add_argument("--method", default="relora", choices=list(MEMORY_METHODS))
+    p.add_argument("--method", default="relora", choices=list(METHODS))
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     p.add_argument("--gpus", type=int, default=8)

@@ -99,3 +99,16 @@ def one_line_error(exc_info, *words):
     for w in words:
         assert w in msg, msg
     return msg
+
+
+def merging_method(name="relora", *, total_steps, reset_every, layers=()):
+    """A merging method as the trainer sets it up for a phase that starts at step 0."""
+    from ds_relora.config import RunConfig
+    from ds_relora.methods import get_method
+
+    cfg = RunConfig()
+    cfg.train.total_steps, cfg.relora.reset_every, cfg.relora.prune_ratio = total_steps, reset_every, 0.9
+    method = get_method(name)
+    method.layers = list(layers)
+    method.start_phase(cfg, 0, 0)
+    return method

@@ -240,8 +240,8 @@ class MetaEngine:
 def test_step_loop_and_merge_on_an_accelerator_never_block_or_mix_devices(prepared_data, monkeypatch):
     from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
     from ds_relora.methods import get_method
-    from ds_relora.methods.controller import ReLoRAController
     from ds_relora.methods.lora_layer import wrap_model
+    from helpers import merging_method
     from ds_relora.train.job_limits import JobLimits
     from ds_relora.train.prefetch import StepPrefetcher
 
@@ -278,8 +278,8 @@ def test_step_loop_and_merge_on_an_accelerator_never_block_or_mix_devices(prepar
     t.plan = SimpleNamespace(ds_config={"zero_optimization": {"stage": 3}}, global_batch=4, adapters=True)
     t.engine, t.modules, t.method, t.phase, t.phase_offset, t.relora_start = engine, modules, get_method("relora"), \
         "adapters", 0, 0
-    t.controller = ReLoRAController(engine, modules, merge_at=[1], offset=0, seed=0, optimizer_reset="magnitude",
-                                    prune_ratio=0.9)
+    t.phase_method = merging_method(total_steps=total, reset_every=1, layers=modules)
+    t.phase_method.merge_at = {1}  # one merge, after the update of step 1
     t.iterator = DistributedBatchIterator(train, 2, 2, 0, 1, seed=0)
     t.val_data, t.val_batches = val, validation_batches(val, 2, 2, 0, 1)
     t.world, t.rank, t.seq_len, t.tokens_per_step, t.tokens_seen = 1, 0, 16, 64, 0

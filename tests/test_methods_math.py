@@ -261,3 +261,17 @@ def test_rank_error_gives_the_bound_of_all_layers(method, rank, needle):
         get_method(method).check_shapes(_cfg(**{method: {"rank": rank}}), shapes)
     msg = str(err.value)
     assert re.search(re.escape(needle) + r"(?!\d)", msg) and "\n" not in msg, msg  # "at most 2", not 29
+
+
+def test_method_names_agree_in_config_registry_and_cli():
+    """config.py sits below methods/ and keeps its own list of names: the three must stay equal."""
+    import typing
+
+    from ds_relora.cli import build_parser
+    from ds_relora.config import Method as ConfigMethod
+    from ds_relora.methods import METHODS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["estimate-memory"]
+    cli = next(a for a in sub._actions if a.dest == "method").choices
+    assert set(typing.get_args(ConfigMethod)) == set(METHODS) == set(cli)

@@ -181,18 +181,21 @@ def test_rank0_decides_resume_and_a_rank_that_cannot_read_it_names_host_and_path
         assert line.startswith("ERROR rank 1 on host " + socket.gethostname()) and "run/checkpoints/step-24" in line
 
 
-def test_controller_reads_the_scheduler_epoch_after_the_checkpoint_load(monkeypatch):
+def test_merging_method_reads_the_scheduler_epoch_after_the_checkpoint_load(monkeypatch):
     from types import SimpleNamespace
 
-    from ds_relora.methods import controller as ctl
+    from helpers import merging_method
+
+    from ds_relora.methods import merging
 
     merges = []
-    monkeypatch.setattr(ctl, "merge_and_reinit", lambda *a, step, **k: merges.append(step) or {"modules": 0})
+    monkeypatch.setattr(merging, "merge_and_reinit", lambda *a, step, **k: merges.append(step) or {"modules": 0})
     engine = SimpleNamespace(lr_scheduler=SimpleNamespace(last_epoch=0))
-    c = ctl.ReLoRAController(engine, [], merge_at=[16], offset=0, seed=0, optimizer_reset="magnitude", prune_ratio=0.9)
+    method = merging_method(total_steps=20, reset_every=16)
+    assert method.merge_at == {16}
     engine.lr_scheduler.last_epoch = 17  # load_checkpoint restored a scheduler past the merge at 16
-    c.sync_with_scheduler()
-    assert c.after_step() is None  # the first step after resume was skipped (overflow): epoch unchanged
+    method.after_load(engine, engine.lr_scheduler.last_epoch)
+    assert method.after_step(engine, engine.lr_scheduler.last_epoch) is None  # the first step after resume was skipped (overflow): epoch unchanged
     assert merges == []
 
 

@@ -135,21 +135,23 @@ def test_keep_mask_random_and_full():
     assert int((~keep_mask(big, "magnitude", 0.99)).sum()) == int(0.99 * big.numel())
 
 
-def test_controller_merges_once_per_scheduler_step(monkeypatch):
+def test_merging_method_merges_once_per_scheduler_step(monkeypatch):
     """A step DeepSpeed skipped (overflow) leaves the scheduler where it was: no second merge."""
     from types import SimpleNamespace
 
-    from ds_relora.methods import controller as ctl_mod
+    from helpers import merging_method
+
+    from ds_relora.methods import merging
 
     calls = []
-    monkeypatch.setattr(ctl_mod, "merge_and_reinit", lambda engine, modules, **kw: calls.append(kw["step"]) or {})
+    monkeypatch.setattr(merging, "merge_and_reinit", lambda engine, modules, **kw: calls.append(kw["step"]) or {})
     engine = SimpleNamespace(lr_scheduler=SimpleNamespace(last_epoch=0))
-    ctl = ctl_mod.ReLoRAController(engine, [], merge_at=[4, 8], offset=0, seed=0, optimizer_reset="magnitude",
-                                   prune_ratio=0.9)
+    method = merging_method(total_steps=12, reset_every=4)
+    assert method.merge_at == {4, 8}
     epochs = [1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 9]  # 5 and 9 repeat: skipped steps
     events = []
     for e in epochs:
         engine.lr_scheduler.last_epoch = e
-        events.append(ctl.after_step())
+        events.append(method.after_step(engine, engine.lr_scheduler.last_epoch))
     assert calls == [4, 8]
     assert [ev["step"] for ev in events if ev] == [4, 8]

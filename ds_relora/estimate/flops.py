@@ -20,6 +20,7 @@ Norms, activations, softmax, RoPE and the optimizer are left out (memory-bound, 
 
 from __future__ import annotations
 
+from ds_relora.methods import get_method
 from ds_relora.models import Shape, linear_shapes
 
 
@@ -35,7 +36,8 @@ def counts(shape: Shape, vocab: int, rank: int | None) -> dict[str, int]:
 def _adapted(method: str) -> bool:
     # Every adapter method trains about r(out+in) params per wrapped linear (MoRA's r̂², GaLore's C
     # plus its projector) and skips the frozen W's weight-gradient GEMM: ReLoRA's counts apply.
-    return method not in ("full", "control")
+    # A full-rank method (full, control on its own smaller shape) trains every linear.
+    return get_method(method).adapters
 
 
 def attention_flops_per_token(shape: Shape, seq_len: int) -> int:
@@ -46,7 +48,7 @@ def attention_flops_per_token(shape: Shape, seq_len: int) -> int:
 def flops_per_token(shape: Shape, vocab: int, seq_len: int, method: str, rank: int | None = None) -> dict[str, float]:
     c = counts(shape, vocab, rank if _adapted(method) else None)
     parts = {
-        "linears": (6 if method == "full" else 4) * c["linear"],
+        "linears": (4 if _adapted(method) else 6) * c["linear"],
         "adapters": 6 * c["adapters"],
         "head": 6 * c["head"],
         "attention": attention_flops_per_token(shape, seq_len),
@@ -67,5 +69,5 @@ def params(shape: Shape, vocab: int, method: str, rank: int | None = None) -> di
     c = counts(shape, vocab, rank if _adapted(method) else None)
     other = c["embedding"] + c["head"] + c["norms"]
     total = c["linear"] + c["adapters"] + other
-    trainable = total if method == "full" else c["adapters"] + other
+    trainable = c["adapters"] + other if _adapted(method) else total
     return {"total": total, "trainable": trainable, "frozen": total - trainable}

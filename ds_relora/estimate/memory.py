@@ -57,26 +57,20 @@ import dataclasses
 import math
 
 from ds_relora.errors import ConfigError
-from ds_relora.models import Shape, control_shape, param_counts, preset_shape
-
-METHODS = ("full", "relora", "lora", "control", "mora", "remora", "galore")
+from ds_relora.methods import METHODS, get_method
+from ds_relora.models import Shape, linear_shapes, param_counts, preset_shape
 
 
 def method_adapter_params(shape: Shape, method: str, rank: int) -> tuple[int, int]:
-    """(trainable adapter params, frozen adapter buffers) of a method on every wrapped linear:
-    LoRA/ReLoRA r(out+in); MoRA/ReMoRA r̂² with r̂ = int(sqrt((out+in) r) + 0.5) (the same count
-    up to rounding); GaLore its C, r max(out, in), plus the projector buffer r min(out, in)."""
-    from ds_relora.models import linear_shapes
-
+    """(trainable adapter params, frozen adapter buffers) of a method on every wrapped linear,
+    from the method's ``adapter_counts``: LoRA/ReLoRA r(out+in); MoRA/ReMoRA r̂² with
+    r̂ = int(sqrt((out+in) r) + 0.5) (the same count up to rounding); GaLore its C, r max(out, in),
+    plus the projector buffer r min(out, in)."""
+    counts = get_method(method).adapter_counts
     trainable = frozen = 0
     for o, i in linear_shapes(shape).values():
-        if method in ("mora", "remora"):
-            trainable += int(math.sqrt((o + i) * rank) + 0.5) ** 2
-        elif method == "galore":
-            trainable += rank * max(o, i)
-            frozen += rank * min(o, i)
-        else:
-            trainable += rank * (o + i)
+        t, f = counts(o, i, rank)
+        trainable, frozen = trainable + t, frozen + f
     return trainable * shape.layers, frozen * shape.layers
 
 
@@ -148,13 +142,14 @@ def model_state_bytes(total_params: int, trainable_params: int, zero_stage: int,
 def activation_bytes(shape: Shape, method: str, rank: int, micro_batch: int, seq_len: int,
                      vocab_size: int = 32000, precision: str = "bf16",
                      activation_checkpointing: bool = False, attn_implementation: str = "sdpa") -> int:
-    """Approximate activation bytes of one micro-batch (formula in the module docstring)."""
+    """Approximate activation bytes of one micro-batch (formula in the module docstring); an
+    adapter method's saved low-dim tensors (MoRA's, GaLore's) are about LoRA's."""
     h, f, n = shape.hidden, shape.intermediate, shape.heads
     a = 4 if precision == "fp32" else 2
     layer = 8 * h + 8 * a * h + 4 * a * f + 4 * n + 8
     if attn_implementation == "eager":
         layer += 6 * n * seq_len - 4 * n
-    if method != "full":
+    if get_method(method).adapters:
         layer += 7 * a * rank
     top = 4 * h + 4 + 2 * a * h + 4 * vocab_size + 16
     if activation_checkpointing:
@@ -168,7 +163,7 @@ def _check(method, rank, zero_stage, num_gpus, micro_batch, seq_len, vocab_size,
            offload_optimizer, offload_params, keep_base_fp32, attn_implementation, grad_accum_steps):
     if method not in METHODS:
         raise ConfigError(f"method '{method}' is unknown: use one of {', '.join(METHODS)}")
-    if method != "full" and (not isinstance(rank, int) or rank < 1):
+    if get_method(method).needs_rank and (not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank={rank!r} with method={method}: give the adapter rank as a positive integer")
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={zero_stage!r} is not a ZeRO stage: use 0, 1, 2 or 3")
@@ -205,10 +200,11 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
            offload_optimizer, offload_params, keep_base_fp32, attn_implementation, grad_accum_steps)
     shape = preset_shape(preset) if isinstance(preset, str) else preset
     name = preset if isinstance(preset, str) else f"h{shape.hidden}xL{shape.layers}"
-    if method == "control":
-        shape = control_shape(shape, vocab_size, rank)
-        name += f" -> h{shape.hidden}"
-    full_rank = method in ("full", "control")
+    trained = get_method(method)
+    own = trained.model_shape(shape, vocab_size, rank)  # control's smaller model
+    if own != shape:
+        shape, name = own, name + f" -> h{own.hidden}"
+    full_rank = not trained.adapters
     counts = param_counts(shape, vocab_size)
     if full_rank:
         total = trainable = counts["total"]
@@ -219,10 +215,9 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
     states = model_state_bytes(total, trainable, zero_stage, num_gpus, precision, keep_base_fp32,
                                offload_optimizer, offload_params, grad_accum_steps,
                                zero3_frozen_base if zero_stage == 3 else "partition")
-    # MoRA's and GaLore's saved low-dim tensors are about LoRA's.
-    acts = activation_bytes(shape, "full" if full_rank else method, rank, micro_batch, seq_len, vocab_size,
+    acts = activation_bytes(shape, method, rank, micro_batch, seq_len, vocab_size,
                             precision, activation_checkpointing, attn_implementation)
-    setting = (f"{name} {method}" + (f" r={rank}" if method != "full" else "")
+    setting = (f"{name} {method}" + (f" r={rank}" if trained.needs_rank else "")
                + f", ZeRO-{zero_stage} x {num_gpus} GPU, {precision}"
                + (" + fp32 base (autocast)" if keep_base_fp32 else "")
                + f", micro-batch {micro_batch} x {seq_len}"

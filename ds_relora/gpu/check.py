@@ -81,11 +81,15 @@ def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, metho
     started = time.time()
     raw = relora_run_config(data, run_dir, stage, smoke, attn, method)
     stop = raw["train"]["stop_after_steps"]
-    first = Trainer(from_dict(RunConfig, raw)).run()
+    trainer = Trainer(from_dict(RunConfig, raw))
+    first = trainer.run()
     raw["train"].update(resume="auto", stop_after_steps=None)
     second = Trainer(from_dict(RunConfig, raw)).run()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    kind = "projection" if method == "galore" else "merge"
+    # A merging method (ReLoRA) merges after every reset_every-th update; GaLore updates its
+    # projector before every update_proj_gap-th one, the first included.
+    merging = trainer.method.merges
+    kind = "merge" if merging else "projection"
     merges = [r["lr_index"] for r in records if r.get("event") == kind]
     losses = [r["loss"] for r in records if r["type"] == "step"]
     problems = []
@@ -94,7 +98,7 @@ def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, metho
     if second["step"] != raw["train"]["total_steps"]:
         problems.append(f"the resumed run ended at step {second['step']}")
     every = raw["relora"]["reset_every"]
-    expected = list(range(0 if method == "galore" else every, raw["train"]["total_steps"], every))
+    expected = list(range(every if merging else 0, raw["train"]["total_steps"], every))
     if merges != expected:
         problems.append(f"{kind}s at {merges}, expected {expected}")
     if not any(m > stop for m in merges):

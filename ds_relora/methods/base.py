@@ -1,28 +1,54 @@
 """The method seam: what a low-rank (or full-rank) pre-training method decides, in one place.
 
 A method is a small class registered under its ``train.method`` name (torchtitan's
-``ModelConverter`` idea: the trainer asks, the method answers). It decides
+``ModelConverter`` idea: the trainer asks, the method answers). The trainer, the planner and the
+memory estimate talk to a method only through these hooks and class attributes; none of them
+tests a method's name. One instance per run and rank; the full-rank phase of any run (a warm
+start, or method ``full``) is driven by the base :class:`Method` itself (the full-rank defaults).
 
-* ``validate(cfg, zero_stage)``: one-line ``ConfigError`` for settings it cannot honour, before
-  any worker starts (``check_shapes`` does the per-layer part from ``(name, out, in)`` tuples,
-  so ``plan_run`` can call it on the HF config alone);
-* ``wrap(model, cfg, seed)``: replace target linears in place, return ``[(name, module)]`` in a
-  fixed order (the same on every rank);
-* ``param_groups(model, cfg)``: optimizer groups; extra keys are hints the trainer honours
-  (``eps_scale``: the group's Adam eps is ``eps * eps_scale`` and, with
-  ``schedule().galore_eps``, divided by ``sqrt(1 - beta2^t)`` each step);
-* ``schedule(cfg, start)``: a :class:`ScheduleSpec` (jagged restarts or not);
-* ``before_step(engine, step, micro_batches)`` / ``after_step(engine, step)``: projector
-  updates (GaLore, before the update that uses them) and merge-and-reinit (ReLoRA/ReMoRA, after
-  the update that ran at LR 0); both return an event dict for the metrics log or None;
-* ``fold(state, meta)``: a pure tensor function from a consolidated fp32 state dict to the
-  effective weights (eval, export, spectrum, warm-start hand-off).
+Before any worker starts (``train/plan.py``):
+
+* ``validate(cfg, zero_stage)``: one-line ``ConfigError`` for settings it cannot honour;
+  ``check_shapes(cfg, [(name, out, in)])`` the per-layer part (also run by ``wrap``);
+* ``check_model(cfg, hf_config)``: limits read from the HF config alone (LoRA's rank against
+  the model's smallest wrapped dimension);
+* ``model_shape(shape, vocab, rank)``: the preset shape the method trains (``control`` shrinks it);
+* ``writes_base`` / ``adapters`` / ``merges`` / ``resume_keys``: what the DeepSpeed config, the
+  plan and the resume check need to know.
+
+Building a phase (``train/trainer.py``, ``_build_phase``), in this order:
+
+* ``wrap(model, cfg, seed)``: replace target linears in place (through :func:`wrap_targets`),
+  return ``[(name, module)]`` in a fixed order (the same on every rank);
+* ``param_groups(model, cfg)``: optimizer groups; extra keys are hints the method itself reads
+  later (GaLore's ``eps_scale``);
+* ``schedule(cfg, start)``: a :class:`ScheduleSpec` (peak LR, jagged restarts or not) that the
+  trainer turns into a ``JaggedCosine``: plain for full rank, one re-warm-up ramp for an adapter
+  phase after a warm start (:class:`AdapterMethod`), a ramp after every merge for the merging
+  methods (``merging.MergingMethod``);
+* ``start_phase(cfg, start, offset)``: the phase's engine is built and holds its starting values.
+
+Every step (``Trainer._loop``), ``step`` is always the phase's LR-scheduler count
+(``engine.lr_scheduler.last_epoch``: DeepSpeed does not step it on an update it skipped):
+
+* ``before_step(engine, step, micro_batches)``: GaLore's eps and projector update (before the
+  update that uses them);
+* ``after_step(engine, step)``: merge-and-reinit of ReLoRA/ReMoRA (after the update that ran at
+  LR 0), through ``merging.merge_and_reinit`` (GaLore's projector update takes the same road);
+* both return an event dict for the metrics log or None;
+* ``after_load(engine, step)``: a checkpoint was loaded into the phase's engine (resume).
+
+Afterwards: ``meta(cfg)`` (checkpoint metadata) and ``fold(state, meta)``, a pure tensor function
+from a consolidated fp32 state dict to the effective weights (eval, export, spectrum, warm-start
+hand-off). The memory estimate reads ``adapter_counts(out, in, rank)`` and ``needs_rank``.
 
 The methods: ``full`` and ``control`` (``full.py``), ``lora`` and ``relora`` (``lora.py``),
 ``mora`` and ``remora`` (``mora.py``), ``galore`` (``galore.py``). Adapter methods share the
 ``relora`` section's phase settings (targets, freeze list, warm start, adapter-phase LR, and for
 the merging ones reset_every / optimizer_reset / jagged schedule); their own sections hold only
-what is theirs (``mora``, ``galore``).
+what is theirs (``mora``, ``galore``). The list of names is written twice: here (the registry)
+and in ``config.py``'s schema, which sits below this package; ``tests/test_methods_math.py``
+holds the two (and the CLI's choices) equal.
 
 The ZeRO-exact layer every method shares (not a ReLoRA detail):
 
@@ -31,7 +57,7 @@ The ZeRO-exact layer every method shares (not a ReLoRA detail):
   every stage (collective on ZeRO 1/2/3, same value on every rank for the setters);
 * a merge adds ΔW into the frozen W: replicated on ZeRO 0-2 (every rank adds the same delta), and
   on ZeRO-3 each rank adds only the rows of ΔW that cover its flat shard ``W.ds_tensor``
-  (``relora.merge.add_delta_rows``; :func:`shard_delta` is the same slice arithmetic, pure).
+  (``merging.add_delta_rows``; :func:`shard_delta` is the same slice arithmetic, pure).
   So a method only supplies :meth:`MergeableLayer.delta_rows`: rows ``row0:row1`` of its ΔW
   from the full adapter values (M for MoRA, C and the projector for GaLore, A and B for ReLoRA);
 * re-inits are written to the module tensors *and* the masters (otherwise DeepSpeed's next
@@ -41,22 +67,24 @@ The ZeRO-exact layer every method shares (not a ReLoRA detail):
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ds_relora.errors import ConfigError
+from ds_relora.errors import CheckpointError, ConfigError
 from ds_relora.zero.state import full_shape
 
 
 @dataclasses.dataclass
 class ScheduleSpec:
-    """How the LR schedule of a method's phase looks (fed to ``relora.schedule.JaggedCosine``)."""
+    """How the LR schedule of a method's phase looks; the trainer builds the phase's
+    ``methods.schedule.JaggedCosine`` from it (one global cosine, restarts from the phase start)."""
 
+    lr: float | None = None            # peak LR of the phase (None: optim.lr)
     restart_every: int | None = None   # LR drops to 0 every this many steps (None: plain cosine)
     restart_warmup_steps: int = 0      # linear re-warm-up after each restart
-    galore_eps: bool = False           # set each group's eps to eps*eps_scale/sqrt(1-beta2^t) per step
 
 
 @runtime_checkable
@@ -91,7 +119,8 @@ def shard_delta(start: int, end: int, cols: int, rows: Callable[[int, int], torc
 
 
 class Method:
-    """Base class: the full-rank defaults. Subclasses override what they decide.
+    """Base class: the full-rank defaults (the trainer drives every full-rank phase with it).
+    Subclasses override what they decide.
 
     One instance per run and rank: ``wrap`` keeps the layers it made (``self.layers``) for the
     hooks that need them."""
@@ -102,17 +131,31 @@ class Method:
     # The method adds into the frozen W during training (merges, GaLore's projector changes): a
     # ZeRO++ second copy of W (hpZ, quantized weights) would go stale, so the DeepSpeed config refuses one.
     writes_base: ClassVar[bool] = False
+    needs_rank: ClassVar[bool] = False  # relora.rank shapes what is trained (adapters, control's smaller model)
     resume_keys: ClassVar[tuple[str, ...]] = ()  # "section.key" settings a resume must not change
 
     def __init__(self):
         self.layers: list[tuple[str, nn.Module]] = []
 
+    # ----------------------------------------------------------------- before any worker starts
     def validate(self, cfg, zero_stage: int) -> None:
         """Raise a one-line ConfigError for anything this method cannot honour."""
 
     def check_shapes(self, cfg, shapes: list[tuple[str, int, int]]) -> None:
         """Validate each target layer ``(name, out_features, in_features)``."""
 
+    def check_model(self, cfg, hf_config) -> None:
+        """Validate what the HF config alone tells (before the meta-device wrap)."""
+
+    def model_shape(self, shape, vocab_size: int, rank: int):
+        """The preset ``models.Shape`` this method trains (the preset's own)."""
+        return shape
+
+    def adapter_counts(self, out_features: int, in_features: int, rank: int) -> tuple[int, int]:
+        """(trainable, frozen) adapter elements the method adds to one ``out x in`` linear."""
+        return 0, 0
+
+    # ----------------------------------------------------------------- building a phase
     def wrap(self, model: nn.Module, cfg, seed: int) -> list[tuple[str, nn.Module]]:
         return []
 
@@ -120,23 +163,57 @@ class Method:
         return default_param_groups(model, cfg.optim.weight_decay)
 
     def schedule(self, cfg, start: int) -> ScheduleSpec:
-        return ScheduleSpec()
+        """The phase's LR schedule; ``start`` is the global step where the adapter phase begins
+        (``relora_start``: 0 without a warm start). Full rank: ``optim.lr``, one plain cosine."""
+        return ScheduleSpec(lr=cfg.optim.lr)
 
+    def start_phase(self, cfg, start: int, offset: int) -> None:
+        """The phase's engine is built and holds its starting values, no checkpoint loaded yet:
+        ``start`` as in :meth:`schedule`, ``offset`` the global step of the LR scheduler's count 0."""
+
+    # ----------------------------------------------------------------- every step
     def before_step(self, engine, step: int, micro_batches) -> dict | None:
+        """Before the phase's update ``step`` (0-based, the LR scheduler's count)."""
         return None
 
     def after_step(self, engine, step: int) -> dict | None:
+        """After ``engine.step()`` of every micro-batch; ``step``: the LR scheduler's count now."""
         return None
+
+    def after_load(self, engine, step: int) -> None:
+        """A checkpoint was loaded into the phase's engine; ``step``: its restored scheduler count."""
 
     def after_merge(self, layer: nn.Module) -> None:
         """Called on every rank after each layer's merge (ReMoRA switches its grouping)."""
 
+    # ----------------------------------------------------------------- checkpoints and folding
     def meta(self, cfg) -> dict:
         """Checkpoint metadata ``fold`` needs later (e.g. the adapter scale)."""
         return {}
 
     def fold(self, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
         return dict(state)
+
+
+class AdapterMethod(Method):
+    """The adapter methods' shared phase: wrapped linears, ``relora.lr`` (or ``optim.lr``) and,
+    after a warm start with ``relora.jagged_schedule``, one linear LR ramp for the fresh optimizer
+    (no further restarts: nothing is merged). LoRA's ``r (out + in)`` adapter elements per linear."""
+
+    adapters = True
+    needs_rank = True
+
+    def schedule(self, cfg, start: int) -> ScheduleSpec:
+        r = cfg.relora
+        lr = r.lr or cfg.optim.lr
+        if start > 0 and r.jagged_schedule:
+            # One restart at ``start`` (JaggedCosine's cycle start), the next one past the end.
+            return ScheduleSpec(lr=lr, restart_every=cfg.train.total_steps + 1,
+                                restart_warmup_steps=r.restart_warmup_steps)
+        return ScheduleSpec(lr=lr)
+
+    def adapter_counts(self, out_features: int, in_features: int, rank: int) -> tuple[int, int]:
+        return rank * (out_features + in_features), 0
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -174,8 +251,6 @@ def get_method(name: str) -> Method:
 
 def target_linears(model: nn.Module, patterns: list[str], section: str) -> list[tuple[str, nn.Linear]]:
     """Every ``nn.Linear`` whose name matches a regex (re.search), in module order; none is an error."""
-    import re
-
     compiled = [re.compile(t) for t in patterns]
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(p.search(n) for p in compiled)]
     if not found:
@@ -187,20 +262,20 @@ def target_linears(model: nn.Module, patterns: list[str], section: str) -> list[
     return found
 
 
-def wrap_targets(model: nn.Module, cfg, make: Callable[[str, nn.Linear], nn.Module],
+def wrap_targets(model: nn.Module, target_modules: list[str], freeze_modules: list[str],
+                 make: Callable[[str, nn.Linear], nn.Module],
                  check: Callable[[list[tuple[str, int, int]]], None]) -> list[tuple[str, nn.Module]]:
-    """Replace every ``relora.target_modules`` linear by ``make(name, linear)`` (all shapes checked
-    first), then freeze ``relora.freeze_modules``. Returns ``[(name, layer)]`` in module order."""
-    import re
-
-    targets = target_linears(model, cfg.relora.target_modules, "relora")
+    """The one wrapper of every adapter method: replace each linear matching ``target_modules``
+    (``relora.target_modules``) by ``make(name, linear)``, in module order, after ``check`` saw
+    every shape; then freeze the parameters matching ``freeze_modules``. Returns ``[(name, layer)]``."""
+    targets = target_linears(model, target_modules, "relora")
     check([(n, t.out_features, t.in_features) for n, t in targets])
     layers = []
     for name, base in targets:
         layer = make(name, base)
         replace_module(model, name, layer)
         layers.append((name, layer))
-    freeze = [re.compile(f) for f in cfg.relora.freeze_modules]
+    freeze = [re.compile(f) for f in freeze_modules]
     for pname, param in model.named_parameters():
         if any(f.search(pname) for f in freeze):
             param.requires_grad_(False)
@@ -225,8 +300,6 @@ def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_adapter_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Write saved adapter buffers back (resume); a missing one is a damaged checkpoint."""
-    from ds_relora.errors import CheckpointError
-
     for name, mod in model.named_modules():
         own = getattr(mod, "adapter_buffers", dict)()
         if own:

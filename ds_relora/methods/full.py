@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ds_relora.methods.base import Method, register
+from ds_relora.models import control_shape
 
 
 @register
@@ -15,6 +16,11 @@ class FullMethod(Method):
 @register
 class ControlMethod(Method):
     """``train.method: control``: full-rank on a smaller model with ReLoRA's trainable count;
-    its only decision is the shape (``models.control_shape``, applied by ``plan.build_hf_config``)."""
+    its only decision is the shape (``models.control_shape``, applied to presets by
+    ``plan.build_hf_config`` and the memory estimate)."""
 
     name = "control"
+    needs_rank = True
+
+    def model_shape(self, shape, vocab_size: int, rank: int):
+        return control_shape(shape, vocab_size, rank)

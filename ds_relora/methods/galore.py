@@ -39,13 +39,16 @@ What galore-torch's ``GaLoreAdamW`` does and how we reproduce it (checked agains
 from __future__ import annotations
 
 import math
+import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ds_relora.errors import ConfigError
-from ds_relora.methods.base import Method, ScheduleSpec, adapter_rank, register, wrap_targets
+from ds_relora.methods.base import AdapterMethod, adapter_rank, register, wrap_targets
+from ds_relora.methods.merging import merge_and_reinit
 
 
 def check_layer(name: str, out_features: int, in_features: int, rank: int) -> None:
@@ -231,35 +234,36 @@ def fold_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------- the method
-def _update_projectors(engine, layers, grads: dict[str, torch.Tensor], rank: int) -> None:
-    """For every layer, in the same order on every rank: ``W0 += s P C`` through the shared
-    ZeRO-exact merge (this rank's rows of W0 only on ZeRO-3), C = 0 in the module and the master
-    (its Adam moments are kept, as galore-torch keeps them), then the new projector from the
+def _update_projectors(engine, layers, grads: dict[str, torch.Tensor], rank: int, step: int) -> None:
+    """For every layer, in the same order on every rank, through the merging methods' own
+    ZeRO-exact :func:`merge_and_reinit`: ``W0 += s P C`` with the old projector (this rank's rows
+    of W0 only on ZeRO-3), C = 0 in the module and the master (``optimizer_reset="none"``: its
+    Adam moments are kept, as galore-torch keeps them), then the new projector from the
     all-reduced (fp64) gradient, computed on rank 0 and broadcast so every rank holds the same one."""
-    import torch.distributed as dist
 
-    from ds_relora.methods.merging import merge_layer
-
-    for name, layer in layers:
+    def install_projector(layer) -> None:
+        name = names[id(layer)]
         g = grads.pop(name)
         dist.all_reduce(g)
         new = projector(g, rank) if dist.get_rank() == 0 else torch.empty(layer.galore_proj.shape, device=g.device,
                                                                          dtype=torch.float32)
         del g
         dist.broadcast(new, 0)
-        merge_layer(engine, layer, None)
         layer.galore_proj.copy_(new.to(layer.galore_proj.dtype))
+
+    names = {id(layer): name for name, layer in layers}
+    # C's reset draws nothing (zeros): the seed only feeds merge_and_reinit's unused generators.
+    merge_and_reinit(engine, layers, seed=0, step=step, optimizer_reset="none", after_merge=install_projector)
 
 
 @register
-class GaLoreMethod(Method):
+class GaLoreMethod(AdapterMethod):
     """``train.method: galore``: GaLoreLinear layers on ``relora.target_modules``, a projector
     update before every ``update_proj_gap``-th update of the phase, embeddings/norms/head with
     plain Adam. A frozen-projection adapter, not an optimizer wrapper: see the module docstring."""
 
     name = "galore"
     writes_base = True  # each projector change merges C into W
-    adapters = True
     resume_keys = ("galore.rank", "galore.scale", "relora.rank", "relora.target_modules")
 
     def validate(self, cfg, zero_stage: int) -> None:
@@ -286,9 +290,14 @@ class GaLoreMethod(Method):
     def wrap(self, model, cfg, seed: int):
         g = cfg.galore
         self.rank, self.gap, self.eps = adapter_rank(cfg, "galore"), g.update_proj_gap, cfg.optim.eps
-        self.layers = wrap_targets(model, cfg, lambda name, base: GaLoreLinear(base, self.rank, g.scale, name),
+        self.layers = wrap_targets(model, cfg.relora.target_modules, cfg.relora.freeze_modules,
+                                   lambda name, base: GaLoreLinear(base, self.rank, g.scale, name),
                                    lambda shapes: self.check_shapes(cfg, shapes))
         return self.layers
+
+    def adapter_counts(self, out_features: int, in_features: int, rank: int) -> tuple[int, int]:
+        """C, ``r max(out, in)``, trained; the projector, ``r min(out, in)``, a frozen buffer."""
+        return rank * max(out_features, in_features), rank * min(out_features, in_features)
 
     def param_groups(self, model, cfg) -> list[dict]:
         """C's group gets ``eps_scale = scale`` (its gradient is scale x GaLore's projected one)."""
@@ -298,15 +307,10 @@ class GaLoreMethod(Method):
         groups = [{"params": rest, "weight_decay": 0.0, "eps_scale": 1.0}] if rest else []
         return groups + [{"params": cs, "weight_decay": 0.0, "eps_scale": cfg.galore.scale}]
 
-    def schedule(self, cfg, start: int) -> ScheduleSpec:
-        return ScheduleSpec(galore_eps=True)
-
     def before_step(self, engine, step: int, micro_batches):
         """Before the phase's update ``step`` (0-based): galore-torch's eps for it, and on every
         ``update_proj_gap``-th one a probe forward/backward on this step's micro-batches (the
         gradient of W at the current weights: what galore-torch projects), then the update."""
-        import time
-
         set_galore_eps(engine.optimizer, step + 1, self.eps)
         if step % self.gap:
             return None
@@ -318,7 +322,7 @@ class GaLoreMethod(Method):
         # ZeRO-3's parameter gathers are module hooks, so they still run.
         grads = full_gradients(engine.module, self.layers, micro_batches,
                                lambda model, mb: model(input_ids=mb.to(device), labels=mb.to(device)).loss)
-        _update_projectors(engine, self.layers, grads, self.rank)
+        _update_projectors(engine, self.layers, grads, self.rank, step)
         return {"event": "projection", "step": step, "modules": len(self.layers),
                 "seconds": time.perf_counter() - started}
 

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from ds_relora.methods.lora_layer import wrap_model
-from ds_relora.methods.base import Method, register
+from ds_relora.errors import ConfigError
+from ds_relora.methods.base import AdapterMethod, register
+from ds_relora.methods.lora_layer import check_lora_shapes, wrap_model
+from ds_relora.methods.merging import MergingMethod
 
 
 @register
-class LoRAMethod(Method):
+class LoRAMethod(AdapterMethod):
     """``train.method: lora``: ``y = W x + s B A x`` on the targets, W frozen, never merged."""
 
     name = "lora"
-    adapters = True
     resume_keys = ("relora.rank", "relora.target_modules")
+
+    def check_shapes(self, cfg, shapes) -> None:
+        check_lora_shapes(cfg.relora.rank, shapes)
+
+    def check_model(self, cfg, hf_config) -> None:
+        """The rank against the model's smallest wrapped dimension (hidden or intermediate size)."""
+        dims = [getattr(hf_config, k, None) for k in ("hidden_size", "intermediate_size")]
+        limit = min(d for d in dims if d) if any(dims) else None
+        if limit is not None and cfg.relora.rank > limit:
+            raise ConfigError(
+                f"relora.rank={cfg.relora.rank} exceeds the smallest wrapped dimension ({limit}) of this model: "
+                f"set relora.rank to at most {limit}"
+            )
 
     def wrap(self, model, cfg, seed: int):
         r = cfg.relora
@@ -30,12 +44,10 @@ class LoRAMethod(Method):
 
 
 @register
-class ReLoRAMethod(LoRAMethod):
+class ReLoRAMethod(MergingMethod, LoRAMethod):
     """``train.method: relora``: LoRA plus merge-and-reinit, optimizer reset and jagged LR."""
 
     name = "relora"
-    merges = True
-    writes_base = True
 
 
 def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ exactly ``W x + b``. (The reference code initialised A = B = 0, which gives no a
 for the whole first cycle.)
 
 Linears that read the same input (q/k/v of attention, gate/up of the MLP) can share it
-(``fuse_shared_inputs``, see ``shared_input.py``): one dropout of the input and one adapter GEMM
+(``fuse_shared_inputs``, see ``fused_input.py``): one dropout of the input and one adapter GEMM
 ``dropout(x) @ cat(A_q, A_k, A_v).T`` for the group, then each member adds its own slice through
 ``B`` into its base output in place (no output-sized temporary). Every module keeps its own
 ``lora_A``/``lora_B`` (names, shapes, merge and checkpoints unchanged).
@@ -19,13 +19,13 @@ tensor the full-rank layer saves for its weight gradient), ``A x`` and ``A``.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ds_relora.errors import ConfigError
+from ds_relora.methods.base import wrap_targets
 from ds_relora.methods.dropout_gemm import dropout_gemm
 from ds_relora.methods.fused_input import link_shared_inputs
 
@@ -74,7 +74,7 @@ class ReLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(kaiming_uniform_A((rank, self.in_features), generator).to(device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         self.dropout_p = float(dropout)
-        # Set by ``wrap_model`` when this linear shares its input with siblings; kept out of the
+        # Set by ``link_shared_inputs`` when this linear shares its input with siblings; kept out of the
         # module tree (a plain attribute, not a submodule) so that state dicts do not change.
         self.__dict__["shared_input"] = None
 
@@ -115,9 +115,18 @@ def add_adapter(y: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, scale: f
     return out.view(y.shape)
 
 
-def relora_modules(model: nn.Module) -> list[tuple[str, ReLoRALinear]]:
-    """Every ReLoRA layer of ``model`` in a fixed order (the same on every rank)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ReLoRALinear)]
+def check_lora_shapes(rank: int, shapes: list[tuple[str, int, int]]) -> None:
+    """Every target ``(name, out, in)`` fits ``relora.rank``; one line naming the fix."""
+    if rank < 1:
+        raise ConfigError(f"relora.rank={rank} must be at least 1")
+    # Smallest layer first: its bound is the one every layer meets, so one fix is enough.
+    for name, out_features, in_features in sorted(shapes, key=lambda s: min(s[1], s[2])):
+        limit = min(in_features, out_features)
+        if rank > limit:
+            raise ConfigError(
+                f"relora.rank={rank} exceeds min(in, out)={limit} of layer '{name}' "
+                f"({out_features}x{in_features}): set relora.rank to at most {limit}"
+            )
 
 
 def wrap_model(
@@ -131,40 +140,17 @@ def wrap_model(
     seed: int = 0,
     fuse_shared_inputs: bool = True,
 ) -> list[tuple[str, ReLoRALinear]]:
-    """Replace every ``nn.Linear`` whose name matches a target regex by a ReLoRA layer, in place.
+    """Replace every ``nn.Linear`` whose name matches a target regex by a ReLoRA layer, in place,
+    through the adapter methods' one wrapper (``base.wrap_targets``); A is drawn from one
+    generator seeded with ``seed``, layer by layer in module order.
 
     Other parameters stay trainable full-rank unless their name matches ``freeze_modules``.
     ``fuse_shared_inputs``: one dropout and one adapter GEMM per shared input (q/k/v, gate/up).
     """
-    if rank < 1:
-        raise ConfigError(f"relora.rank={rank} must be at least 1")
-    patterns = [re.compile(t) for t in target_modules]
-    targets = [
-        (name, mod) for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and any(p.search(name) for p in patterns)
-    ]
-    if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
-        raise ConfigError(
-            f"no module matches relora.target_modules={list(target_modules)}: the model's linear "
-            f"layers are named like {linears}; set relora.target_modules to regexes of those names"
-        )
-    for name, mod in targets:
-        limit = min(mod.in_features, mod.out_features)
-        if rank > limit:
-            raise ConfigError(
-                f"relora.rank={rank} exceeds min(in, out)={limit} of layer '{name}' "
-                f"({mod.out_features}x{mod.in_features}): set relora.rank to at most {limit}"
-            )
     generator = torch.Generator().manual_seed(seed)
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ReLoRALinear(mod, rank, alpha, dropout, generator))
+    layers = wrap_targets(model, target_modules, freeze_modules,
+                          lambda name, base: ReLoRALinear(base, rank, alpha, dropout, generator),
+                          lambda shapes: check_lora_shapes(rank, shapes))
     if fuse_shared_inputs:
         link_shared_inputs(model, ReLoRALinear)
-    freeze = [re.compile(f) for f in freeze_modules]
-    for pname, param in model.named_parameters():
-        if any(f.search(pname) for f in freeze):
-            param.requires_grad_(False)
-    return relora_modules(model)
+    return layers

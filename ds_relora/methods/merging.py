@@ -13,16 +13,24 @@ index expansion of M, GaLore's ``s * P C``. Works on ZeRO 0-3, fp32 or bf16:
 * the re-initialised values (identical on every rank: seeded generator) are written to the module
   tensors *and* to the fp32 masters; otherwise the next ``step()`` would copy the old adapter
   back while its product already sits in W (the update counted twice).
+
+:class:`MergingMethod` is what ReLoRA and ReMoRA add to their adapter method: the jagged LR
+schedule and a merge after every ``relora.reset_every``-th update, from ``Method.after_step``.
+GaLore's projector update goes through the same :func:`merge_and_reinit`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
 import torch
 
+from ds_relora.faults import fault_point
+from ds_relora.methods.base import ScheduleSpec
 from ds_relora.methods.lora_layer import base_delta, reinit_values  # noqa: F401  (re-exported: ReLoRA's ΔW and re-init)
+from ds_relora.methods.schedule import merge_points
 from ds_relora.zero.optim_reset import reset_generator, reset_moments
 from ds_relora.zero.state import _partition_rank, get_master, is_zero3_param, set_master, set_module_value, shard_writes
 
@@ -134,3 +142,56 @@ def merge_and_reinit(
         "moments_pruned_fraction": pruned / numel if numel else None,
         "seconds": time.perf_counter() - start,
     }
+
+
+class MergingMethod:
+    """Mixin before an adapter method (``class ReLoRAMethod(MergingMethod, LoRAMethod)``):
+    merge-and-reinit after the update of every ``relora.reset_every``-th step of the phase,
+    optimizer reset, and (``relora.jagged_schedule``) the LR back to 0 with a linear re-warm-up
+    after every merge.
+
+    Merges are fired from the LR scheduler's own step count (the ``step`` the trainer passes to
+    :meth:`after_step`): DeepSpeed does not step the scheduler on a step it skipped for overflow,
+    while its global step counter still advances; driving merges from the scheduler keeps every
+    merge at the bottom of its LR saw-tooth, and a skipped step (the count unchanged) never merges
+    twice. After a checkpoint load, :meth:`after_load` takes the restored count as the one already
+    seen: the count read at :meth:`start_phase` is the fresh engine's, before the load, and a first
+    step skipped after a resume would otherwise replay the merge the checkpoint already holds."""
+
+    merges = True
+    writes_base = True  # every merge adds into W
+
+    def schedule(self, cfg, start: int) -> ScheduleSpec:
+        spec = super().schedule(cfg, start)
+        r = cfg.relora
+        if not r.jagged_schedule:
+            return spec
+        return dataclasses.replace(spec, restart_every=r.reset_every, restart_warmup_steps=r.restart_warmup_steps)
+
+    def start_phase(self, cfg, start: int, offset: int) -> None:
+        super().start_phase(cfg, start, offset)
+        r = cfg.relora
+        self.merge_at = set(merge_points(cfg.train.total_steps, r.reset_every, start))
+        self.offset, self.seed = offset, cfg.train.seed
+        self.optimizer_reset, self.prune_ratio = r.optimizer_reset, r.prune_ratio
+        self.seen_step = 0  # a fresh engine's scheduler: no update taken yet
+
+    def after_load(self, engine, step: int) -> None:
+        """The updates the loaded checkpoint already took are not merge candidates."""
+        super().after_load(engine, step)
+        self.seen_step = step
+
+    def after_step(self, engine, step: int) -> dict | None:
+        """Merges when the update just taken (global index ``offset + step - 1``, its LR was
+        schedule(index)) is a merge point; returns the merge event for the metrics log."""
+        if step == self.seen_step:
+            return None
+        self.seen_step = step
+        update = self.offset + step - 1
+        if update not in self.merge_at:
+            return None
+        fault_point("merge", update + 1)  # numbered like the step record of the update just taken
+        stats = merge_and_reinit(engine, self.layers, seed=self.seed, step=update,
+                                 optimizer_reset=self.optimizer_reset, prune_ratio=self.prune_ratio,
+                                 after_merge=self.after_merge)
+        return {"event": "merge", "step": update, **stats}

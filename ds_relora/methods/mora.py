@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_relora.errors import ConfigError
+from ds_relora.methods.base import AdapterMethod, adapter_rank, register, wrap_targets
 from ds_relora.methods.lora_layer import adopt_frozen_base
-from ds_relora.methods.base import Method, adapter_rank, register, wrap_targets
+from ds_relora.methods.merging import MergingMethod
 
 KINDS = ("sharing", "rope")
 ROPE_BASE = 10000.0
@@ -271,12 +272,11 @@ def fold_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
 
 
 @register
-class MoRAMethod(Method):
+class MoRAMethod(AdapterMethod):
     """``train.method: mora``: M trained, never merged (``remora`` merges). Targets, freeze list,
     warm start and the adapter-phase LR come from the ``relora`` section."""
 
     name = "mora"
-    adapters = True
     resume_keys = ("mora.rank", "mora.compression", "relora.rank", "relora.target_modules")
 
     def validate(self, cfg, zero_stage: int) -> None:
@@ -292,9 +292,14 @@ class MoRAMethod(Method):
 
     def wrap(self, model, cfg, seed: int):
         rank, kind = adapter_rank(cfg, "mora"), cfg.mora.compression
-        self.layers = wrap_targets(model, cfg, lambda name, base: MoRALinear(base, rank, kind, seed=seed, name=name),
+        self.layers = wrap_targets(model, cfg.relora.target_modules, cfg.relora.freeze_modules,
+                                   lambda name, base: MoRALinear(base, rank, kind, seed=seed, name=name),
                                    lambda shapes: self.check_shapes(cfg, shapes))
         return self.layers
+
+    def adapter_counts(self, out_features: int, in_features: int, rank: int) -> tuple[int, int]:
+        """M is r̂ x r̂ (about LoRA's count, up to r̂'s rounding)."""
+        return mora_rank(out_features, in_features, rank) ** 2, 0
 
     def meta(self, cfg) -> dict:
         return {"mora_compression": cfg.mora.compression}
@@ -304,14 +309,12 @@ class MoRAMethod(Method):
 
 
 @register
-class ReMoRAMethod(MoRAMethod):
+class ReMoRAMethod(MergingMethod, MoRAMethod):
     """``train.method: remora``: MoRA plus ReLoRA's merge-and-reinit (``relora.reset_every``,
     optimizer reset, jagged schedule) through the shared ZeRO-exact merge, and a grouping switch
     after every merge (``mora.switch_groups``)."""
 
     name = "remora"
-    merges = True
-    writes_base = True
 
     def wrap(self, model, cfg, seed: int):
         self.switch = cfg.mora.switch_groups

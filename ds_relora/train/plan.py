@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ds_relora.config import RunConfig
 from ds_relora.errors import CheckpointError, ConfigError, DataError
-from ds_relora.models import control_shape, llama_config, preset_shape, resolve_attn_implementation
+from ds_relora.models import llama_config, preset_shape, resolve_attn_implementation
 from ds_relora.zero.optim_reset import check_reset_args
 from ds_relora.methods import get_method
 from ds_relora.methods.schedule import JaggedCosine
@@ -83,9 +83,7 @@ def build_hf_config(cfg: RunConfig, meta: dict, compute_dtype=None):
                 f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={limit}: lower data.seq_len"
             )
         return hf
-    shape = preset_shape(cfg.model.preset or "tiny")
-    if cfg.train.method == "control":
-        shape = control_shape(shape, vocab, cfg.relora.rank)
+    shape = get_method(cfg.train.method).model_shape(preset_shape(cfg.model.preset or "tiny"), vocab, cfg.relora.rank)
     positions = cfg.model.max_position_embeddings or seq_len
     if seq_len > positions:
         raise ConfigError(
@@ -161,15 +159,8 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
     micro, accum, global_batch = batch_layout(cfg, world_size)
     meta = _read_data_meta(cfg.data.path)
     hf = build_hf_config(cfg, meta, compute_dtype(ds))
-    if adapters and cfg.train.method in ("lora", "relora"):
-        dims = [getattr(hf, k, None) for k in ("hidden_size", "intermediate_size")]
-        limit = min(d for d in dims if d) if any(dims) else None
-        if limit is not None and cfg.relora.rank > limit:
-            raise ConfigError(
-                f"relora.rank={cfg.relora.rank} exceeds the smallest wrapped dimension ({limit}) of this model: "
-                f"set relora.rank to at most {limit}"
-            )
     if adapters:
+        get_method(cfg.train.method).check_model(cfg, hf)
         check_adapter_phase(cfg, hf)
         if cfg.relora.warm_start_from:
             check_same_model(Path(cfg.relora.warm_start_from), hf, "start from a checkpoint of the same model "

@@ -23,11 +23,10 @@ from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_b
 from ds_relora.device import comm_device, host_scalars
 from ds_relora.display import human, plural
 from ds_relora.models import build_model, describe_params, pretrained_weights
-from ds_relora.methods import get_method
-from ds_relora.methods.schedule import JaggedCosine, merge_points
+from ds_relora.methods import Method, get_method
+from ds_relora.methods.schedule import JaggedCosine
 from ds_relora.zero.frozen_base import apply_zero3_frozen_base
 from ds_relora.faults import fault_point
-from ds_relora.methods.controller import ReLoRAController
 from ds_relora.checkpoint.weights import read_meta
 from ds_relora.checkpoint.format import open_weights
 from ds_relora.checkpoint.store import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
@@ -70,7 +69,7 @@ class Trainer:
         self.val_batches = [b.pin_memory() if pin else b for b in val[: int(count)]]
         self.tokenizer_dir = Path(cfg.data.path) / "tokenizer"
         self.engine = None
-        self.controller = None
+        self.phase_method = None
         self.modules = []
         self.tokens_seen = 0
         self.last_saved_step = None
@@ -78,43 +77,40 @@ class Trainer:
         self.metrics_note = None
 
     # ----------------------------------------------------------------------------- phases
-    def _phase_lr_and_schedule(self, phase: str, offset: int) -> tuple[float, JaggedCosine]:
-        cfg, o, r = self.cfg, self.cfg.optim, self.cfg.relora
-        restart_every, restart_warmup = None, 0
-        if phase == "adapters":
-            if self.plan.merges and r.jagged_schedule:
-                restart_every, restart_warmup = r.reset_every, r.restart_warmup_steps
-            elif self.relora_start > 0 and r.jagged_schedule:
-                # LoRA after a warm start: one ramp for the fresh optimizer, no further restarts.
-                restart_every, restart_warmup = cfg.train.total_steps + 1, r.restart_warmup_steps
-        lr = (r.lr or o.lr) if phase == "adapters" else o.lr
-        schedule = JaggedCosine(cfg.train.total_steps, o.warmup_steps, o.min_lr_ratio, restart_every=restart_every,
-                                restart_warmup_steps=restart_warmup, cycle_start=self.relora_start, offset=offset)
-        return lr, schedule
+    def _phase_lr_and_schedule(self, method: Method, offset: int) -> tuple[float, JaggedCosine]:
+        """The phase's peak LR and schedule, as ``method.schedule`` describes them: one global
+        cosine over the run, restarts counted from the adapter phase's start."""
+        o = self.cfg.optim
+        spec = method.schedule(self.cfg, self.relora_start)
+        schedule = JaggedCosine(self.cfg.train.total_steps, o.warmup_steps, o.min_lr_ratio,
+                                restart_every=spec.restart_every, restart_warmup_steps=spec.restart_warmup_steps,
+                                cycle_start=self.relora_start, offset=offset)
+        return (o.lr if spec.lr is None else spec.lr), schedule
 
     def _build_phase(self, phase: str, offset: int, *, weights=None, snapshot: dict | None = None) -> None:
         """Build the phase's model (partitioned under ZeRO-3), wrap it, build its engine, then
         write its starting values into every rank's shards and masters: ``weights`` (a tensor set:
         warm start, continued pre-training) or ``snapshot`` (the warm-start switch, this rank's
-        shards of the full-rank engine); else the seeded init."""
+        shards of the full-rank engine); else the seeded init.
+
+        The phase's method (``self.phase_method``) is the run's method in the adapter phase and
+        the base ``Method`` (the full-rank defaults) in a full-rank phase: every method's warm
+        start trains like method full. The trainer talks to it only through its hooks."""
         cfg = self.cfg
         if self.engine is not None:
-            old, self.engine, self.controller, self.modules = self.engine, None, None, []
+            old, self.engine, self.phase_method, self.modules = self.engine, None, None, []
             release_engine(old)
             del old
+        method = self.method if phase == "adapters" else Method()
         model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config)
-        self.modules = []
-        if phase == "adapters":
-            self.modules = self.method.wrap(model, cfg, seed=cfg.train.seed + 1)
+        self.modules = method.wrap(model, cfg, seed=cfg.train.seed + 1)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = describe_params(model)
-        lr, schedule = self._phase_lr_and_schedule(phase, offset)
+        lr, schedule = self._phase_lr_and_schedule(method, offset)
         o = cfg.optim
-        # The full-rank phase of any method trains like method full (the base Method's groups).
-        groups = (self.method if phase == "adapters" else get_method("full")).param_groups(model, cfg)
         self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps, schedule=schedule,
-                                   groups=groups)
+                                   groups=method.param_groups(model, cfg))
         _record_grad_norm_without_zero(self.engine)
         if cfg.train.compile:
             compile_engine(self.engine, cfg.train.compile_backend)
@@ -124,16 +120,11 @@ class Trainer:
             load_weights(self.engine.module, weights, source=str(weights.folder), engine=self.engine, skip=skip)
         elif snapshot is not None:
             restore_snapshot(self.engine, snapshot)
-        if phase == "adapters" and zero_stage(self.plan.ds_config) == 3:
+        if method.adapters and zero_stage(self.plan.ds_config) == 3:
             apply_zero3_frozen_base(self.engine, cfg.relora.zero3_frozen_base)
         self.phase, self.phase_offset = phase, offset
-        self.controller = None
-        if phase == "adapters" and self.plan.merges:
-            self.controller = ReLoRAController(
-                self.engine, self.modules, seed=cfg.train.seed, offset=offset,
-                merge_at=merge_points(cfg.train.total_steps, cfg.relora.reset_every, self.relora_start),
-                optimizer_reset=cfg.relora.optimizer_reset, prune_ratio=cfg.relora.prune_ratio,
-                after_merge=self.method.after_merge)
+        method.start_phase(cfg, self.relora_start, offset)
+        self.phase_method = method
 
     @property
     def step(self) -> int:
@@ -241,8 +232,7 @@ class Trainer:
             self.iterator.load_state_dict(client["data"])
             self.tokens_seen = client["tokens_seen"]
             self.resumed_at = self.last_saved_step = self.step
-            if self.controller is not None:
-                self.controller.sync_with_scheduler()
+            self.phase_method.after_load(self.engine, self.engine.lr_scheduler.last_epoch)
         self.resumed_from = resume
 
     def _switch_to_adapters(self) -> None:
@@ -305,15 +295,14 @@ class Trainer:
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             batches = self.prefetch.next_step(device)  # on the device already; the next step is being read
-            pre_event = self.method.before_step(self.engine, self.engine.lr_scheduler.last_epoch, batches) \
-                if self.phase == "adapters" else None
+            pre_event = self.phase_method.before_step(self.engine, self.engine.lr_scheduler.last_epoch, batches)
             for mb in batches:
                 loss = self.engine(input_ids=mb, labels=mb).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 loss_sum += loss.detach().float()
             del loss  # its graph's hooks reference the engine (which the warm-start switch frees)
-            event = self.controller.after_step() if self.controller else None
+            event = self.phase_method.after_step(self.engine, self.engine.lr_scheduler.last_epoch)
             loss_mean = _all_reduce_mean(loss_sum / len(batches), self.world)
             fault_point("signal", self.step)
             fault_point("error", self.step)

@@ -20,7 +20,8 @@ from ds_relora.methods.schedule import JaggedCosine, merge_points
 from ds_relora.zero.optim_reset import keep_mask, reset_moments
 from ds_relora.methods.merging import merge_and_reinit
 from ds_relora.methods.lora_layer import wrap_model
-from ds_relora.methods.controller import ReLoRAController
+from ds_relora.config import RunConfig
+from ds_relora.methods import get_method
 from ds_relora.methods.lora_layer import kaiming_uniform_A
 from ds_relora.zero.optim_reset import reset_generator
 from ds_relora.zero.state import full_shape, get_master, get_moment, set_moment
@@ -162,12 +163,17 @@ def run_losses(stage, bf16, persist, rank, world, steps=12, reset_every=4):
     model, modules = make_model(dropout=0.0)
     schedule = JaggedCosine(steps, 2, 0.1, restart_every=reset_every, restart_warmup_steps=2)
     engine = build_engine(model, ds_config(stage, bf16, 4 // world, persist), lr=1e-2, schedule=schedule)
-    ctl = ReLoRAController(engine, modules, merge_at=merge_points(steps, reset_every), offset=0, seed=0,
-                           optimizer_reset="magnitude", prune_ratio=0.9)
+    cfg = RunConfig()
+    cfg.train.total_steps, cfg.train.seed = steps, 0
+    cfg.relora.reset_every, cfg.relora.optimizer_reset, cfg.relora.prune_ratio = reset_every, "magnitude", 0.9
+    method = get_method("relora")
+    method.layers = modules
+    method.start_phase(cfg, 0, 0)
+    assert method.merge_at == set(merge_points(steps, reset_every))
     losses, merges = [], []
     for t in range(steps):
         losses.append(train_step(engine, t, rank, world))
-        event = ctl.after_step()
+        event = method.after_step(engine, engine.lr_scheduler.last_epoch)
         if event:
             merges.append(event["step"])
     return {"stage": stage, "bf16": bf16, "rank": rank, "losses": losses, "merges": merges}
