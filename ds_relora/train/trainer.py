@@ -102,7 +102,7 @@ class Trainer:
             release_engine(old)
             del old
         method = self.method if phase == "adapters" else Method()
-        model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config)
+        model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config, device=comm_device())
         self.modules = method.wrap(model, cfg, seed=cfg.train.seed + 1)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
