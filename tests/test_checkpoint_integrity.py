@@ -1,6 +1,6 @@
 """Issue 21, points 1-3: no silent damage, one writer per run folder, disk errors as one line.
 
-Runnable alone: ``pytest tests/test_integrity_lock_disk.py``. The disk tests mount small tmpfs
+Runnable alone: ``pytest tests/test_checkpoint_integrity.py``. The disk tests mount small tmpfs
 folders (root only; skipped with the reason otherwise).
 """
 
@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import run_workers
-from helpers import REPO, tiny_run_config, write_config
-from launch_harness import DS_RELORA, env, procs, root, start  # noqa: F401  (fixtures)
+from ds_relora.launch.hosts import free_port
+from harness import REPO
+from harness.configs import tiny_run_config, write_config
+from harness.launches import DS_RELORA, env, procs, root, start  # noqa: F401  (fixtures)
+from harness.ranks import run_workers
 
 
 # ----------------------------------------------------------------------------- 1. whole-file hashes
@@ -232,7 +234,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_checkpoint(prepared
                           optim={"warmup_steps": 1})
     path = write_config(tmp_path / "full.yaml", cfg)
     e = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0",
-         "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+         "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     r = subprocess.run([sys.executable, "-m", "ds_relora.worker", "--config", str(path)], capture_output=True,
                        text=True, env=e, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -241,12 +243,6 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_checkpoint(prepared
     ckpts = run_dir / "checkpoints"
     assert not [p.name for p in ckpts.iterdir() if p.name.startswith("step-")], "the partial save is deleted"
     assert resolve_resume("auto", run_dir) is None
-
-
-def _free_port() -> int:
-    from distributed import free_port
-
-    return free_port()
 
 
 def test_too_little_space_or_a_read_only_run_dir_is_one_line_before_launch(prepared_data, tmpfs, tmp_path):

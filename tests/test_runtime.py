@@ -82,7 +82,7 @@ def test_auto_attention_skips_a_flash_attn_that_does_not_import(gpu_with_flash_a
 
 
 def test_the_run_precision_reaches_the_attention_choice(gpu_with_flash_attn, prepared_data, tmp_path, monkeypatch):
-    from helpers import tiny_run_config
+    from harness.configs import tiny_run_config
 
     from ds_relora.config import RunConfig
     from ds_relora.config_base import from_dict
