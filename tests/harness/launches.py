@@ -1,5 +1,5 @@
 """Real launches (test_launch_nodes, test_launch_ds_configs, test_launch_failures,
-test_console_failures, test_checkpoint_integrity): ``ds-relora train`` with a launcher, or ranks
+test_console_failures, test_run_lock): ``ds-relora train`` with a launcher, or ranks
 started by hand that a test watches one by one (which rank died, with which code, when).
 Processes in their own sessions with hard timeouts, the ranks' environment, the launch variant of
 the tiny run config and the comparison of two trainings. Ranks that only have to finish run
