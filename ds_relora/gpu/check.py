@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     meter = CudaMemory(device) if cuda else RehearsalMemory()
     args.attn = resolve_attn_implementation("auto", torch.bfloat16) if cuda else "sdpa"  # the check runs bf16 on CUDA
-    res = {"device": torch.cuda.get_device_name(device) if cuda else "CPU (smoke)", "ds_relora": f"{__version__} ({Path(__file__).parent})",
+    res = {"device": torch.cuda.get_device_name(device) if cuda else "CPU (smoke)", "ds_relora": f"{__version__} ({Path(__file__).parents[1]})",
            "torch": torch.__version__, "attention_configured": args.attn, "attention": "not probed",
            "precision": "bf16" if cuda else "fp32", "seq_len": args.seq_len, "peak_tflops": args.peak_tflops,
            "compile": args.compile, "memory": meter.source, "budget_s": args.budget_s, "finished": False,
