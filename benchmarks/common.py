@@ -11,14 +11,14 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT_TAG = "RESULT "
+sys.path.insert(0, str(REPO / "tests"))  # the rank runner lives with the tests' harness
+from harness.ranks import RESULT_TAG, RanksFailed, results, run_workers  # noqa: E402
+
 # A private JIT-extension cache: DeepSpeed compiles its CPU shm op on first use, and a compile
 # killed elsewhere on a shared machine leaves a lock that makes every later start wait forever.
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/ds_relora_bench_torch_ext")
@@ -72,76 +72,22 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_ranks(script: Path, args: list[str], nprocs: int, *, timeout: float = 3600,
                  threads_per_rank: int = 1, env: dict | None = None) -> list[dict]:
     """Run ``python script args`` as ``nprocs`` gloo ranks on this machine (torch.distributed env
-    vars, no launcher: its start-up costs seconds and adds nothing here).
+    vars, no launcher: its start-up costs seconds and adds nothing here) through the tests' rank
+    runner (tests/harness/ranks.py), with the private extension cache.
 
-    Streams rank 0's output through, returns every ``RESULT {json}`` line of every rank, and
-    kills the group if one rank fails or the timeout passes (no hung benchmarks).
+    Streams rank 0's ``[bench]`` lines through, returns every ``RESULT {json}`` line of every rank,
+    and kills the group if one rank fails or the timeout passes (no hung benchmarks): a
+    RuntimeError with each rank's log tail.
     """
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(nprocs):
-        penv = bench_env(**(env or {}))
-        penv.update({
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_SIZE": str(nprocs),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads_per_rank),
-        })
-        log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ds_relora_bench_rank{rank}_{port}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=penv, stdout=log,
-                                      stderr=subprocess.STDOUT, cwd=str(REPO)))
-    deadline = time.time() + timeout
-    failed, shown = None, 0
-    while any(p.poll() is None for p in procs):
-        shown = _echo_new(logs[0], shown)
-        if time.time() > deadline:
-            failed = f"timeout after {timeout:.0f}s"
-            break
-        bad = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-        if bad:
-            time.sleep(2)
-            failed = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
-            break
-        time.sleep(0.5)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    _echo_new(logs[0], shown)
-    outs = []
-    for log in logs:
-        log.seek(0)
-        outs.append(log.read())
-        log.close()
-        os.unlink(log.name)
-    if failed is None and any(p.returncode != 0 for p in procs):
-        failed = "a rank exited non-zero"
-    if failed:
-        tails = "\n".join(f"--- rank {i} ---\n{o[-4000:]}" for i, o in enumerate(outs))
-        raise RuntimeError(f"{failed}\n{tails}")
-    found = []
-    for out in outs:
-        found += [json.loads(line[len(RESULT_TAG):]) for line in out.splitlines() if line.startswith(RESULT_TAG)]
-    return found
-
-
-def _echo_new(log, shown: int) -> int:
-    """Print rank 0's new non-RESULT lines (progress), return the new read offset."""
-    log.flush()
-    log.seek(shown)
-    text = log.read()
-    for line in text.splitlines():
-        if line.startswith("[bench]"):
-            print(line, flush=True)
-    return shown + len(text.encode()) if text else shown
+    try:
+        outs = run_workers([str(script), *args], nprocs, timeout=timeout, threads_per_rank=threads_per_rank,
+                           env={"TORCH_EXTENSIONS_DIR": EXT_DIR, **(env or {})}, echo_prefix="[bench]")
+    except RanksFailed as exc:
+        raise RuntimeError(str(exc)) from None
+    return results(outs, RESULT_TAG)
 
 
 def emit(record: dict) -> None:

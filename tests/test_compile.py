@@ -4,8 +4,9 @@ on ZeRO-2 and ZeRO-3, and the adapter layer traces into one graph."""
 import pytest
 import torch
 
-from distributed import run_workers
-from helpers import one_line_error, read_metrics, tiny_run_config, write_config
+from harness.checks import one_line_error, read_metrics
+from harness.configs import tiny_run_config, write_config
+from harness.ranks import run_workers
 
 WORKER = "tests/workers/run_configs.py"
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from distributed import free_port
-from helpers import REPO
+from ds_relora.launch.hosts import free_port
+from harness import REPO
 
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # doc {i}\n" for i in range(40)]
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from launch_harness import env, procs, root  # noqa: F401  (fixtures are used by name)
-from helpers import REPO, tiny_run_config, write_config
+from harness import REPO
+from harness.configs import tiny_run_config, write_config
+from harness.launches import env, procs, root  # noqa: F401  (fixtures are used by name)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,16 +39,13 @@ def test_survivor_of_a_dead_rank_says_one_line(prepared_data, root, env, procs):
     line, without the traceback of the collective it was in."""
     import time
 
-    from launch_harness import TRAIN_TIMEOUT, free_port, start, train_config
+    from ds_relora.launch.hosts import free_port
+    from harness.launches import TRAIN_TIMEOUT, start_ranks, train_config
 
     cfg, _ = train_config(prepared_data, root, "survivor", {"launcher": "none"})
-    port, ranks = free_port(), []
-    for rank in range(2):
-        renv = {**env, "DS_RELORA_VERBOSE": "0", "DS_RELORA_TEST_DIE_AT_STEP": "3", "DS_RELORA_TEST_DIE_RANK": "1",
-                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        ranks.append(start(procs, f"survivor-rank{rank}", [sys.executable, "-m", "launch_die_worker", "--config", str(cfg)],
-                           renv, root / "logs"))
+    renv = {**env, "DS_RELORA_VERBOSE": "0", "DS_RELORA_TEST_DIE_AT_STEP": "3", "DS_RELORA_TEST_DIE_RANK": "1"}
+    ranks = start_ranks(procs, "survivor", [sys.executable, "-m", "launch_die_worker", "--config", str(cfg)], renv,
+                        root / "logs", 2, free_port())
     for r in ranks:
         r.wait(time.time() + TRAIN_TIMEOUT)
     survivor = ranks[0]

@@ -13,7 +13,7 @@ import torch
 
 from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
 from ds_relora.errors import DataError
-from helpers import one_line_error
+from harness.checks import one_line_error
 
 
 # ---------------------------------------------------------------- PackedDataset

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distributed import results, run_workers
+from harness.ranks import results, run_workers
 from ds_relora.zero.optim_reset import keep_mask, reset_moments
 from ds_relora.methods.merging import _add_delta_to_base, base_delta, compute_device, reinit_values
 from ds_relora.zero.optim_reset import pruned_count, reset_generator
@@ -241,7 +241,7 @@ def test_step_loop_and_merge_on_an_accelerator_never_block_or_mix_devices(prepar
     from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
     from ds_relora.methods import get_method
     from ds_relora.methods.lora_layer import wrap_model
-    from helpers import merging_method
+    from harness.configs import merging_method
     from ds_relora.train.job_limits import JobLimits
     from ds_relora.train.prefetch import StepPrefetcher
 
@@ -326,7 +326,9 @@ def test_init_draws_the_same_values_under_a_device_redirect():
 # ----------------------------------------------------------------------------- 2 ranks
 @pytest.fixture(scope="module")
 def device_runs(prepared_data, tmp_path_factory):
-    from helpers import REPO, read_metrics, tiny_run_config, write_config
+    from harness import REPO
+    from harness.checks import read_metrics
+    from harness.configs import tiny_run_config, write_config
 
     run_dir = tmp_path_factory.mktemp("device_audit")
     # ZeRO-3 with parameter and optimizer offload and persistence 0: every W is a real shard.

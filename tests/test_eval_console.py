@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO
+from harness import REPO
 
 
 def test_eval_of_an_exported_model_prints_no_loading_progress(tmp_path):

@@ -243,7 +243,7 @@ os._exit(0)
 
 
 def test_galore_projector_is_fp32_under_zero3_bf16_init():
-    from distributed import results, run_workers
+    from harness.ranks import results, run_workers
 
     (res,) = results(run_workers(["-c", GALORE_ZERO3_BF16], 1, timeout=240, env={"STAGE": "3"}))
     assert res["weights"] == ["torch.bfloat16"], "the model must really be built partitioned in bf16"

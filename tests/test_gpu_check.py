@@ -12,7 +12,7 @@ import sysconfig
 import pytest
 import torch
 
-from helpers import REPO
+from harness import REPO
 
 
 def test_largest_micro_batch_extrapolates_linearly():

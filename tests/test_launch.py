@@ -17,17 +17,12 @@ import pytest
 from ds_relora.launch import launchers as L
 from ds_relora.config import LaunchConfig
 from ds_relora.errors import LaunchError
+from ds_relora.launch.hosts import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "launchers").glob("*.sh")) + sorted((ROOT / "launchers").glob("*.sbatch"))
 ARGS = ["--config", "runs/x/resolved.yaml"]
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -54,7 +49,7 @@ def hostfile(tmp_path):
 
 
 def cfg(**kw) -> LaunchConfig:
-    kw.setdefault("master_port", _free_port())
+    kw.setdefault("master_port", free_port())
     return LaunchConfig(**kw)
 
 
@@ -347,7 +342,7 @@ def test_check_master_reachable():
         s.bind(("127.0.0.1", 0))
         s.listen()
         L.check_master_reachable("127.0.0.1", s.getsockname()[1], timeout=2)
-    port = _free_port()  # nothing listens: refused until the deadline, then a one-line error
+    port = free_port()  # nothing listens: refused until the deadline, then a one-line error
     t0 = time.monotonic()
     msg = one_line_error(L.check_master_reachable, "127.0.0.1", port, timeout=1.0, match="cannot reach master")
     assert time.monotonic() - t0 < 5 and f"127.0.0.1:{port}" in msg and "check --master_addr/firewall" in msg
@@ -441,5 +436,5 @@ def test_run_plan_writes_hostfile_then_runs_the_launcher(tmp_path):
 
 def test_run_plan_stops_when_master_unreachable(monkeypatch):
     monkeypatch.setenv("DS_RELORA_MASTER_WAIT", "0.5")
-    plan = L.LaunchPlan("deepspeed", [["false"]], wait_for_master=("127.0.0.1", _free_port()))
+    plan = L.LaunchPlan("deepspeed", [["false"]], wait_for_master=("127.0.0.1", free_port()))
     one_line_error(L.run_plan, plan, match="cannot reach master")

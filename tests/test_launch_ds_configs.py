@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_metrics, tiny_run_config, within_rel, write_config
-from launch_harness import REL, TRAIN_TIMEOUT, WORKERS, env, free_port, procs, root, start  # noqa: F401  (fixtures are used by name)
+from ds_relora.launch.hosts import free_port
+from harness import REPO
+from harness.checks import read_metrics, within_rel
+from harness.configs import tiny_run_config, write_config
+from harness.launches import REL, TRAIN_TIMEOUT, WORKERS, env, procs, root, start_ranks  # noqa: F401  (fixtures are used by name)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
 
@@ -34,12 +37,8 @@ def config_runs(prepared_data, root, env, procs):
                               optim={"warmup_steps": 2}, relora={"warm_start_steps": 0, "reset_every": 3})
         paths.append(str(write_config(root / "ds-configs" / f"{js.stem}.yaml", cfg)))
         runs[js.name] = run_dir
-    port, ranks = free_port(), []
-    for rank in range(2):
-        renv = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        ranks.append(start(procs, f"configs-rank{rank}", [sys.executable, str(WORKERS / "launch_configs.py"), *paths],
-                           renv, root / "logs"))
+    ranks = start_ranks(procs, "configs", [sys.executable, str(WORKERS / "launch_configs.py"), *paths], env,
+                        root / "logs", 2, free_port())
     deadline = time.time() + TRAIN_TIMEOUT
     while any(r.rc is None for r in ranks):
         if any(r.rc for r in ranks):  # one failed: give the other a moment to stop, then kill it

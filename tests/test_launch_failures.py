@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launch_harness import DS_RELORA, STEPS, SWAP, TRAIN_TIMEOUT, env, free_port, procs, root, run, start, step_lines, train_config  # noqa: F401  (fixtures are used by name)
+from ds_relora.launch.hosts import free_port
+from harness.launches import DS_RELORA, STEPS, SWAP, TRAIN_TIMEOUT, env, procs, root, run, start_ranks, step_lines, train_config  # noqa: F401  (fixtures are used by name)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
 
@@ -155,12 +156,8 @@ def plain_env_deaths(prepared_data, root, env, procs):
     for dying in (0, 1):
         cfg, run_dir = train_config(prepared_data, root, f"die-env-{dying}", {"launcher": "none"})
         mark = root / f"die-env-{dying}.mark"
-        port, ranks = free_port(), []
-        for rank in range(2):
-            renv = {**_die_env(env, mark, dying), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                    "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            cmd = [sys.executable, "-m", "launch_die_worker", "--config", str(cfg)]
-            ranks.append(start(procs, f"die-env-{dying}-rank{rank}", cmd, renv, root / "logs"))
+        cmd = [sys.executable, "-m", "launch_die_worker", "--config", str(cfg)]
+        ranks = start_ranks(procs, f"die-env-{dying}", cmd, _die_env(env, mark, dying), root / "logs", 2, free_port())
         groups[dying] = (ranks, mark, run_dir)
     deadline = time.time() + TRAIN_TIMEOUT
     for ranks, _, _ in groups.values():

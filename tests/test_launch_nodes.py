@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from helpers import read_metrics
-from launch_harness import DS_RELORA, MERGES, STEPS, TRAIN_TIMEOUT, assert_same_training, env, free_port, procs, root, run, start, step_lines, train_config  # noqa: F401  (fixtures are used by name)
+from ds_relora.launch.hosts import free_port
+from harness.checks import read_metrics
+from harness.launches import DS_RELORA, MERGES, STEPS, TRAIN_TIMEOUT, assert_same_training, env, procs, root, run, start, step_lines, train_config  # noqa: F401  (fixtures are used by name)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed import free_port
-from helpers import REPO
+from ds_relora.launch.hosts import free_port
+from harness import REPO
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")

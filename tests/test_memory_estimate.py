@@ -1,11 +1,5 @@
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +10,8 @@ from ds_relora.estimate.memory import (activation_bytes, estimate_memory, format
                                        relative_error)
 from ds_relora.models import Shape
 from ds_relora.methods.dropout_gemm import dropout_gemm
-
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO
+from harness.ranks import run_workers
 
 # 1.3B (h 2048, f 5461, 24 layers, vocab 32000) by hand:
 #   wrapped linears 24 * (4*2048^2 + 3*2048*5461)            = 1,207,910,400
@@ -225,41 +219,10 @@ def test_activation_formula_matches_relora_layer(fuse):
 # Live engines: 2 CPU ranks, every ZeRO stage, compared with model_state_bytes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_workers(script: Path, args: list[str], world_size: int = 2, timeout: float = 120.0) -> list[str]:
-    """Start ``world_size`` ranks of ``script`` with env-var rendezvous; return their logs."""
-    port = _free_port()
-    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(world_size)]
-    deadline = time.monotonic() + timeout
-    logs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            logs.append(out)
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"{script.name} ranks did not finish within {timeout:.0f} s")
-    for r, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {r} exited with {proc.returncode}:\n{log[-3000:]}"
-    return logs
-
-
 @pytest.fixture(scope="module")
 def engine_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mem") / "results.json"
-    launch_workers(REPO / "tests" / "workers" / "mem_worker.py", [str(out)])
+    run_workers([str(REPO / "tests" / "workers" / "mem_worker.py"), str(out)], 2, timeout=120, env={"DS_ACCELERATOR": "cpu"})
     return json.loads(out.read_text())
 
 

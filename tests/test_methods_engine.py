@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from distributed import results, run_workers
-from helpers import method_run_config, read_metrics, within_rel, write_config
+from harness.checks import read_metrics, within_rel
+from harness.configs import method_run_config, write_config
+from harness.ranks import results, run_workers
 
 WORKER = "tests/workers/run_configs.py"
 pytestmark = pytest.mark.distributed

@@ -24,7 +24,7 @@ from ds_relora.data import packing as packing_mod
 from ds_relora.data import prepare as prepare_mod
 from ds_relora.data.tokenizer import token_dtype
 from ds_relora.errors import DataError
-from helpers import one_line_error
+from harness.checks import one_line_error
 
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # doc {i}\n" for i in range(40)]
 

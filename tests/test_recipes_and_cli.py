@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distributed import run_workers
-from helpers import REPO, deep_update, read_metrics, write_config
+from harness import REPO
+from harness.checks import read_metrics
+from harness.configs import deep_update, write_config
+from harness.ranks import run_workers
 
 RECIPES = sorted((REPO / "ds_relora" / "recipes").glob("*.yaml"))
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from helpers import REPO
+from harness import REPO
 
 BANNER = ("from setuptools.warnings import InformationOnly; "
           "InformationOnly.emit('Editable installation.', 'Please be careful with folders')")

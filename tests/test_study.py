@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, read_metrics, tiny_run_config
+from harness import REPO
+from harness.checks import read_metrics
+from harness.configs import tiny_run_config
 
 TOTAL = 16  # tiny runs: the relora point has a warm start of 4 and 3 cycles of 4 steps
 

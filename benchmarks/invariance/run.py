@@ -1,6 +1,6 @@
 """Worst 1-rank vs N-rank loss difference per method and ZeRO stage, on each CPU kernel set.
 
-The invariance tests (tests/test_methods_engine.py, tests/test_relora_zero.py, ...) bound how far
+The invariance tests (tests/test_methods_engine.py, tests/test_zero_merge.py, ...) bound how far
 an N-rank run may drift from the 1-rank run of the same global batch. A bound is a claim only if
 it holds on every CPU the suite meets (AMD and Intel, AVX2 and AVX-512 kernels), so this script
 measures the drift on the kernel sets this machine can run, each in fresh processes:
@@ -11,7 +11,7 @@ measures the drift on the kernel sets this machine can run, each in fresh proces
   mkl-avx2     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL's GEMMs limited to AVX2)
   mkl-sse42    ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 (both on their oldest path)
 
-The runs are the invariance tests' own (tests/helpers.py ``method_run_config``): the tiny preset,
+The runs are the invariance tests' own (tests/harness/configs.py ``method_run_config``): the tiny preset,
 fp32, 24 steps, global batch 8 (micro-batch 4: 1 rank accumulates 2 micro-batches, 2 ranks one
 each), no warm start, ReLoRA/ReMoRA merges and GaLore projector updates every 8 steps, ZeRO-3
 with W partitioned. Per method
@@ -48,8 +48,8 @@ WORKER = REPO / "tests" / "workers" / "run_configs.py"
 
 
 def method_config(data: Path, run_dir: Path, method: str, stage: int) -> dict:
-    """The invariance tests' run (tests/helpers.py ``method_run_config``) for any method."""
-    from helpers import method_run_config
+    """The invariance tests' run (tests/harness/configs.py ``method_run_config``) for any method."""
+    from harness.configs import method_run_config
 
     return method_run_config(data, run_dir, method, stage)
 

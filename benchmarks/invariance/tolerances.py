@@ -2,7 +2,7 @@
 
 Runs the invariance tests (1 rank vs N ranks, ZeRO stage vs stage, launch path vs launch path,
 elastic resume, fused vs unfused) once per kernel set, in fresh processes, with
-``DS_RELORA_TOLERANCE_LOG`` set: every comparison they make through ``tests/helpers.py``
+``DS_RELORA_TOLERANCE_LOG`` set: every comparison they make through ``tests/harness/checks.py``
 ``within_rel``/``within_abs`` is logged with its bound. Prints, per tolerance, the bound, the
 worst observed value on each kernel set and the margin (bound / worst). The tests' comments quote
 these figures; docs/results.md keeps the table.
@@ -31,16 +31,16 @@ from benchmarks.invariance.run import KERNEL_SETS  # noqa: E402
 
 TESTS = [
     "tests/test_methods_engine.py::test_same_losses_on_one_rank_and_two_ranks_under_zero_0_1_2_3",
-    "tests/test_relora_zero.py::test_same_losses_on_one_rank_and_under_zero_1_2_3",
-    "tests/test_pipeline.py::test_stages_agree_on_the_same_run",
-    "tests/test_elastic_resume.py::test_elastic_resume_continues_the_uninterrupted_run",
+    "tests/test_zero_merge.py::test_same_losses_on_one_rank_and_under_zero_1_2_3",
+    "tests/test_trainer.py::test_stages_agree_on_the_same_run",
+    "tests/test_checkpoint_elastic.py::test_elastic_resume_continues_the_uninterrupted_run",
     "tests/test_launch_ds_configs.py::test_shipped_ds_config_trains",
     "tests/test_launch_nodes.py::test_two_nodes_match_one_node",
     "tests/test_launch_nodes.py::test_mpirun_discovers_ranks_and_matches_one_node",
-    "tests/test_scale.py::test_from_pretrained_streams_the_hf_shards_into_every_stage",
-    "tests/test_fused_adapters.py::test_zero3_fused_trains_like_zero0_with_dropout",
-    "tests/test_fused_adapters.py::test_zero3_fused_equals_unfused",
-    "tests/test_fused_adapters.py::test_zero3_replicated_base_trains_identically_and_stays_consistent",
+    "tests/test_checkpoint_weights.py::test_from_pretrained_streams_the_hf_shards_into_every_stage",
+    "tests/test_methods_fused.py::test_zero3_fused_trains_like_zero0_with_dropout",
+    "tests/test_methods_fused.py::test_zero3_fused_equals_unfused",
+    "tests/test_methods_fused.py::test_zero3_replicated_base_trains_identically_and_stays_consistent",
 ]
 
 

@@ -21,11 +21,12 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
 from pathlib import Path
+
+from ds_relora.launch.hosts import free_port
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 STAGES = {"zero0": "zero0.json", "zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
@@ -33,16 +34,10 @@ STAGES = {"zero0": "zero0.json", "zero2": "zero2.json", "zero3": "zero3.json", "
 RUN_ESTIMATE_S = {"zero0": 12, "zero2": 12, "zero3": 16, "zero3_offload": 24}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_rank() -> None:
     os.environ.update({k: os.environ.get(k, v) for k, v in {
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port())}.items()})
+        "MASTER_PORT": str(free_port())}.items()})
     from ds_relora.quiet import quiet_worker
     from ds_relora.worker import init_distributed
 
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     meter = CudaMemory(device) if cuda else RehearsalMemory()
     args.attn = resolve_attn_implementation("auto", torch.bfloat16) if cuda else "sdpa"  # the check runs bf16 on CUDA
-    res = {"device": torch.cuda.get_device_name(device) if cuda else "CPU (smoke)", "ds_relora": f"{__version__} ({Path(__file__).parent})",
+    res = {"device": torch.cuda.get_device_name(device) if cuda else "CPU (smoke)", "ds_relora": f"{__version__} ({Path(__file__).parents[1]})",
            "torch": torch.__version__, "attention_configured": args.attn, "attention": "not probed",
            "precision": "bf16" if cuda else "fp32", "seq_len": args.seq_len, "peak_tflops": args.peak_tflops,
            "compile": args.compile, "memory": meter.source, "budget_s": args.budget_s, "finished": False,

@@ -1,4 +1,5 @@
-"""Hostfiles and SLURM nodelists: reading, writing and expanding them, and SLURM's rank variables.
+"""Hostfiles and SLURM nodelists: reading, writing and expanding them, SLURM's rank variables, and
+the rendezvous port (checked, derived from a job id, or any free one).
 
 Used by :mod:`ds_relora.launch.launchers` (plans and ``python -m ds_relora.launch`` helpers) and the shell
 launchers; every malformed input is a one-line LaunchError.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -98,6 +100,15 @@ def slurm_port(job_id: str) -> int:
     """Rendezvous port from the job id, so two jobs sharing a node rarely collide (15000-29999)."""
     digits = re.sub(r"\D", "", job_id)
     return 15000 + int(digits or "0") % 15000
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel picks it): the rendezvous port of a
+    one-node run, a one-rank check or a test's ranks. Another process may take it before ours
+    binds it, so callers that can retry should."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _slurm_var(env: Mapping[str, str], *names: str) -> str:

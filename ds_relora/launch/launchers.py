@@ -25,7 +25,7 @@ from pathlib import Path
 from ds_relora.config import LaunchConfig
 from ds_relora.errors import LaunchError, UserError
 from ds_relora.quiet import verbose_requested
-from ds_relora.launch.hosts import _slurm_var, _write_hostfile_text, check_port, expand_nodelist, hostfile_text, parse_hostfile, slurm_env, slurm_port, write_hostfile
+from ds_relora.launch.hosts import _slurm_var, _write_hostfile_text, check_port, expand_nodelist, free_port, hostfile_text, parse_hostfile, slurm_env, slurm_port, write_hostfile
 
 WORKER = "ds_relora.worker"
 DEFAULT_PORT = LaunchConfig().master_port
@@ -94,12 +94,6 @@ def _port_busy(port: int) -> str | None:
             return f"master port {port} is already in use on this node: pick another with --set launch.master_port=N"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_node_port(c: _Ctx, always_free: bool = False) -> int:
     """The rendezvous port of a one-node run. Left at the default and busy (a second run or sweep on
     the same machine), any free port does: every rank of a one-node run is started from here and
@@ -108,12 +102,12 @@ def _single_node_port(c: _Ctx, always_free: bool = False) -> int:
     A port the user chose is kept, and a busy one is an error."""
     port = c.l.master_port
     if port == DEFAULT_PORT and always_free:
-        return _free_port()
+        return free_port()
     if err := _port_busy(port):
         if port != DEFAULT_PORT:
             c.issues.append(err)
             return port
-        return _free_port()
+        return free_port()
     return port
 
 

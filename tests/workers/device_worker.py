@@ -1,4 +1,4 @@
-"""One rank of the device checks (started by tests/test_device.py through tests/distributed.py).
+"""One rank of the device checks (started by tests/test_device.py through tests/harness/ranks.py).
 
 1. ``train``: a real short ReLoRA run (``ds_relora.worker.main``: warm start, switch, merge,
    eval, checkpoints) under ``DeviceAudit``: every tensor factory called from ds_relora's

@@ -1,4 +1,4 @@
-"""One rank of the shared-input fusion and replicated-frozen-base checks (tests/test_fused_adapters.py).
+"""One rank of the shared-input fusion and replicated-frozen-base checks (tests/test_methods_fused.py).
 
 For each requested configuration it runs a short ReLoRA run (dropout 0.1, a merge at step 3)
 and prints one ``RESULT {json}`` line per rank with the per-step losses, so the test can compare

@@ -1,4 +1,4 @@
-"""One rank of the ReLoRA-under-ZeRO checks (started by tests/distributed.py).
+"""One rank of the ReLoRA-under-ZeRO checks (started by tests/harness/ranks.py).
 
 Modes:
   checks  merge keeps logits, re-init reaches the fp32 masters, moment masks (per stage)

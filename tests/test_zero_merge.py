@@ -5,8 +5,8 @@ Each launch runs every stage inside the same two processes to pay the start-up c
 
 import pytest
 
-from distributed import results, run_workers
-from helpers import within_rel
+from harness.checks import within_rel
+from harness.ranks import results, run_workers
 
 WORKER = "tests/workers/relora_engine_worker.py"
 pytestmark = pytest.mark.distributed

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from distributed import REPO, results, run_workers
-from helpers import read_metrics, tiny_run_config, within_rel, write_config
+from harness import REPO
+from harness.checks import read_metrics, within_rel
+from harness.configs import tiny_run_config, write_config
+from harness.ranks import results, run_workers
 
 pytestmark = pytest.mark.distributed
 RUN = "tests/workers/run_configs.py"

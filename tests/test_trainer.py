@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from distributed import run_workers
-from helpers import read_metrics, tiny_run_config, within_rel, write_config
+from harness.checks import read_metrics, within_rel
+from harness.configs import tiny_run_config, write_config
+from harness.ranks import run_workers
 
 WORKER = "tests/workers/run_configs.py"
 pytestmark = pytest.mark.distributed
@@ -174,7 +175,7 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
 
 def test_warm_start_switch_frees_the_full_rank_engine(prepared_data, tmp_path):
     # The full-rank masters and moments (~14 bytes/param/rank) must not outlive the switch.
-    from distributed import results
+    from harness.ranks import results
 
     configs = [write_config(tmp_path / f"z{stage}.yaml",
                             tiny_run_config(prepared_data, tmp_path / f"z{stage}", stage, train={"total_steps": 16}))

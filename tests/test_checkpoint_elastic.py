@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-from distributed import run_workers
-from helpers import read_metrics, tiny_run_config, within_rel, write_config
+from harness.checks import read_metrics, within_rel
+from harness.configs import tiny_run_config, write_config
+from harness.ranks import run_workers
 
 WORKER = "tests/workers/run_configs.py"
 pytestmark = pytest.mark.distributed

@@ -1,6 +1,6 @@
 """Reliability (issue 9): no lost or corrupted checkpoints, requeued jobs that make progress,
 logs that do not repeat, metrics that mean what they say. Runnable alone:
-``pytest tests/test_reliability.py``.
+``pytest tests/test_train_resume.py``.
 
 Five short 2-rank launches share one reference run: kill -9 of rank 1 during a save and during a
 merge (``DS_RELORA_FAULT``, ds_relora/faults.py), a SIGUSR1 that reaches rank 1 only, then one
@@ -19,8 +19,9 @@ import time
 
 import pytest
 
-from distributed import run_workers
-from helpers import read_metrics, tiny_run_config, write_config
+from harness.checks import read_metrics
+from harness.configs import tiny_run_config, write_config
+from harness.ranks import run_workers
 
 WORKER = "tests/workers/run_configs.py"
 
@@ -184,7 +185,7 @@ def test_rank0_decides_resume_and_a_rank_that_cannot_read_it_names_host_and_path
 def test_merging_method_reads_the_scheduler_epoch_after_the_checkpoint_load(monkeypatch):
     from types import SimpleNamespace
 
-    from helpers import merging_method
+    from harness.configs import merging_method
 
     from ds_relora.methods import merging
 

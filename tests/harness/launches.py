@@ -1,6 +1,9 @@
-"""The harness of the real-launch tests (test_launch_nodes, test_launch_ds_configs,
-test_launch_failures): processes in their own sessions with hard timeouts, the ranks'
-environment, the tiny run config and the comparison of two trainings.
+"""Real launches (test_launch_nodes, test_launch_ds_configs, test_launch_failures,
+test_console_failures, test_run_lock): ``ds-relora train`` with a launcher, or ranks
+started by hand that a test watches one by one (which rank died, with which code, when).
+Processes in their own sessions with hard timeouts, the ranks' environment, the launch variant of
+the tiny run config and the comparison of two trainings. Ranks that only have to finish run
+through ``harness.ranks.run_workers`` instead.
 
 Every process runs in its own session with a hard timeout; on timeout or failure the whole
 process group (launcher, ranks, MPI proxies) is killed. Ranks use OMP_NUM_THREADS=1 (2 cores,
@@ -12,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_metrics, tiny_run_config, within_rel, write_config
+from harness import REPO
+from harness.checks import read_metrics, within_rel
+from harness.configs import tiny_run_config, write_config
+from harness.ranks import rank_env
 
 
 WORKERS = REPO / "tests" / "workers"
@@ -39,12 +44,6 @@ REL = 1e-6
 # the ranks find each other, so no launch here inherits them.
 FOREIGN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
 FOREIGN_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- process handling
@@ -121,6 +120,13 @@ def start(procs: list, name: str, cmd: list[str], env: dict, logdir: Path) -> Pr
     p = Proc(name, cmd, env, logdir)
     procs.append(p)
     return p
+
+
+def start_ranks(procs: list, name: str, cmd: list[str], env: dict, logdir: Path, world: int, port: int) -> list[Proc]:
+    """``world`` ranks of ``cmd`` with the env-var rendezvous on ``port`` (as srun or torchrun
+    would start them), one Proc each, named ``<name>-rank<r>``."""
+    return [start(procs, f"{name}-rank{rank}", cmd, {**env, **rank_env(rank, world, port)}, logdir)
+            for rank in range(world)]
 
 
 def run(procs: list, name: str, cmd: list[str], env: dict, logdir: Path, timeout: float = TRAIN_TIMEOUT) -> Proc:

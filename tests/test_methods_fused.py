@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed import results, run_workers
-from helpers import within_abs
+from harness.checks import within_abs
+from harness.ranks import results, run_workers
 from ds_relora.models import Shape, build_model, llama_config
 from ds_relora.methods.lora_layer import ReLoRALinear, wrap_model
 from ds_relora.methods.dropout_gemm import draw_seed, dropout_gemm

@@ -1,7 +1,7 @@
 """Every bad input is one line before any work is spent; installs work outside a checkout;
 the console of a run holds what a user acts on (issue 9, inputs and installs).
 
-Run alone: ``pytest tests/test_reliability_inputs.py``. The wheel test builds the package,
+Run alone: ``pytest tests/test_train_plan.py``. The wheel test builds the package,
 installs it into a folder with ``pip --target`` (no dependency downloads: torch & co. come from
 this interpreter) and runs the quick start from an empty folder.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed import free_port
-from helpers import REPO
+from ds_relora.launch.hosts import free_port
+from harness import REPO
 
 try:
     import tomllib
@@ -210,7 +210,7 @@ def test_resume_of_the_same_run_is_accepted(real_run):
 
 
 def test_resume_with_other_number_of_ranks_is_accepted(real_run):
-    # Elastic: the checkpoint holds the whole fp32 masters and moments (tests/test_elastic_resume.py).
+    # Elastic: the checkpoint holds the whole fp32 masters and moments (tests/test_checkpoint_elastic.py).
     rc, _, err = _resume(real_run, "launch.launcher=local", "launch.num_gpus=2")
     assert rc == 0, err
 

@@ -139,7 +139,7 @@ def test_merging_method_merges_once_per_scheduler_step(monkeypatch):
     """A step DeepSpeed skipped (overflow) leaves the scheduler where it was: no second merge."""
     from types import SimpleNamespace
 
-    from helpers import merging_method
+    from harness.configs import merging_method
 
     from ds_relora.methods import merging
 

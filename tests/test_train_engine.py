@@ -1,0 +1,46 @@
+"""The optimizer an offload run steps (ds_relora/train/engine.py ``make_optimizer``): the fused CPU
+AdamW, and that it computes what the single-tensor loop does."""
+
+from __future__ import annotations
+
+import torch
+
+from ds_relora.train import engine as engine_mod
+
+OFFLOAD = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+
+
+def test_offload_optimizer_is_fused_on_the_cpu():
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = engine_mod.make_optimizer([{"params": params}], OFFLOAD, lr=1e-3)
+    assert opt.defaults["fused"] is True, "optimizer offload steps in CPU memory: the fused CPU kernel"
+    plain = engine_mod.make_optimizer([{"params": [torch.nn.Parameter(torch.randn(2))]}],
+                                      {"zero_optimization": {"stage": 2}}, lr=1e-3)
+    assert plain.defaults["fused"] is (True if torch.cuda.is_available() else None)
+
+
+def test_fused_cpu_adamw_matches_the_single_tensor_loop():
+    torch.manual_seed(0)
+    shapes = [(64, 48), (48,), (7, 3)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(25)]
+
+    def run(fused):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=False if not fused else None)
+        for step, gs in enumerate(grads):
+            for group in opt.param_groups:  # GaLore changes eps every step
+                group["eps"] = 1e-8 * (1 + step)
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+
+    fused, opt_f = run(True)
+    plain, opt_p = run(None)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(fused, plain):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_f.state[a][key], opt_p.state[b][key], rtol=1e-6, atol=1e-9)
