@@ -26,7 +26,7 @@ from launch_harness import DS_RELORA, env, procs, root, start  # noqa: F401  (fi
 def _fake_checkpoint(folder: Path, step: int, numel: int) -> Path:
     """A format-4 checkpoint folder written through the save's own writers: one weights shard of
     ``numel`` fp32 values (StreamingWriter, hashed while written), a small config, meta.json."""
-    from ds_relora.checkpoint.format import write_meta
+    from ds_relora.checkpoint.format import CheckpointMeta, write_meta
     from ds_relora.tensor_files import shard_name, write_index
 
     staging = folder.with_name(folder.name + ".saving")
@@ -40,7 +40,7 @@ def _fake_checkpoint(folder: Path, step: int, numel: int) -> Path:
     w.close()
     write_index(staging, "model", {"w": name}, numel * 4)
     (staging / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    write_meta(staging, {"step": step, "data_path": str(folder), "seq_len": 32}, digests)
+    write_meta(staging, CheckpointMeta(step=step, data_path=str(folder), seq_len=32), digests)
     os.rename(staging, folder)
     return folder
 
@@ -76,7 +76,7 @@ def test_a_byte_flipped_mid_shard_is_skipped_by_resume_and_refused_by_eval_and_e
     shard = newest / "model-00001-of-00001.safetensors"
     assert shard.stat().st_size > 8 << 20
     meta = check_complete(newest)
-    assert meta["files"][shard.name]["size"] == shard.stat().st_size, "the streamed record is the file on disk"
+    assert meta.files[shard.name]["size"] == shard.stat().st_size, "the streamed record is the file on disk"
     _flip_middle(shard)
 
     # The resume decision (rank 0 alone, and the collective one of the workers, 2 ranks).
@@ -99,12 +99,14 @@ def test_a_byte_flipped_mid_shard_is_skipped_by_resume_and_refused_by_eval_and_e
     assert not (tmp_path / "exp").exists()
 
     # Format 3 (hash of the ends) still loads and is verified the old way.
-    from ds_relora.checkpoint.format import file_digest
+    from ds_relora.checkpoint.format import file_digest, read_meta
 
     old = json.loads((older / "meta.json").read_text())
     old["format_version"] = 3
     old["files"] = {rel: {"size": e["size"], "sha256_ends": file_digest(older / rel)} for rel, e in old["files"].items()}
     (older / "meta.json").write_text(json.dumps(old))
+    old = read_meta(older)
+    assert old.format_version == 3
     assert verify(older, old) is None
     with open(older / shard.name, "r+b") as f:  # damage at the end is what format 3 could see
         f.seek(-1, os.SEEK_END)
@@ -158,7 +160,7 @@ def test_a_second_run_on_the_same_folder_stops_naming_the_first(prepared_data, p
              if json.loads(ln)["type"] == "step"]
     assert steps == list(range(1, STEPS + 1)), "each step logged once, by the first run only"
     for step in (STEPS // 2, STEPS):  # DeepSpeed's and the shards' hashes, taken while written, match the disk
-        assert check_intact(run_dir / "checkpoints" / f"step-{step}")["format_version"] == 4
+        assert check_intact(run_dir / "checkpoints" / f"step-{step}").format_version == 4
     assert _lock_info(run_dir)["released"], "a clean end leaves no stale lock"
 
 
@@ -269,7 +271,7 @@ def test_too_little_space_or_a_read_only_run_dir_is_one_line_before_launch(prepa
 
 def test_export_to_a_full_or_read_only_disk_is_one_line(tmpfs, tmp_path):
     """Mode: tmpfs of 1 MiB (the export needs more) and a read-only tmpfs, as --out."""
-    from ds_relora.checkpoint.format import write_meta
+    from ds_relora.checkpoint.format import CheckpointMeta, write_meta
     from transformers import LlamaConfig
 
     ckpt = tmp_path / "step-1"
@@ -286,7 +288,7 @@ def test_export_to_a_full_or_read_only_disk_is_one_line(tmpfs, tmp_path):
     for n, t in state.items():
         w.write(n, t)
     w.close()
-    write_meta(ckpt, {"step": 1, "method": "full"})
+    write_meta(ckpt, CheckpointMeta(step=1, method="full"))
     full, ro = tmpfs("full", "1m"), tmpfs("ro", "4m", readonly=True)
     r = _cli("export", str(ckpt), "--out", str(full / "exp"))
     assert r.returncode == 2

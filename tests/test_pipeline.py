@@ -134,12 +134,12 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
     from ds_relora.models import build_model
     from ds_relora.methods.lora_layer import wrap_model
     from ds_relora.checkpoint.format import hf_config_file, open_weights
-    from ds_relora.checkpoint.weights import read_meta
+    from ds_relora.checkpoint.meta import read_meta
 
     whole = resume_runs[stage][0]
     ckpt = whole / "checkpoints" / "step-32"
     meta = read_meta(ckpt)
-    assert meta["zero_stage"] == stage and meta["phase"] == "adapters"
+    assert meta.zero_stage == stage and meta.phase == "adapters"
     out = export_model(ckpt, tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert not any("lora" in n for n, _ in exported.named_parameters())

@@ -13,7 +13,8 @@ and for format 3 the last commit whose ds_relora/checkpoint_format.py had FORMAT
 seq_len 32, the one-layer model below, warm start 2 steps, merges every 2) on one rank under ZeRO-2, stopped at step 4 by
 train.stop_after_steps: its checkpoint is in the adapter phase, after a merge, with Adam
 moments. The folder keeps the model config (model/) and the prepared data it trained on (the checkpoint's fingerprint must
-match it on resume), the run config, and step-4 only.
+match it on resume), the run config, step-4 only, and the losses of steps 5-8 when the same code resumes it
+(``resumed_losses.json``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ def main(old_tree: str, out: str) -> int:
     shutil.copytree(model, out / "model")
     shutil.copytree(run / "checkpoints" / "step-4", out / "run" / "checkpoints" / "step-4")
     shutil.copy(run / "config.yaml", out / "run" / "config.yaml")
+    # The same code resumed to the end: the losses a resume by any later version must reproduce.
+    subprocess.run([*cli, "train", "--config", str(config), "--resume", "auto", "--set", "train.stop_after_steps=null"],
+                   check=True, cwd=old)
+    losses = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "step" and rec["step"] > 4:
+            losses[rec["step"]] = rec["loss"]
+    (out / "resumed_losses.json").write_text(json.dumps(losses, indent=2) + "\n")
     shutil.rmtree(work)
     return 0
 
