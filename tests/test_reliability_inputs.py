@@ -113,10 +113,11 @@ def test_adapter_phase_is_wrapped_on_meta_device_without_memory(prepared_data):
     import torch
 
     from ds_relora.config import load_config
+    from ds_relora.data import read_data_meta
     from ds_relora.train import plan as plan_mod
 
     cfg = load_config(None, [f"data.path={prepared_data}", "data.seq_len=32", "model.preset=1.3b", "relora.rank=128"])
-    meta = plan_mod._read_data_meta(cfg.data.path)
+    meta = read_data_meta(cfg.data.path)
     hf = plan_mod.build_hf_config(cfg, meta)
     model = plan_mod._meta_model(hf)
     assert all(p.device == torch.device("meta") for p in model.parameters())

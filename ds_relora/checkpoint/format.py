@@ -1,7 +1,8 @@
-"""The one owner of the checkpoint folder format: names, ``meta.json``, ``format_version``,
-durability (fsync) and verification, and the one reader of its tensor sets (``open_weights``,
-``open_moments``: HF's sharded safetensors layout, :mod:`ds_relora.tensor_files`) and of its
-HF config (``hf_config_file``).
+"""The one owner of the checkpoint folder format: names, ``meta.json`` (its typed record and
+its one reader are in :mod:`ds_relora.checkpoint.meta`), ``format_version``, durability (fsync)
+and verification, and the one reader of its tensor sets (``open_weights``, ``open_moments``:
+HF's sharded safetensors layout, :mod:`ds_relora.tensor_files`) and of its HF config
+(``hf_config_file``).
 
 A checkpoint is ``checkpoints/step-N/``. It is complete when its ``meta.json`` exists, parses,
 has this ``format_version`` and its ``files`` manifest (size and a hash of every other file)

@@ -183,7 +183,8 @@ class Trainer:
 
     def save(self) -> Path:
         resume_phase = self._memory_phase("save")
-        folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(), config_yaml=dump_config(self.cfg), hf_config=self.plan.hf_config,
+        folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(),
+                                 config_yaml=dump_config(self.cfg), hf_config=self.plan.hf_config,
                                  tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
         self.last_saved_step = self.step
         self.metrics.event("checkpoint", self.step, path=str(folder))
