@@ -128,7 +128,7 @@ def test_export_folds_the_adapter(runs, tmp_path, method, stage):
     # The engine's final eval (2 ranks x 2 batches x 4 sequences) equals the folded export's.
     _, events = read_metrics(run_dir)
     final = [e for e in events if e["event"] == "eval"][-1]
-    ours = evaluate_model(exported, meta["data_path"], 32, batch_size=4, max_batches=4)
+    ours = evaluate_model(exported, meta.data_path, 32, batch_size=4, max_batches=4)
     assert ours["loss"] == pytest.approx(final["loss"], rel=1e-5)
 
 

@@ -167,7 +167,7 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
     # The engine's own final eval (2 ranks x 2 batches x 4 sequences: the split's first 16) equals the export's.
     _, events = read_metrics(whole)
     final = [e for e in events if e["event"] == "eval"][-1]
-    ours = evaluate_model(exported, meta["data_path"], 32, batch_size=4, max_batches=4)
+    ours = evaluate_model(exported, meta.data_path, 32, batch_size=4, max_batches=4)
     assert ours["sequences"] == 16
     assert ours["loss"] == pytest.approx(final["loss"], rel=1e-5)
 
