@@ -12,6 +12,7 @@ from ds_relora import __version__
 from ds_relora.config import resolve_config_path
 from ds_relora.errors import UserError
 from ds_relora.methods import METHODS
+from ds_relora.run_folder import LOCK, checkpoint_root, config_file
 
 def _load(args):
     from ds_relora.config import load_config
@@ -51,20 +52,16 @@ def cmd_train(args) -> int:
     from ds_relora.launch.launchers import build_launch, run_plan
     from ds_relora import rank_exits
     from ds_relora import run_lock
-    from ds_relora.checkpoint.store import resolve_resume
-    from ds_relora.train.plan import check_resume_fits, expected_save_bytes, plan_run
+    from ds_relora.train.plan import expected_save_bytes, plan_run
 
     cfg = _load(args)
     if args.resume:
         cfg.train.resume = args.resume
     world = cfg.launch.num_nodes * cfg.launch.num_gpus
-    plan = plan_run(cfg, world)  # every check that needs no worker, before any worker starts
+    # Every check that needs no worker, the checkpoint to resume from included, before any worker starts.
+    plan = plan_run(cfg, world)
     run_dir = Path(cfg.train.run_dir)
-    # Meta and sizes here; the ranks hash the files (each its share) before they load them.
-    resume = resolve_resume(cfg.train.resume, run_dir, hashes=False)
-    if resume is not None:
-        check_resume_fits(cfg, plan, resume)
-    resolved = run_dir / "config.yaml"
+    resolved = config_file(run_dir)
     launch = build_launch(cfg.launch, ["--config", str(resolved)], strict=not args.dry_run)
     # A read-only or full run_dir fails here, in one line, not at the first checkpoint.
     check_writable(run_dir, "train.run_dir")
@@ -73,7 +70,7 @@ def cmd_train(args) -> int:
         print(warning, file=sys.stderr)
     if args.dry_run:
         print(launch.describe())
-        print(f"run folder lock ({run_dir / run_lock.LOCK_NAME}): {run_lock.state(run_dir)}")
+        print(f"run folder lock ({run_dir / LOCK}): {run_lock.state(run_dir)}")
         return 0
     # Before anything is written: a second run on this folder stops here, naming the first. In
     # no_ssh mode every node runs this command on the same (shared) run folder: node 0's holds
@@ -103,7 +100,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from ds_relora.eval.evaluate import eval_device_and_dtype, evaluate_model, load_any_model, run_dtype
-    from ds_relora.checkpoint.weights import META, read_meta
+    from ds_relora.checkpoint.meta import META, read_meta
 
     if args.tasks:
         from ds_relora.study.lm_eval import cmd_eval_tasks
@@ -115,11 +112,11 @@ def cmd_eval(args) -> int:
         raise UserError(f"{folder} does not exist or is not a folder: pass a checkpoints/step-N folder or an exported model folder")
     if (folder / META).is_file():
         meta = read_meta(folder)  # one line for a damaged or foreign-format meta.json
-        data = data or meta.get("data_path")
-        seq_len = seq_len or meta.get("seq_len")
+        data = data or meta.data_path
+        seq_len = seq_len or meta.seq_len
     elif not (folder / "config.json").is_file():
         hint = ""
-        if any((folder / "checkpoints").glob("step-*")) or any(folder.glob("step-*")):
+        if any(checkpoint_root(folder).glob("step-*")) or any(folder.glob("step-*")):
             hint = " (it holds step-N folders: pass one of them)"
         raise UserError(
             f"{folder} is neither a ds_relora checkpoint (no {META}) nor an exported HF model (no config.json){hint}: "

@@ -162,7 +162,6 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None, device: tor
     fp32 model in host memory. Either way the weights are initialised once, by
     :func:`init_weights`: transformers' own initialisation is skipped (it would draw every
     weight a second time, for nothing)."""
-    import contextlib
 
     from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-FOLDER = ".ds-relora-exits"
+from ds_relora.run_folder import EXITS as FOLDER  # the records' folder, owned by run_folder
 
 
 def _folder(run_dir: str | Path) -> Path:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from ds_relora.errors import UserError
+from ds_relora.run_folder import LOCK as LOCK_NAME  # the lock file's name, owned by run_folder
 
-LOCK_NAME = ".ds-relora.lock"
 # Filesystems without flock (some Lustre/NFS mounts): the run goes on without the guard.
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 

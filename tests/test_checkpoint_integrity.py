@@ -21,7 +21,7 @@ from harness.ranks import run_workers
 def _fake_checkpoint(folder: Path, step: int, numel: int) -> Path:
     """A format-4 checkpoint folder written through the save's own writers: one weights shard of
     ``numel`` fp32 values (StreamingWriter, hashed while written), a small config, meta.json."""
-    from ds_relora.checkpoint.format import write_meta
+    from ds_relora.checkpoint.format import CheckpointMeta, write_meta
     from ds_relora.tensor_files import shard_name, write_index
 
     staging = folder.with_name(folder.name + ".saving")
@@ -35,7 +35,7 @@ def _fake_checkpoint(folder: Path, step: int, numel: int) -> Path:
     w.close()
     write_index(staging, "model", {"w": name}, numel * 4)
     (staging / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    write_meta(staging, {"step": step, "data_path": str(folder), "seq_len": 32}, digests)
+    write_meta(staging, CheckpointMeta(step=step, data_path=str(folder), seq_len=32), digests)
     os.rename(staging, folder)
     return folder
 
@@ -71,7 +71,7 @@ def test_a_byte_flipped_mid_shard_is_skipped_by_resume_and_refused_by_eval_and_e
     shard = newest / "model-00001-of-00001.safetensors"
     assert shard.stat().st_size > 8 << 20
     meta = check_complete(newest)
-    assert meta["files"][shard.name]["size"] == shard.stat().st_size, "the streamed record is the file on disk"
+    assert meta.files[shard.name]["size"] == shard.stat().st_size, "the streamed record is the file on disk"
     _flip_middle(shard)
 
     # The resume decision (rank 0 alone, and the collective one of the workers, 2 ranks).
@@ -94,12 +94,14 @@ def test_a_byte_flipped_mid_shard_is_skipped_by_resume_and_refused_by_eval_and_e
     assert not (tmp_path / "exp").exists()
 
     # Format 3 (hash of the ends) still loads and is verified the old way.
-    from ds_relora.checkpoint.format import file_digest
+    from ds_relora.checkpoint.format import file_digest, read_meta
 
     old = json.loads((older / "meta.json").read_text())
     old["format_version"] = 3
     old["files"] = {rel: {"size": e["size"], "sha256_ends": file_digest(older / rel)} for rel, e in old["files"].items()}
     (older / "meta.json").write_text(json.dumps(old))
+    old = read_meta(older)
+    assert old.format_version == 3
     assert verify(older, old) is None
     with open(older / shard.name, "r+b") as f:  # damage at the end is what format 3 could see
         f.seek(-1, os.SEEK_END)

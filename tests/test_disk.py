@@ -97,7 +97,7 @@ def test_too_little_space_or_a_read_only_run_dir_is_one_line_before_launch(prepa
 
 def test_export_to_a_full_or_read_only_disk_is_one_line(tmpfs, tmp_path):
     """Mode: tmpfs of 1 MiB (the export needs more) and a read-only tmpfs, as --out."""
-    from ds_relora.checkpoint.format import write_meta
+    from ds_relora.checkpoint.format import CheckpointMeta, write_meta
     from transformers import LlamaConfig
 
     ckpt = tmp_path / "step-1"
@@ -114,7 +114,7 @@ def test_export_to_a_full_or_read_only_disk_is_one_line(tmpfs, tmp_path):
     for n, t in state.items():
         w.write(n, t)
     w.close()
-    write_meta(ckpt, {"step": 1, "method": "full"})
+    write_meta(ckpt, CheckpointMeta(step=1, method="full"))
     full, ro = tmpfs("full", "1m"), tmpfs("ro", "4m", readonly=True)
     r = _cli("export", str(ckpt), "--out", str(full / "exp"))
     assert r.returncode == 2

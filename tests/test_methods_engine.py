@@ -118,18 +118,18 @@ def test_export_folds_the_adapter(runs, tmp_path, method, stage):
 
     from ds_relora.eval.evaluate import evaluate_model
     from ds_relora.checkpoint.export import export_model
-    from ds_relora.checkpoint.weights import read_meta
+    from ds_relora.checkpoint.meta import read_meta
 
     run_dir = runs[(method, stage)]
     ckpt = run_dir / "checkpoints" / "step-24"
     meta = read_meta(ckpt)
-    assert meta["method"] == method and meta["phase"] == "adapters"
+    assert meta.method == method and meta.phase == "adapters"
     exported = AutoModelForCausalLM.from_pretrained(str(export_model(ckpt, tmp_path / "export"))).eval()
     assert not any(k in n for n, _ in exported.named_parameters() for k in ("mora", "galore"))
     # The engine's final eval (2 ranks x 2 batches x 4 sequences) equals the folded export's.
     _, events = read_metrics(run_dir)
     final = [e for e in events if e["event"] == "eval"][-1]
-    ours = evaluate_model(exported, meta["data_path"], 32, batch_size=4, max_batches=4)
+    ours = evaluate_model(exported, meta.data_path, 32, batch_size=4, max_batches=4)
     assert ours["loss"] == pytest.approx(final["loss"], rel=1e-5)
 
 

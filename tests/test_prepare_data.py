@@ -17,7 +17,7 @@ from ds_relora.data import (
     PackedDataset,
     load_tokenizer,
     prepare_data,
-    read_meta,
+    read_data_meta,
     train_bpe,
 )
 from ds_relora.data import packing as packing_mod
@@ -45,7 +45,7 @@ def write_jsonl(path: Path, texts, field="text") -> Path:
 
 
 def split_tokens(out: Path, split: str) -> np.ndarray:
-    meta = read_meta(out)
+    meta = read_data_meta(out)
     parts = [np.fromfile(out / s, dtype=np.dtype(meta["dtype"]).newbyteorder("<")) for s in meta["shards"][split]]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -53,7 +53,7 @@ def split_tokens(out: Path, split: str) -> np.ndarray:
 def decoded_docs(out: Path, split: str) -> list[str]:
     """The split's stream cut at EOS and decoded. Equal to the source documents only if each
     is followed by exactly one EOS (a doubled EOS would decode to an extra empty document)."""
-    tok, eos = load_tokenizer(out), read_meta(out)["eos_token_id"]
+    tok, eos = load_tokenizer(out), read_data_meta(out)["eos_token_id"]
     stream = split_tokens(out, split)
     assert len(stream) == 0 or stream[-1] == eos
     return [tok.decode(part[:-1].tolist()) for part in np.split(stream, np.flatnonzero(stream == eos) + 1)[:-1]]
@@ -71,7 +71,7 @@ def touch(path: Path, text: str) -> Path:
 def test_jsonl_source_round_trip_and_one_eos_between_documents(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS[:10] + ["   ", "\n"])  # blank rows are skipped
     out = prepare_data(cfg(src), tmp_path / "out", log=quiet)
-    meta = read_meta(out)
+    meta = read_data_meta(out)
     assert decoded_docs(out, "train") == DOCS[:10]
     assert meta["num_documents"] == {"train": 10, "validation": 0}
     assert meta["num_tokens"]["train"] == len(split_tokens(out, "train"))
@@ -123,7 +123,7 @@ def test_local_json_and_hub_source_share_the_datasets_streaming_path(tmp_path, m
     out = prepare_data(cfg("hf:someorg/corpus:en", split="valid"), tmp_path / "out2", log=quiet)
     assert calls[0] == ("someorg/corpus", "en", {"split": "valid", "streaming": True})
     assert decoded_docs(out, "train") == DOCS[:5]
-    assert read_meta(out)["source"] == "hf:someorg/corpus:en"
+    assert read_data_meta(out)["source"] == "hf:someorg/corpus:en"
 
 
 def test_hub_failure_is_one_line_data_error(tmp_path, monkeypatch):
@@ -141,7 +141,7 @@ def test_hub_failure_is_one_line_data_error(tmp_path, monkeypatch):
 
 def test_stdlib_source_small(tmp_path):
     out = prepare_data(cfg("stdlib", max_documents=4, val_fraction=0.5, seed=3), tmp_path / "out", log=quiet)
-    meta = read_meta(out)
+    meta = read_data_meta(out)
     assert sum(meta["num_documents"].values()) == 4
     assert meta["num_documents"]["validation"] >= 1 and meta["num_documents"]["train"] >= 1
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -152,9 +152,9 @@ def test_stdlib_source_small(tmp_path):
 
 def test_max_documents_and_exact_max_tokens(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
-    meta = read_meta(prepare_data(cfg(src, max_documents=7), tmp_path / "o1", log=quiet))
+    meta = read_data_meta(prepare_data(cfg(src, max_documents=7), tmp_path / "o1", log=quiet))
     assert meta["num_documents"]["train"] == 7
-    meta = read_meta(prepare_data(cfg(src, max_tokens=123, val_fraction=0.2), tmp_path / "o2", log=quiet))
+    meta = read_data_meta(prepare_data(cfg(src, max_tokens=123, val_fraction=0.2), tmp_path / "o2", log=quiet))
     assert sum(meta["num_tokens"].values()) == 123
 
 
@@ -201,11 +201,11 @@ def test_dtype_uint16_vs_uint32_with_a_pretrained_tokenizer(tmp_path):
     tok_dir = _word_tokenizer(tmp_path / "tok", 70_000, eos=True)
     src = write_jsonl(tmp_path / "a.jsonl", ["w1 w69998 w65536", "w2 w3"])
     out = prepare_data(cfg(src, tokenizer=str(tok_dir)), tmp_path / "out", log=quiet)
-    meta = read_meta(out)
+    meta = read_data_meta(out)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
     assert split_tokens(out, "train").tolist() == [1, 69998, 65536, 69999, 2, 3, 69999]
     assert (out / meta["shards"]["train"][0]).stat().st_size == 7 * 4
-    small = read_meta(prepare_data(cfg(src), tmp_path / "out16", log=quiet))
+    small = read_data_meta(prepare_data(cfg(src), tmp_path / "out16", log=quiet))
     assert small["dtype"] == "uint16"
 
 
@@ -237,10 +237,10 @@ def test_validation_split_is_disjoint_deterministic_and_seeded(tmp_path):
 
 def test_tiny_corpus_still_gets_one_validation_document(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS[:2])
-    meta = read_meta(prepare_data(cfg(src, val_fraction=0.001), tmp_path / "o", log=quiet))
+    meta = read_data_meta(prepare_data(cfg(src, val_fraction=0.001), tmp_path / "o", log=quiet))
     assert meta["num_documents"] == {"train": 1, "validation": 1}
     one = write_jsonl(tmp_path / "b.jsonl", DOCS[:1])
-    meta = read_meta(prepare_data(cfg(one, val_fraction=0.9), tmp_path / "o1", log=quiet))
+    meta = read_data_meta(prepare_data(cfg(one, val_fraction=0.9), tmp_path / "o1", log=quiet))
     assert meta["num_documents"] == {"train": 1, "validation": 0}
 
 
@@ -255,7 +255,7 @@ def test_leftover_temp_folder_is_ignored_and_meta_written_last(tmp_path, monkeyp
     (stale / "train_00000.bin").write_bytes(b"\x01\x00" * 10)
     (stale / "meta.json").write_text(json.dumps({"format_version": 1, "shards": {"train": ["train_00000.bin"]}}))
     with pytest.raises(DataError) as e:
-        read_meta(out)
+        read_data_meta(out)
     one_line_error(e, "prepare-data")
 
     seen = {}
@@ -306,7 +306,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     one_line_error(e, "not empty", "another folder")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
     (tmp_path / "empty").mkdir()
-    assert read_meta(prepare_data(cfg(src), tmp_path / "empty", log=quiet))["num_documents"]["train"] == 3
+    assert read_data_meta(prepare_data(cfg(src), tmp_path / "empty", log=quiet))["num_documents"]["train"] == 3
 
 
 # ---------------------------------------------------------------- source errors
@@ -339,7 +339,7 @@ def test_source_errors(tmp_path, make, words):
 def test_packed_dataset_over_real_prepare_output(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
     out = prepare_data(cfg(src, shard_tokens=100), tmp_path / "out", log=quiet)
-    meta = read_meta(out)
+    meta = read_data_meta(out)
     assert len(meta["shards"]["train"]) == -(-meta["num_tokens"]["train"] // 100)
     ds = PackedDataset(out, "train", 32)
     assert len(ds) == sum((out / name).stat().st_size // 2 // 32 for name in meta["shards"]["train"])

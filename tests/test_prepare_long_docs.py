@@ -14,7 +14,7 @@ import numpy as np
 
 from ds_relora.data import tokenize_pool
 from ds_relora.config import PrepareConfig
-from ds_relora.data import load_tokenizer, prepare_data, read_meta
+from ds_relora.data import load_tokenizer, prepare_data, read_data_meta
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i:x}" + "abcdefgh"[: i % 8] for i in range(400)]
@@ -38,7 +38,7 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 
 def train_bytes(out: Path) -> bytes:
-    return b"".join((out / s).read_bytes() for s in read_meta(out)["shards"]["train"])
+    return b"".join((out / s).read_bytes() for s in read_data_meta(out)["shards"]["train"])
 
 
 def one_call_stream(out: Path, texts: list[str]) -> bytes:
@@ -48,7 +48,7 @@ def one_call_stream(out: Path, texts: list[str]) -> bytes:
     ids: list[int] = []
     for t in texts:
         ids += tok.backend_tokenizer.encode(t, add_special_tokens=False).ids + [tok.eos_token_id]
-    return np.asarray(ids, dtype=np.dtype(read_meta(out)["dtype"]).newbyteorder("<")).tobytes()
+    return np.asarray(ids, dtype=np.dtype(read_data_meta(out)["dtype"]).newbyteorder("<")).tobytes()
 
 
 def test_pieces_cover_the_text_and_cut_only_before_a_lone_space():
@@ -80,7 +80,7 @@ def test_split_documents_give_the_tokens_and_the_tokenizer_of_whole_ones(tmp_pat
 
     # The worker processes' encode (prepare.num_workers > 1) goes through the same splitting.
     tok = load_tokenizer(whole)
-    dtype = np.dtype(read_meta(whole)["dtype"])
+    dtype = np.dtype(read_data_meta(whole)["dtype"])
     for name in ("_encode", "_eos", "_dtype"):  # restored after the test
         monkeypatch.setattr(tokenize_pool, name, getattr(tokenize_pool, name))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
@@ -128,4 +128,4 @@ def test_a_20mb_single_line_document_needs_less_than_4x_its_bytes(tmp_path):
     extra = peak - baseline
     print(f"peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB: {extra / len(line):.2f} bytes per input byte")
     assert extra < 4 * len(line), f"{extra / 2**20:.0f} MiB over the baseline for a {len(line) / 2**20:.0f} MiB line"
-    assert read_meta(tmp_path / "o2")["num_documents"]["train"] == 51
+    assert read_data_meta(tmp_path / "o2")["num_documents"]["train"] == 51

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ds_relora.config import PrepareConfig, load_config
-from ds_relora.data import prepare_data, read_meta
+from ds_relora.data import prepare_data, read_data_meta
 from ds_relora.data import packing as packing_mod
 from ds_relora.data import prepare as prepare_mod
 from ds_relora.errors import ConfigError, DataError
@@ -75,7 +75,7 @@ def test_workers_give_the_one_process_bytes_with_and_without_max_tokens(tmp_path
     monkeypatch.undo()
     monkeypatch.setattr(packing_mod, "_BATCH_DOCS", 7)
     assert_same_output(one, two)
-    meta = read_meta(one)
+    meta = read_data_meta(one)
     assert len(meta["shards"]["train"]) > 2 and meta["num_documents"]["validation"] > 0
     assert "num_workers" not in meta["prepare"]  # how, not what: it must not make outputs differ
 
@@ -84,7 +84,7 @@ def test_workers_give_the_one_process_bytes_with_and_without_max_tokens(tmp_path
     one = prepare_data(cfg(src, max_tokens=cut), tmp_path / "one_cut", log=quiet)
     two = prepare_data(cfg(src, max_tokens=cut, num_workers=2), tmp_path / "two_cut", log=quiet)
     assert_same_output(one, two)
-    cut_meta = read_meta(one)
+    cut_meta = read_data_meta(one)
     assert sum(cut_meta["num_tokens"].values()) == cut
     last = {s: np.fromfile(one / cut_meta["shards"][s][-1], dtype=cut_meta["dtype"])[-1] for s in ("train", "validation")}
     assert cut_meta["eos_token_id"] in last.values() and set(last.values()) != {cut_meta["eos_token_id"]}
@@ -218,7 +218,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "another prepare-data" in msg and "wait for it" in msg
     assert part.is_dir()  # not ours to delete
-    assert read_meta(prepare_data(cfg(src), out, log=quiet))["num_documents"]["train"] > 0
+    assert read_data_meta(prepare_data(cfg(src), out, log=quiet))["num_documents"]["train"] > 0
 
 
 def test_progress_lines_on_stderr_with_tokens_per_second(tmp_path, monkeypatch, capsys, small_batches):

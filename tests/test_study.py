@@ -227,11 +227,11 @@ def test_slurm_array_runs_one_point_per_index(swept, tmp_path):
 
 def test_tokens_per_param_and_derived_fractions(prepared_data, tmp_path):
     from ds_relora.config import RunConfig, from_dict
-    from ds_relora.data import read_meta
+    from ds_relora.data import read_data_meta
     from ds_relora.models import PRESETS, build_model, describe_params, llama_config, param_counts
     from ds_relora.study.sweep import expand, full_rank_params, load_sweep, steps_for_tokens
 
-    vocab = int(read_meta(prepared_data)["vocab_size"])
+    vocab = int(read_data_meta(prepared_data)["vocab_size"])
     cfg = from_dict(RunConfig, tiny_run_config(prepared_data, tmp_path))
     n = full_rank_params(cfg)
     assert n == param_counts(PRESETS["tiny"], vocab)["total"]

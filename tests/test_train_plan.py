@@ -113,10 +113,11 @@ def test_adapter_phase_is_wrapped_on_meta_device_without_memory(prepared_data):
     import torch
 
     from ds_relora.config import load_config
+    from ds_relora.data import read_data_meta
     from ds_relora.train import plan as plan_mod
 
     cfg = load_config(None, [f"data.path={prepared_data}", "data.seq_len=32", "model.preset=1.3b", "relora.rank=128"])
-    meta = plan_mod._read_data_meta(cfg.data.path)
+    meta = read_data_meta(cfg.data.path)
     hf = plan_mod.build_hf_config(cfg, meta)
     model = plan_mod._meta_model(hf)
     assert all(p.device == torch.device("meta") for p in model.parameters())
@@ -211,7 +212,9 @@ def test_resume_of_the_same_run_is_accepted(real_run):
 
 def test_resume_with_other_number_of_ranks_is_accepted(real_run):
     # Elastic: the checkpoint holds the whole fp32 masters and moments (tests/test_checkpoint_elastic.py).
-    rc, _, err = _resume(real_run, "launch.launcher=local", "launch.num_gpus=2")
+    # It keeps the global batch (2), split over 2 ranks: plan_run checks the batch layout before
+    # launch now (the workers refused another global batch before).
+    rc, _, err = _resume(real_run, "launch.launcher=local", "launch.num_gpus=2", "train.micro_batch_size=1")
     assert rc == 0, err
 
 

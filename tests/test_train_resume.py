@@ -301,9 +301,9 @@ def test_format_version_is_checked(runs, tmp_path):
             read_meta(folder, for_resume=True)
         assert "\n" not in str(exc.value)
     (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
-    assert read_meta(folder)["step"] == 24, "format 1 weights stay readable (eval/export/spectrum)"
+    assert read_meta(folder).step == 24, "format 1 weights stay readable (eval/export/spectrum)"
     (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
-    assert read_meta(folder, for_resume=True)["step"] == 24, "format 2 (one weights file) still resumes"
+    assert read_meta(folder, for_resume=True).step == 24, "format 2 (one weights file) still resumes"
 
 
 def test_damaged_files_are_detected_and_auto_falls_back(runs, tmp_path):

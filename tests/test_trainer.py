@@ -135,12 +135,12 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
     from ds_relora.models import build_model
     from ds_relora.methods.lora_layer import wrap_model
     from ds_relora.checkpoint.format import hf_config_file, open_weights
-    from ds_relora.checkpoint.weights import read_meta
+    from ds_relora.checkpoint.meta import read_meta
 
     whole = resume_runs[stage][0]
     ckpt = whole / "checkpoints" / "step-32"
     meta = read_meta(ckpt)
-    assert meta["zero_stage"] == stage and meta["phase"] == "adapters"
+    assert meta.zero_stage == stage and meta.phase == "adapters"
     out = export_model(ckpt, tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert not any("lora" in n for n, _ in exported.named_parameters())
@@ -168,7 +168,7 @@ def test_export_round_trip(resume_runs, tmp_path, stage):
     # The engine's own final eval (2 ranks x 2 batches x 4 sequences: the split's first 16) equals the export's.
     _, events = read_metrics(whole)
     final = [e for e in events if e["event"] == "eval"][-1]
-    ours = evaluate_model(exported, meta["data_path"], 32, batch_size=4, max_batches=4)
+    ours = evaluate_model(exported, meta.data_path, 32, batch_size=4, max_batches=4)
     assert ours["sequences"] == 16
     assert ours["loss"] == pytest.approx(final["loss"], rel=1e-5)
 

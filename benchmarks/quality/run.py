@@ -180,11 +180,15 @@ def train(run_dir: Path, config: dict, overrides: list[str], fresh: bool) -> flo
 
 
 def summarize(run_dir: Path) -> dict:
-    records = _records(run_dir / "metrics.jsonl")
+    from ds_relora.checkpoint.meta import read_meta
+    from ds_relora.checkpoint.store import complete_checkpoints
+    from ds_relora.run_folder import checkpoint_root, metrics_file
+
+    records = _records(metrics_file(run_dir))
     steps = [r for r in records if r["type"] == "step"]
     evals = [r for r in records if r["type"] == "event" and r["event"] == "eval"]
-    final_ckpt = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1]
-    params = json.loads((final_ckpt / "meta.json").read_text())["params"]
+    _, final_ckpt = complete_checkpoints(checkpoint_root(run_dir))[-1]
+    params = read_meta(final_ckpt).params
     tokens_per_step = steps[-1]["tokens"] / (steps[-1]["step"])
     return {
         "params": params, "final_val_loss": evals[-1]["loss"], "final_val_ppl": math.exp(evals[-1]["loss"]),

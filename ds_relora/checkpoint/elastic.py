@@ -10,7 +10,8 @@ exactly the same optimizer state:
 * the module tensors and the fp32 masters get the saved values (each rank writes its own shard);
 * Adam's state is created for every flat partition at the saved step count (torch's own layout:
   a scalar ``step``, zero moments) and then the saved moments are written into each fragment;
-* the LR scheduler, DeepSpeed's step counters and the data position come from ``meta.json``.
+* the LR scheduler and DeepSpeed's step counters come from ``meta.json`` (the data position
+  too, as on every resume: :meth:`~ds_relora.checkpoint.meta.CheckpointMeta.data_position`).
 
 What it does not restore: the per-rank RNG streams (another world size has other ranks), so
 adapter dropout masks after an elastic resume differ from an uninterrupted run's.
@@ -23,25 +24,25 @@ from pathlib import Path
 
 import torch
 
-from ds_relora.checkpoint.format import has_moments, open_moments, open_weights
+from ds_relora.checkpoint.format import CheckpointMeta, has_moments, open_moments, open_weights
 from ds_relora.errors import CheckpointError
 from ds_relora.zero.state import MOMENTS, set_moment
 from ds_relora.display import plural
 from ds_relora.checkpoint.state_io import load_weights
 
 
-def needs_elastic(meta: dict, world_size: int, stage: int) -> bool:
+def needs_elastic(meta: CheckpointMeta, world_size: int, stage: int) -> bool:
     """A resume that DeepSpeed's own per-rank checkpoint cannot serve."""
-    return meta.get("world_size") != world_size or meta.get("zero_stage") != stage
+    return meta.world_size != world_size or meta.zero_stage != stage
 
 
-def check_elastic(folder: Path, meta: dict, world_size: int, stage: int) -> None:
+def check_elastic(folder: Path, meta: CheckpointMeta, world_size: int, stage: int) -> None:
     """One line when a checkpoint cannot be resumed on this world size / stage."""
-    if "optimizer_step" not in meta or (meta["optimizer_step"] > 0 and not has_moments(folder)):
+    if meta.optimizer_step is None or (meta.optimizer_step > 0 and not has_moments(folder)):
         raise CheckpointError(
-            f"{folder} was written by {plural(meta.get('world_size'), 'rank')} on ZeRO-{meta.get('zero_stage')} before "
+            f"{folder} was written by {plural(meta.world_size, 'rank')} on ZeRO-{meta.zero_stage} before "
             f"checkpoints held the stage-independent optimizer state (the Adam moments), and this run has "
-            f"{plural(world_size, 'rank')} on ZeRO-{stage}: resume it with {plural(meta.get('world_size'), 'rank')} and the same "
+            f"{plural(world_size, 'rank')} on ZeRO-{stage}: resume it with {plural(meta.world_size, 'rank')} and the same "
             "ZeRO stage (DeepSpeed's optimizer shards are per rank)"
         )
 
@@ -62,16 +63,16 @@ def _init_adam_state(engine, step: int) -> None:
 
 
 @torch.no_grad()
-def restore(engine, folder: Path, meta: dict) -> dict:
-    """Load a checkpoint of any stage / world size into ``engine`` (collective). Returns the
-    client state the trainer needs (data position, tokens seen)."""
+def restore(engine, folder: Path, meta: CheckpointMeta) -> None:
+    """Load a checkpoint of any stage / world size into ``engine`` (collective): weights, Adam
+    state, LR scheduler and DeepSpeed's step counters."""
     from ds_relora.methods import load_adapter_buffers
 
     folder = Path(folder)
     weights = open_weights(folder)
     load_weights(engine.module, weights, source=str(folder), engine=engine)
     load_adapter_buffers(engine.module, weights)
-    step = int(meta["optimizer_step"])
+    step = int(meta.optimizer_step)
     if step > 0:
         moments = open_moments(folder)
         _init_adam_state(engine, step)
@@ -82,13 +83,11 @@ def restore(engine, folder: Path, meta: dict) -> dict:
                         raise CheckpointError(f"{folder} has no Adam moment {name}.{key}: the checkpoint is damaged "
                                               "or of another method; resume from another step-N folder")
                     set_moment(engine, p, key, moments[f"{name}.{key}"].to(engine.device))
-    updates = int(meta["step"]) - int(meta["phase_offset"])
+    updates = int(meta.step) - int(meta.phase_offset)
     scheduler = engine.lr_scheduler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": we set its position
         scheduler.last_epoch = updates - 1
         scheduler.step()
     engine.global_steps = updates
-    engine.global_samples = updates * int(meta["global_batch"])
-    data = meta.get("data_state") or {"consumed_samples": meta["consumed_samples"]}
-    return {"data": data, "tokens_seen": meta.get("tokens_seen", 0)}
+    engine.global_samples = updates * int(meta.global_batch)

@@ -1,7 +1,8 @@
-"""The one owner of the checkpoint folder format: names, ``meta.json``, ``format_version``,
-durability (fsync) and verification, and the one reader of its tensor sets (``open_weights``,
-``open_moments``: HF's sharded safetensors layout, :mod:`ds_relora.tensor_files`) and of its
-HF config (``hf_config_file``).
+"""The one owner of the checkpoint folder format: names, ``meta.json`` (its typed record and
+its one reader are in :mod:`ds_relora.checkpoint.meta`), ``format_version``, durability (fsync)
+and verification, and the one reader of its tensor sets (``open_weights``, ``open_moments``:
+HF's sharded safetensors layout, :mod:`ds_relora.tensor_files`) and of its HF config
+(``hf_config_file``).
 
 A checkpoint is ``checkpoints/step-N/``. It is complete when its ``meta.json`` exists, parses,
 has this ``format_version`` and its ``files`` manifest (size and a hash of every other file)
@@ -20,23 +21,15 @@ place. A crash between the two renames leaves two complete folders under other n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import re
 from pathlib import Path
 
 from ds_relora.durable import WHOLE_HASH, HashingFile, fsync_dir, fsync_tree, public_mode, whole_file_hash, write_atomic  # noqa: F401  (re-exported for the checkpoint's writers)
+from ds_relora.checkpoint.meta import FORMAT_VERSION, META, RESUMABLE_VERSIONS, WEIGHTS_READABLE_VERSIONS, CheckpointMeta, read_meta  # noqa: F401  (the format's names, re-exported)
 from ds_relora.errors import CheckpointError
 
-FORMAT_VERSION = 4
-# Format 3 writes the weights and the moments as Hugging Face sharded sets, each shard by the rank
-# that holds it; formats 1 and 2 had one file of each, written by rank 0 (and format 2 is resumed
-# as well). Format 1 had no manifest or data fingerprint: its weights can still be read
-# (eval/export/spectrum/warm start), it cannot be resumed. Format 4 is format 3 with whole-file
-# hashes in the manifest.
-WEIGHTS_READABLE_VERSIONS = (1, 2, 3, 4)
-RESUMABLE_VERSIONS = (2, 3, 4)
-META = "meta.json"
 # Every parameter by its HF name in fp32 (the optimizer's masters of the trainable ones, frozen W,
 # adapters and adapter buffers): ``model-0000k-of-0000n.safetensors`` + its index, with
 # ``config.json`` beside it, so ``transformers`` loads the folder as it is.
@@ -51,31 +44,6 @@ CONSOLIDATED, OPTIMIZER_FP32, LEGACY_HF_CONFIG = "model_fp32.safetensors", "opti
 STAGING, REPLACED = ".saving", ".replaced"
 STEP_FOLDER = re.compile(r"^step-(\d+)(\.saving|\.replaced)?$")
 _HASH_ENDS = 4 << 20  # formats 2-3: bytes hashed at each end of a file
-
-
-def read_meta(folder: str | Path, *, for_resume: bool = False) -> dict:
-    """``meta.json`` of a checkpoint folder; one-line CheckpointError when missing, unreadable
-    or of a format this version cannot read."""
-    path = Path(folder) / META
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {META}: it is not a complete ds_relora checkpoint (pick another step-N folder)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {exc}): pick another step-N folder") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} is damaged (not a JSON object): pick another step-N folder")
-    version = meta.get("format_version")
-    readable = RESUMABLE_VERSIONS if for_resume else WEIGHTS_READABLE_VERSIONS
-    if version not in readable:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        hint = ("upgrade ds_relora to read it" if newer else
-                "eval/export it, or start a new run from it with relora.warm_start_from" if version in WEIGHTS_READABLE_VERSIONS
-                else "it was not written by ds-relora train")
-        formats = "/".join(map(str, readable))
-        raise CheckpointError(f"{folder} has checkpoint format_version {version!r}; this ds_relora "
-                              f"{'resumes' if for_resume else 'reads'} formats {formats}: {hint}")
-    return meta
 
 
 # ----------------------------------------------------------------------------- the tensors
@@ -143,10 +111,10 @@ def file_manifest(folder: Path, streamed: dict[str, dict] | None = None) -> dict
     return out
 
 
-def write_meta(folder: Path, meta: dict, streamed: dict[str, dict] | None = None) -> None:
+def write_meta(folder: Path, meta: CheckpointMeta, streamed: dict[str, dict] | None = None) -> None:
     """Write ``meta.json`` last: format version and the manifest of the (already fsynced) files."""
-    meta = {**meta, "format_version": FORMAT_VERSION, "files": file_manifest(folder, streamed)}
-    write_atomic(Path(folder) / META, json.dumps(meta, indent=2))
+    meta = dataclasses.replace(meta, format_version=FORMAT_VERSION, files=file_manifest(folder, streamed))
+    write_atomic(Path(folder) / META, meta.to_json())
 
 
 def _hash_problem(folder: Path, rel: str, expected: dict) -> str | None:
@@ -160,10 +128,10 @@ def _hash_problem(folder: Path, rel: str, expected: dict) -> str | None:
     return None if ok else f"{rel} does not match its hash in {META}"
 
 
-def verify(folder: Path, meta: dict, *, hashes: bool = True, only: set[str] | None = None) -> str | None:
+def verify(folder: Path, meta: CheckpointMeta, *, hashes: bool = True, only: set[str] | None = None) -> str | None:
     """What is wrong with a checkpoint folder against its manifest, or None when it is intact.
     ``hashes=False`` checks presence and sizes only; ``only`` hashes just those files (a rank's share)."""
-    files = meta.get("files") or {}
+    files = meta.files or {}
     for rel, expected in files.items():
         path = Path(folder) / rel
         if not path.is_file():
@@ -185,12 +153,12 @@ def verify(folder: Path, meta: dict, *, hashes: bool = True, only: set[str] | No
 _RANK_FILE = re.compile(r"(?:^rng_rank|^zero_pp_rank_|/zero_pp_rank_)(\d+)[._]")
 
 
-def verify_share(meta: dict, rank: int, world: int) -> set[str]:
+def verify_share(meta: CheckpointMeta, rank: int, world: int) -> set[str]:
     """The files of a checkpoint that ``rank`` hashes on resume: its own per-rank files (its RNG,
     its ZeRO partition: the bytes it reads itself), and an about equal share by bytes of the
     shared ones. Every file is hashed by exactly one rank, so verifying costs each rank about
     1/world of the checkpoint."""
-    files = meta.get("files") or {}
+    files = meta.files or {}
     load = [0] * world
     owner: dict[str, int] = {}
     shared = []
@@ -221,7 +189,7 @@ def expected_checkpoint_bytes(module) -> int:
     return 4 * total + 24 * trainable
 
 
-def check_complete(folder: Path, *, hashes: bool = True) -> dict:
+def check_complete(folder: Path, *, hashes: bool = True) -> CheckpointMeta:
     """The meta of a complete, intact, resumable checkpoint; CheckpointError saying why not."""
     meta = read_meta(folder, for_resume=True)
     problem = verify(folder, meta, hashes=hashes)
@@ -230,11 +198,11 @@ def check_complete(folder: Path, *, hashes: bool = True) -> dict:
     return meta
 
 
-def check_intact(folder: Path) -> dict:
+def check_intact(folder: Path) -> CheckpointMeta:
     """For eval/export/spectrum: the meta of a readable checkpoint whose files all match their
     hashes (format 1 has no manifest: nothing to check); CheckpointError naming the file."""
     meta = read_meta(folder)
-    if meta.get("files"):
+    if meta.files:
         problem = verify(folder, meta)
         if problem:
             raise CheckpointError(f"{folder} is damaged ({problem}): pick another step-N folder")
@@ -271,7 +239,7 @@ def data_fingerprint(data_dir: str | Path) -> dict:
     return {"data_sha256": data.hexdigest(), "tokenizer_sha256": tok.hexdigest()}
 
 
-# Checkpoint keys a resume must match, with the fix each mismatch needs.
+# CheckpointMeta fields a resume must match, with the fix each mismatch needs.
 _RESUME_KEYS = {
     "data_sha256": "the prepared data in data.path changed since it was written (re-prepared or replaced)",
     "tokenizer_sha256": "the tokenizer in data.path changed since it was written",
@@ -282,12 +250,13 @@ _RESUME_KEYS = {
 }
 
 
-def check_resume_matches(folder: Path, meta: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint on other data, tokenizer or batch layout (one line)."""
+def check_resume_matches(folder: Path, meta: CheckpointMeta, current: dict) -> None:
+    """Refuse to resume a checkpoint on other data, tokenizer or batch layout (one line).
+    ``current``: this run's values of the :class:`CheckpointMeta` fields named in _RESUME_KEYS."""
     for key, what in _RESUME_KEYS.items():
-        if key in current and meta.get(key) != current[key]:
+        if key in current and getattr(meta, key) != current[key]:
             raise CheckpointError(
-                f"cannot resume {folder}: {what} ({key} {meta.get(key)!r} in the checkpoint, {current[key]!r} now): "
+                f"cannot resume {folder}: {what} ({key} {getattr(meta, key)!r} in the checkpoint, {current[key]!r} now): "
                 "restore the run's data and settings, or start a new run (another train.run_dir, "
                 "relora.warm_start_from for a full-rank checkpoint)"
             )

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ds_relora.checkpoint.format import HF_CONFIG, META, REPLACED, STAGING, STEP_FOLDER, HashingFile, best_folder_per_step, check_complete, expected_checkpoint_bytes, fsync_dir, fsync_tree, read_meta, verify, verify_share, write_atomic, write_meta
+from ds_relora.checkpoint.format import HF_CONFIG, META, REPLACED, STAGING, STEP_FOLDER, CheckpointMeta, HashingFile, best_folder_per_step, check_complete, expected_checkpoint_bytes, fsync_dir, fsync_tree, read_meta, verify, verify_share, write_atomic, write_meta
 from ds_relora.disk import disk_error, is_disk_error
 from ds_relora.errors import CheckpointError
 from ds_relora.faults import fault_point
 from ds_relora.checkpoint.format import open_weights
 from ds_relora.checkpoint.state_io import load_weights, write_state
+from ds_relora.run_folder import CONFIG, checkpoint_root
 
 __all__ = ["write_atomic", "complete_checkpoints", "resolve_resume", "agree_on_resume", "save_checkpoint",
            "load_checkpoint"]
@@ -76,11 +77,11 @@ def resolve_resume(resume: str | None, run_dir: Path, log: Callable[[str], None]
     if not resume:
         return None
     if resume == "auto":
-        return latest_intact(Path(run_dir) / "checkpoints", log, hashes=hashes, skip=skip)
+        return latest_intact(checkpoint_root(run_dir), log, hashes=hashes, skip=skip)
     path = Path(resume)
     if path.is_dir() and not (path / META).is_file():
         found = (latest_intact(path, log, hashes=hashes, skip=skip)
-                 or latest_intact(path / "checkpoints", log, hashes=hashes, skip=skip))
+                 or latest_intact(checkpoint_root(path), log, hashes=hashes, skip=skip))
         if found:
             return found
     if not (path / META).is_file():
@@ -262,7 +263,7 @@ def _agree_on_errors(errors: list, staging: Path, needed: int) -> None:
     raise disk_error(OSError(first[0], os.strerror(first[0]), first[1]), needed=needed, setting="train.run_dir")
 
 
-def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: dict, config_yaml: str,
+def save_checkpoint(engine, root: Path, step: int, *, meta: CheckpointMeta, config_yaml: str,
                     hf_config, tokenizer_dir: Path | None, keep_last: int) -> Path:
     """Collective: every rank must call it at the same step. Writes ``step-N.saving``, fsyncs
     every file on the rank that wrote it, then rank 0 writes meta.json and renames the folder."""
@@ -292,7 +293,7 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
     # would store it again in its module file and, on ZeRO 1-3, once more per rank.
     with _hashing_deepspeed_writes(engine, staging, digests, errors):
         try:
-            engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False,
+            engine.save_checkpoint(str(root), tag=staging.name, save_latest=False,
                                    exclude_frozen_parameters=True)
         except OSError as exc:  # outside the checkpoint engine (its makedirs, the recovery scripts)
             if is_disk_error(exc):
@@ -309,7 +310,7 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
                 errors=errors)
     if rank == 0 and not errors:
         def small_files():
-            write_atomic(staging / "config.yaml", config_yaml)
+            write_atomic(staging / CONFIG, config_yaml)
             hf_config.to_json_file(str(staging / HF_CONFIG))
             if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
                 shutil.copytree(tokenizer_dir, staging / "tokenizer", dirs_exist_ok=True)
@@ -332,15 +333,12 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: dict, client_state: 
     return final
 
 
-def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
-    """Restore engine, scheduler, frozen params, adapter buffers and this rank's RNG; returns the
-    client state. Collective."""
-    meta = read_meta(folder, for_resume=True)
-    if meta.get("world_size") != world_size:
-        raise CheckpointError(
-            f"{folder} was written by {meta.get('world_size')} rank{'' if meta.get('world_size') == 1 else 's'} but this run has {world_size}: resume with "
-            f"the same number of ranks, or start a new run from it with relora.warm_start_from"
-        )
+def load_checkpoint(engine, folder: Path) -> None:
+    """Restore engine, scheduler, frozen params, adapter buffers and this rank's RNG from a
+    checkpoint of this world size and ZeRO stage (the plan sends any other to
+    :func:`ds_relora.checkpoint.elastic.restore`). Collective. The data position is the meta's
+    (:meth:`~ds_relora.checkpoint.meta.CheckpointMeta.data_position`); DeepSpeed's client state,
+    where older checkpoints kept a second copy of it, is not read."""
     # Its module file lacks the frozen params (saved once, in the weights set: each rank reads its shard).
     _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if client is None:
@@ -354,4 +352,3 @@ def load_checkpoint(engine, folder: Path, world_size: int) -> dict:
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return client

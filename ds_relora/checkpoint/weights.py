@@ -17,15 +17,16 @@ from typing import Iterator
 
 import torch
 
-from ds_relora.checkpoint.format import META, open_weights, read_meta  # noqa: F401  (re-exported: the one reader of meta.json)
+from ds_relora.checkpoint.format import META, CheckpointMeta, open_weights, read_meta
 
 
-def fold_adapters(state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
-    """The checkpoint's method folds its adapters into W (ReLoRA's B A, MoRA's M, GaLore's P C).
-    Checkpoints without ``method`` (format 1) held ReLoRA/LoRA adapters or none."""
+def fold_adapters(state: dict[str, torch.Tensor], meta: CheckpointMeta) -> dict[str, torch.Tensor]:
+    """The checkpoint's method folds its adapters into W (ReLoRA's B A, MoRA's M, GaLore's P C)
+    with the settings it saved. Checkpoints without ``method`` (format 1) held ReLoRA/LoRA
+    adapters or none."""
     from ds_relora.methods import get_method
 
-    return get_method(meta.get("method") or "relora").fold(state, meta)
+    return get_method(meta.method or "relora").fold(state, meta.method_settings)
 
 
 class EffectiveWeights:

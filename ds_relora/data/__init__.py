@@ -5,7 +5,7 @@
 """
 
 from ds_relora.data.corpus import open_documents
-from ds_relora.data.dataset import DistributedBatchIterator, PackedDataset, read_meta, validation_batches
+from ds_relora.data.dataset import DistributedBatchIterator, PackedDataset, read_data_meta, validation_batches
 from ds_relora.data.prepare import prepare_data
 from ds_relora.data.tokenizer import EOS_TOKEN, load_tokenizer, train_bpe
 
@@ -16,7 +16,7 @@ __all__ = [
     "load_tokenizer",
     "open_documents",
     "prepare_data",
-    "read_meta",
+    "read_data_meta",
     "train_bpe",
     "validation_batches",
 ]

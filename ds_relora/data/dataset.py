@@ -24,7 +24,7 @@ SPLITS = ("train", "validation")
 _PREPARE_HINT = "run `ds-relora prepare-data` first"
 
 
-def read_meta(data_dir: str | Path) -> dict:
+def read_data_meta(data_dir: str | Path) -> dict:
     """``meta.json`` of a prepared data folder (DataError when missing or from another format)."""
     folder = Path(data_dir)
     if not folder.is_dir():
@@ -56,7 +56,7 @@ class PackedDataset:
         self.data_dir = Path(data_dir)
         self.split = split
         self.seq_len = int(seq_len)
-        self.meta = read_meta(self.data_dir)
+        self.meta = read_data_meta(self.data_dir)
         self.vocab_size = int(self.meta["vocab_size"])
         self.eos_token_id = int(self.meta["eos_token_id"])
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")

@@ -68,9 +68,9 @@ def load_tokenizer(data_dir: str | Path) -> "PreTrainedTokenizerFast":
     """The tokenizer saved by ``prepare_data`` in ``data_dir``."""
     from transformers import AutoTokenizer
 
-    from ds_relora.data.dataset import read_meta
+    from ds_relora.data.dataset import read_data_meta
 
-    meta = read_meta(data_dir)
+    meta = read_data_meta(data_dir)
     path = Path(data_dir) / meta.get("tokenizer", "tokenizer")
     if not path.is_dir():
         raise DataError(f"prepared data folder {data_dir} has no tokenizer folder {path.name}/: re-run `ds-relora prepare-data`")

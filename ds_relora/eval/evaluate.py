@@ -37,9 +37,9 @@ def run_dtype(folder: str | Path) -> str | None:
 
     folder = Path(folder)
     if (folder / META).is_file():
-        from ds_relora.checkpoint.weights import read_meta
+        from ds_relora.checkpoint.meta import read_meta
 
-        return read_meta(folder).get("compute_dtype")
+        return read_meta(folder).compute_dtype
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):

@@ -26,7 +26,9 @@ import time
 import traceback
 from pathlib import Path
 
+from ds_relora.checkpoint.format import META
 from ds_relora.launch.hosts import free_port
+from ds_relora.run_folder import checkpoint_root, metrics_file
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 STAGES = {"zero0": "zero0.json", "zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
@@ -80,7 +82,7 @@ def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, metho
     first = trainer.run()
     raw["train"].update(resume="auto", stop_after_steps=None)
     second = Trainer(from_dict(RunConfig, raw)).run()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in metrics_file(run_dir).read_text().splitlines()]
     # A merging method (ReLoRA) merges after every reset_every-th update; GaLore updates its
     # projector before every update_proj_gap-th one, the first included.
     merging = trainer.method.merges
@@ -100,7 +102,7 @@ def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, metho
         problems.append(f"no {kind} after the resume at step {stop}")
     if not losses or not all(math.isfinite(x) for x in losses):
         problems.append("non-finite loss")
-    if not (run_dir / "checkpoints" / f"step-{stop}" / "meta.json").is_file():
+    if not (checkpoint_root(run_dir) / f"step-{stop}" / META).is_file():
         problems.append("no checkpoint at the stop step")
     release_memory()
     return {"method": method, "stage": stage, "ok": not problems, "problems": problems, "merges": merges,

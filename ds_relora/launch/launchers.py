@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ds_relora.run_folder import config_file
 from ds_relora.config import LaunchConfig
 from ds_relora.errors import LaunchError, UserError
 from ds_relora.quiet import verbose_requested
@@ -347,7 +348,7 @@ def main_dry_run(config: str | None, overrides: Sequence[str] = (), env: Mapping
 
     cfg = load_config(config, list(overrides))
     # Same worker argument as `ds-relora train`, which writes the resolved config there.
-    args = list(worker_args) if worker_args is not None else ["--config", str(Path(cfg.train.run_dir) / "config.yaml")]
+    args = list(worker_args) if worker_args is not None else ["--config", str(config_file(cfg.train.run_dir))]
     return build_launch(cfg.launch, args, env, strict=False).describe()
 
 

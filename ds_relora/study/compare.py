@@ -22,7 +22,9 @@ from typing import Optional
 
 import yaml
 
-from ds_relora.errors import UserError
+from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
+from ds_relora.checkpoint.meta import CheckpointMeta, read_meta
+from ds_relora.errors import CheckpointError, UserError
 from ds_relora.study.lm_eval import RESULTS_FILE, read_task_scores
 from ds_relora.study.runner import STATE_FILE, point_state
 from ds_relora.study.sweep import POINT_FILE, POINTS_FILE, comparable
@@ -94,19 +96,21 @@ def _peak_mem(records) -> Optional[float]:
     return max(found) if found else None
 
 
-def _latest_meta(run_dir: Path) -> dict:
+def _latest_meta(run_dir: Path) -> CheckpointMeta | None:
+    """The newest checkpoint's meta, or None (no checkpoint, or one this version cannot read:
+    the comparison then takes the counts from the metrics log)."""
     from ds_relora.checkpoint.store import complete_checkpoints
 
-    found = complete_checkpoints(run_dir / "checkpoints")
+    found = complete_checkpoints(checkpoint_root(run_dir))
     try:
-        return json.loads((found[-1][1] / "meta.json").read_text()) if found else {}
-    except (OSError, ValueError):
-        return {}
+        return read_meta(found[-1][1]) if found else None
+    except CheckpointError:
+        return None
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
     run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    cfg = yaml.safe_load(config_file(run_dir).read_text()) if config_file(run_dir).is_file() else {}
     cfg = cfg or {}
     point = _read_json(run_dir / POINT_FILE)
     model, train = cfg.get("model") or {}, cfg.get("train") or {}
@@ -120,7 +124,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
     state = point_state(run_dir)
     s = RunSummary(run_dir, point.get("name") or run_dir.name, method, str(size), train.get("seed"), variant, group,
                    state["status"], state["step"], state["total_steps"])
-    steps, events = read_records(run_dir / "metrics.jsonl")
+    steps, events = read_records(metrics_file(run_dir))
     ordered = [steps[k] for k in sorted(steps)]
     if ordered:
         last = ordered[-1]
@@ -149,7 +153,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
     s.merges = len(s.merge_steps) if (ordered or events) else None
     every = [*ordered, *(e for kind in events.values() for e in kind.values())]
     s.peak_mem_mb = _peak_mem(every)
-    params = _latest_meta(run_dir).get("params")
+    meta = _latest_meta(run_dir)
+    params = meta.params if meta is not None else None
     if not params and events.get("switch"):
         params = events["switch"][max(events["switch"])].get("params")
     if isinstance(params, dict):
@@ -178,10 +183,10 @@ def find_runs(paths: list[str]) -> list[Path]:
         p = Path(raw)
         if (p / POINTS_FILE).is_file():
             out += [Path(e["run_dir"]) for e in json.loads((p / POINTS_FILE).read_text())]
-        elif (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
+        elif config_file(p).is_file() or metrics_file(p).is_file():
             out.append(p)
-        elif p.is_dir() and any((c / "config.yaml").is_file() for c in p.iterdir()):
-            out += sorted(c for c in p.iterdir() if (c / "config.yaml").is_file())
+        elif p.is_dir() and any(config_file(c).is_file() for c in p.iterdir()):
+            out += sorted(c for c in p.iterdir() if config_file(c).is_file())
         else:
             raise UserError(f"{p} is neither a run folder (config.yaml, metrics.jsonl) nor a sweep folder "
                             f"({POINTS_FILE}): pass run_dir folders or a sweep's folder")

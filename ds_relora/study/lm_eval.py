@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+from ds_relora.run_folder import checkpoint_root
 from ds_relora.errors import UserError
 
 RESULTS_FILE = "lm_eval.json"
@@ -126,7 +127,7 @@ def read_task_scores(run_dir: Path) -> dict[str, float]:
     """Scores of the newest checkpoint of ``run_dir`` that has lm-eval results (else the run folder's own)."""
     from ds_relora.checkpoint.store import complete_checkpoints
 
-    for _, folder in reversed(complete_checkpoints(Path(run_dir) / "checkpoints")):
+    for _, folder in reversed(complete_checkpoints(checkpoint_root(run_dir))):
         if (folder / RESULTS_FILE).is_file():
             return dict(_read(folder / RESULTS_FILE).get("scores", {}))
     return dict(_read(Path(run_dir) / RESULTS_FILE).get("scores", {}))

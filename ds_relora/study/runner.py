@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
 from ds_relora.checkpoint.store import complete_checkpoints, write_atomic
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE
 
@@ -48,7 +49,7 @@ def _alive(pid: int) -> bool:
 def last_step(run_dir: Path) -> int:
     """Highest optimizer step recorded in ``metrics.jsonl`` (0 if none)."""
     best = 0
-    path = run_dir / "metrics.jsonl"
+    path = metrics_file(run_dir)
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -62,7 +63,7 @@ def last_step(run_dir: Path) -> int:
 
 def total_steps_of(run_dir: Path) -> int | None:
     try:
-        return int((yaml.safe_load((run_dir / "config.yaml").read_text()) or {})["train"]["total_steps"])
+        return int((yaml.safe_load((config_file(run_dir)).read_text()) or {})["train"]["total_steps"])
     except (OSError, KeyError, TypeError, ValueError):
         return None
 
@@ -71,7 +72,7 @@ def point_state(run_dir: Path) -> dict:
     """``{"status", "step", "total_steps", "detail"}`` of one run folder."""
     run_dir = Path(run_dir)
     total = total_steps_of(run_dir)
-    ckpts = [s for s, _ in complete_checkpoints(run_dir / "checkpoints")]
+    ckpts = [s for s, _ in complete_checkpoints(checkpoint_root(run_dir))]
     step = max([last_step(run_dir), *ckpts] or [0])
     out = {"status": "pending", "step": step, "total_steps": total, "detail": ""}
     state = _read_json(run_dir / STATE_FILE)
@@ -123,16 +124,16 @@ def _run_claimed(run_dir: Path, log) -> int:
     if state["status"] in ("done", "running"):
         log(f"{run_dir.name}: {state['status']}, skipped")
         return 0
-    if not complete_checkpoints(run_dir / "checkpoints") and (run_dir / "metrics.jsonl").is_file():
+    if not complete_checkpoints(checkpoint_root(run_dir)) and (metrics_file(run_dir)).is_file():
         # A fresh start would append to a dead attempt's records: keep them aside instead.
         n = len(list(run_dir.glob("metrics.attempt-*.jsonl")))
-        (run_dir / "metrics.jsonl").rename(run_dir / f"metrics.attempt-{n}.jsonl")
+        (metrics_file(run_dir)).rename(run_dir / f"metrics.attempt-{n}.jsonl")
     previous = _read_json(run_dir / STATE_FILE)
     wall = float(previous.get("wall_s", 0.0))
     info = {"status": "running", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
             "wall_s": wall, "attempts": int(previous.get("attempts", 0)) + 1}
     write_atomic(run_dir / STATE_FILE, json.dumps(info))
-    cmd = [sys.executable, "-m", "ds_relora.cli", "train", "--config", str(run_dir / "config.yaml"),
+    cmd = [sys.executable, "-m", "ds_relora.cli", "train", "--config", str(config_file(run_dir)),
            "--resume", "auto"]
     started, rc = time.time(), 1
     try:
@@ -152,7 +153,7 @@ def _run_claimed(run_dir: Path, log) -> int:
 
 def point_state_final(run_dir: Path) -> bool:
     total = total_steps_of(run_dir)
-    return total is not None and total in [s for s, _ in complete_checkpoints(run_dir / "checkpoints")]
+    return total is not None and total in [s for s, _ in complete_checkpoints(checkpoint_root(run_dir))]
 
 
 def _error_line(run_dir: Path) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ds_relora.run_folder import config_file, is_started
 from ds_relora.config import RunConfig, to_dict
 from ds_relora.config_base import doc, from_dict
 from ds_relora.errors import ConfigError, UserError
@@ -258,11 +259,11 @@ def full_rank_params(cfg: RunConfig) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ds_relora.data import read_meta
+    from ds_relora.data import read_data_meta
     from ds_relora.train.plan import build_hf_config
 
     full = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, method="full"))
-    hf = build_hf_config(full, read_meta(cfg.data.path))
+    hf = build_hf_config(full, read_data_meta(cfg.data.path))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
     return sum(p.numel() for p in model.parameters())
@@ -331,12 +332,13 @@ def apply_derive(cfg: RunConfig, d: DeriveSpec) -> None:
 
 
 def validate(cfg: RunConfig, world: int) -> None:
-    """The checks ``ds-relora train`` makes before it launches."""
+    """``ds-relora train``'s checks before it launches: its one ``plan_run`` (the config, data,
+    model and the checkpoint the point would resume from) and its launch command."""
     from ds_relora.launch.launchers import build_launch
     from ds_relora.train.plan import plan_run
 
     plan_run(cfg, world)
-    build_launch(cfg.launch, ["--config", str(Path(cfg.train.run_dir) / "config.yaml")], strict=False)
+    build_launch(cfg.launch, ["--config", str(config_file(cfg.train.run_dir))], strict=False)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -366,7 +368,7 @@ def write_points(points: list[Point], out: Path, spec_path: Path) -> None:
     from ds_relora.checkpoint.store import write_atomic
 
     for p in points:
-        resolved = p.run_dir / "config.yaml"
+        resolved = config_file(p.run_dir)
         if resolved.is_file() and _started(p.run_dir):
             old = yaml.safe_load(resolved.read_text()) or {}
             try:  # fields added to ds_relora since the run started compare at their defaults
@@ -381,7 +383,7 @@ def write_points(points: list[Point], out: Path, spec_path: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for p in points:
         p.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(p.run_dir / "config.yaml", dump_config(p.cfg))
+        write_atomic(config_file(p.run_dir), dump_config(p.cfg))
         info = {"name": p.name, "method": p.method, "values": p.values, "sweep": str(spec_path),
                 "total_steps": p.total_steps, "world_size": p.world_size}
         write_atomic(p.run_dir / POINT_FILE, json.dumps(info, indent=2))
@@ -391,7 +393,7 @@ def write_points(points: list[Point], out: Path, spec_path: Path) -> None:
 
 
 def _started(run_dir: Path) -> bool:
-    return (run_dir / "metrics.jsonl").is_file() or (run_dir / "checkpoints").is_dir()
+    return is_started(run_dir)
 
 
 def read_points(out: Path) -> list[dict]:

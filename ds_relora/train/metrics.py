@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ds_relora.run_folder import metrics_file
+
 
 def truncate_to_checkpoint(path: Path, step: int) -> int:
     """Cut ``metrics.jsonl`` back to the record of the checkpoint at ``step`` (records after it
@@ -65,8 +67,8 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         resumed = resumed_from is not None
-        dropped = truncate_to_checkpoint(run_dir / "metrics.jsonl", start_step) if resumed else 0
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        dropped = truncate_to_checkpoint(metrics_file(run_dir), start_step) if resumed else 0
+        self.file = open(metrics_file(run_dir), "a", buffering=1)
         if resumed:
             self._write({"type": "event", "event": "resume", "step": start_step, "time": time.time(),
                          "checkpoint": str(resumed_from), "dropped_records": dropped})

@@ -1,8 +1,11 @@
-"""Everything a run needs that can be checked before any worker starts.
+"""Everything a run needs that can be checked before any step: one function, ``plan_run``.
 
-``plan_run`` validates the run config against the data, the model and the world size and
-returns the derived numbers; the parent ``ds-relora train`` calls it before launching, and
-every worker calls it again (a worker may also be started by hand, e.g. under srun).
+``plan_run`` validates the run config against the data, the model and the world size, picks the
+checkpoint to resume from (or the warm-start checkpoint to start from) and checks that it fits
+this run, and returns the derived numbers and those decisions as a :class:`RunPlan`. The parent
+``ds-relora train`` and ``ds-relora sweep`` call it before launching; every worker calls it
+once more (a worker may also be started by hand, e.g. under srun), with the collective resume
+choice, and the trainer then acts on the plan without deciding anything again.
 """
 
 from __future__ import annotations
@@ -10,13 +13,18 @@ from __future__ import annotations
 import dataclasses
 
 from pathlib import Path
+from typing import Callable, Optional
 
+from ds_relora.checkpoint.format import CheckpointMeta, data_fingerprint, read_meta
+from ds_relora.checkpoint.store import resolve_resume
 from ds_relora.config import RunConfig
-from ds_relora.errors import CheckpointError, ConfigError, DataError
+from ds_relora.data import read_data_meta
+from ds_relora.errors import ConfigError, DataError
 from ds_relora.models import llama_config, preset_shape, resolve_attn_implementation
 from ds_relora.zero.optim_reset import check_reset_args
 from ds_relora.methods import get_method
 from ds_relora.methods.schedule import JaggedCosine
+from ds_relora.train.resume import ResumePoint, check_resume, check_same_model, resume_layout
 from ds_relora.zero.ds_config import batch_layout, build_ds_config
 
 
@@ -32,12 +40,23 @@ class RunPlan:
     adapters: bool          # the run has a ReLoRA/LoRA phase
     merges: bool            # that phase merges (relora) or not (lora)
     relora_start: int       # global step where the adapter phase starts (0: from the start)
+    fingerprint: dict       # data_fingerprint(data.path): written into every checkpoint, matched on resume
+    resume: Optional[ResumePoint] = None        # the checkpoint this run resumes from, checked
+    warm_start: Optional[CheckpointMeta] = None  # relora.warm_start_from's meta (a full-rank checkpoint)
+
+    def layout(self, seq_len: int) -> dict:
+        """What a checkpoint of this run records and a resume must find unchanged."""
+        return resume_layout(self.fingerprint, seq_len, self.global_batch, self.micro_batch, self.grad_accum)
 
 
-def _read_data_meta(path: str) -> dict:
-    from ds_relora.data import read_meta
+# Picks the checkpoint to resume from: (train.resume, train.run_dir) -> step-N folder or None.
+Resolver = Callable[[Optional[str], Path], Optional[Path]]
 
-    return read_meta(path)
+
+def resolve_before_launch(resume: str | None, run_dir: Path) -> Path | None:
+    """The parent's choice: meta.json and sizes only; the ranks hash the files (each its share)
+    before they load them, and may still fall back to an older checkpoint."""
+    return resolve_resume(resume, run_dir, hashes=False)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -93,31 +112,27 @@ def build_hf_config(cfg: RunConfig, meta: dict, compute_dtype=None):
                         attn_implementation=attn, init_std=cfg.model.init_std)
 
 
-def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int]:
-    """The adapter phase's settings (any adapter method): returns (adapters, merges, start step)."""
+def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int, CheckpointMeta | None]:
+    """The adapter phase's settings (any adapter method): returns (adapters, merges, start step,
+    the warm-start checkpoint's meta). ``train.total_steps >= 1`` and the dropout range are the
+    config's own checks (config.py)."""
 
     r, total = cfg.relora, cfg.train.total_steps
     method = get_method(cfg.train.method)
-    if total < 1:
-        raise ConfigError(f"train.total_steps={total} must be at least 1")
     if not method.adapters:
-        return False, False, 0
+        return False, False, 0, None
     method.validate(cfg, zero_stage)
     check_reset_args(r.optimizer_reset, r.prune_ratio)
-    if not 0.0 <= r.dropout < 1.0:
-        raise ConfigError(f"relora.dropout={r.dropout} must be in [0, 1)")
     if r.warm_start_steps and r.warm_start_from:
         raise ConfigError("set only one of relora.warm_start_steps and relora.warm_start_from")
-    start = r.warm_start_steps
+    start, warm = r.warm_start_steps, None
     if r.warm_start_from:
-        from ds_relora.checkpoint.weights import read_meta
-
-        meta = read_meta(r.warm_start_from)
-        if meta.get("phase") != "full":
+        warm = read_meta(r.warm_start_from)
+        if warm.phase != "full":
             raise ConfigError(
                 f"relora.warm_start_from={r.warm_start_from} is not a full-rank checkpoint: use one from a method=full run"
             )
-        start = int(meta["step"])
+        start = int(warm.step)
     if start < 0 or start >= total:
         raise ConfigError(
             f"the ReLoRA phase would start at step {start} (relora.warm_start_steps or the warm_start_from "
@@ -140,14 +155,17 @@ def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int]:
         # Builds the schedule once to surface its own checks (restart warm-up vs cycle).
         JaggedCosine(total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, restart_every=r.reset_every,
                      restart_warmup_steps=r.restart_warmup_steps, cycle_start=start)
-    return True, method.merges, start
+    return True, method.merges, start, warm
 
 
-def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
+def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_before_launch) -> RunPlan:
+    """Every check of a run before its first step, and the plan the workers act on. ``resolve``
+    picks the checkpoint of ``train.resume`` (the workers pass their collective, hashing
+    choice); the checks on it are the same whoever calls."""
     from ds_relora.zero.ds_config import compute_dtype, zero_stage
 
     ds = build_ds_config(cfg, world_size, writes_base=get_method(cfg.train.method).writes_base)
-    adapters, merges, start = check_relora(cfg, zero_stage(ds))
+    adapters, merges, start, warm = check_relora(cfg, zero_stage(ds))
     if not 0 <= cfg.optim.warmup_steps < cfg.train.total_steps:
         raise ConfigError(
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be below train.total_steps={cfg.train.total_steps}"
@@ -157,7 +175,7 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
 
         check_compile_backend(cfg.train.compile_backend)
     micro, accum, global_batch = batch_layout(cfg, world_size)
-    meta = _read_data_meta(cfg.data.path)
+    meta = read_data_meta(cfg.data.path)
     hf = build_hf_config(cfg, meta, compute_dtype(ds))
     if adapters:
         get_method(cfg.train.method).check_model(cfg, hf)
@@ -172,7 +190,14 @@ def plan_run(cfg: RunConfig, world_size: int) -> RunPlan:
             f"{cfg.data.path} has {samples} training sequences of {cfg.data.seq_len} tokens, fewer than one global "
             f"batch ({global_batch}): prepare more data or lower data.seq_len / the batch size"
         )
-    return RunPlan(world_size, micro, accum, global_batch, ds, hf, meta, adapters, merges, start)
+    plan = RunPlan(world_size, micro, accum, global_batch, ds, hf, meta, adapters, merges, start,
+                   data_fingerprint(cfg.data.path), warm_start=warm)
+    folder = resolve(cfg.train.resume, Path(cfg.train.run_dir))
+    if folder is not None:
+        plan.resume = check_resume(cfg, folder, read_meta(folder, for_resume=True), world_size=world_size,
+                                   stage=zero_stage(ds), adapters=adapters, hf_config=hf,
+                                   layout=plan.layout(cfg.data.seq_len))
+    return plan
 
 
 def _meta_model(hf):
@@ -215,77 +240,6 @@ def check_adapter_phase(cfg: RunConfig, hf) -> int:
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("relora.freeze_modules freezes every parameter, adapters included: narrow its regexes")
     return len(modules)
-
-
-# Model-config keys that decide parameter shapes: a checkpoint must agree on all of them.
-SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads")
-
-
-def check_same_model(folder: Path, hf, fix: str) -> None:
-    """Refuse a checkpoint whose HF config has other parameter shapes than ``hf``."""
-    import json
-
-    from ds_relora.checkpoint.format import hf_config_file
-
-    try:
-        hf_file = hf_config_file(folder)
-    except CheckpointError:
-        return
-    try:
-        saved = json.loads(hf_file.read_text())
-    except ValueError:
-        raise CheckpointError(f"{hf_file} is not valid JSON: the checkpoint is damaged; use another step-N") from None
-    ours = hf.to_dict()
-    diff = [k for k in SHAPE_KEYS if k in saved and k in ours and saved[k] != ours[k]]
-    if diff:
-        theirs = ", ".join(f"{k}={saved[k]}" for k in diff)
-        mine = ", ".join(f"{k}={ours[k]}" for k in diff)
-        raise CheckpointError(f"{folder} holds a model with {theirs} but this run builds {mine}: {fix}")
-
-
-def check_resume_fits(cfg: RunConfig, plan: RunPlan, folder: Path) -> None:
-    """Refuse, before launch, a checkpoint that the workers could not load into this run: another
-    number of ranks, another method, another model shape or vocabulary, another adapter rank."""
-    import yaml
-
-    from ds_relora.checkpoint.weights import read_meta
-
-    folder = Path(folder)
-    meta = read_meta(folder)
-    from ds_relora.zero.ds_config import zero_stage
-    from ds_relora.checkpoint.elastic import check_elastic, needs_elastic
-
-    if needs_elastic(meta, plan.world_size, zero_stage(plan.ds_config)):
-        try:
-            check_elastic(folder, meta, plan.world_size, zero_stage(plan.ds_config))
-        except CheckpointError as exc:
-            alt = (f", or start a new run from it with relora.warm_start_from={folder}" if meta.get("phase") == "full"
-                   and plan.adapters else "")
-            raise CheckpointError(f"{exc}{alt}") from None
-    method = meta.get("method")
-    if method is not None and method != cfg.train.method:
-        raise CheckpointError(
-            f"{folder} is a train.method={method} checkpoint but this run has train.method={cfg.train.method}: "
-            f"resume with method {method}, or use another train.run_dir"
-        )
-    check_same_model(folder, plan.hf_config, "resume with the same model (model.preset / name_or_path) and prepared "
-                     "data (data.path, its tokenizer), or use another train.run_dir")
-    config_file = folder / "config.yaml"
-    if plan.adapters and meta.get("phase") == "adapters" and config_file.is_file():
-
-        try:
-            saved = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError:
-            saved = {}
-        for dotted in get_method(cfg.train.method).resume_keys:
-            section, key = dotted.split(".")
-            theirs, ours = saved.get(section, {}).get(key, None), getattr(getattr(cfg, section), key)
-            if key in saved.get(section, {}) and theirs != ours:
-                raise CheckpointError(
-                    f"{folder} has adapters with {dotted}={theirs} but this run sets {ours}: resume with the same "
-                    f"{dotted}, or use another train.run_dir"
-                )
 
 
 def expected_save_bytes(cfg: RunConfig, plan: RunPlan) -> int:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ds_relora.checkpoint.format import check_resume_matches, data_fingerprint
 from ds_relora.config import RunConfig, dump_config
 from ds_relora.config_base import to_dict
 from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
@@ -27,8 +26,7 @@ from ds_relora.methods import Method, get_method
 from ds_relora.methods.schedule import JaggedCosine
 from ds_relora.zero.frozen_base import apply_zero3_frozen_base
 from ds_relora.faults import fault_point
-from ds_relora.checkpoint.weights import read_meta
-from ds_relora.checkpoint.format import open_weights
+from ds_relora.checkpoint.format import CheckpointMeta, open_weights
 from ds_relora.checkpoint.store import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
 from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
 from ds_relora.checkpoint import elastic
@@ -39,6 +37,8 @@ from ds_relora.train.metrics import MetricsLogger
 from ds_relora.train.phase_memory import PhaseMemory
 from ds_relora.train.prefetch import StepPrefetcher
 from ds_relora.train.plan import plan_run
+from ds_relora.run_folder import checkpoint_root
+from ds_relora import __version__
 
 
 def _all_reduce_mean(value: torch.Tensor, world: int) -> torch.Tensor:
@@ -52,10 +52,13 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.plan = plan_run(cfg, self.world)
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank == 0 else None
+        # Every check of the run, once per worker; the checkpoint to resume from is chosen by rank
+        # 0 and hashed by every rank (agree_on_resume), then checked like the parent's choice.
+        self.plan = plan_run(cfg, self.world, resolve=lambda resume, run_dir: agree_on_resume(resume, run_dir, log))
         self.method = get_method(cfg.train.method)
         self.run_dir = Path(cfg.train.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = checkpoint_root(self.run_dir)
         self.seq_len = cfg.data.seq_len
         self.tokens_per_step = self.plan.global_batch * self.seq_len
         self.train_data = PackedDataset(cfg.data.path, "train", self.seq_len)
@@ -73,7 +76,6 @@ class Trainer:
         self.modules = []
         self.tokens_seen = 0
         self.last_saved_step = None
-        self.fingerprint = data_fingerprint(cfg.data.path)
         self.metrics_note = None
 
     # ----------------------------------------------------------------------------- phases
@@ -144,29 +146,20 @@ class Trainer:
         return _all_reduce_mean(total / max(1, len(batches)), self.world).item()
 
     # ----------------------------------------------------------------------------- checkpoints
-    def _layout(self, elastic: bool = False) -> dict:
-        """What a resume must find unchanged (checked by check_resume_matches); an elastic resume
-        (another world size or stage) keeps the global batch but may split it differently."""
-        split = {} if elastic else {"micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum}
-        return {**self.fingerprint, "seq_len": self.seq_len, "global_batch": self.plan.global_batch, **split}
-
-    def _meta(self) -> dict:
+    def _meta(self) -> CheckpointMeta:
+        """The one writer's record of a checkpoint of this run (the one reader: read_meta)."""
         adapters = self.phase == "adapters"
-        from ds_relora import __version__
-
-        return {
-            "ds_relora_version": __version__, "step": self.step, "phase": self.phase,
-            "phase_offset": self.phase_offset, "relora_start": self.relora_start,
-            "method": self.cfg.train.method, "world_size": self.world,
-            "zero_stage": zero_stage(self.plan.ds_config),
-            # What `ds-relora eval` autocasts to on a GPU: the precision the run computed in.
-            "compute_dtype": str(compute_dtype(self.plan.ds_config)).removeprefix("torch."),
-            "lora_scale": None, **(self.method.meta(self.cfg) if adapters else {}),
-            "consumed_samples": self.iterator.state_dict()["consumed_samples"],
-            "tokens_seen": self.tokens_seen, **self._layout(),
-            "data_state": self.iterator.state_dict(), "optimizer_step": optimizer_update_count(self.engine),
-            "data_path": self.cfg.data.path, "params": self.params,
-        }
+        data = self.iterator.state_dict()
+        return CheckpointMeta(
+            ds_relora_version=__version__, step=self.step, phase=self.phase, phase_offset=self.phase_offset,
+            relora_start=self.relora_start, method=self.cfg.train.method, world_size=self.world,
+            zero_stage=zero_stage(self.plan.ds_config),
+            compute_dtype=str(compute_dtype(self.plan.ds_config)).removeprefix("torch."),
+            method_settings=self.method.meta(self.cfg) if adapters else {},
+            consumed_samples=data["consumed_samples"], tokens_seen=self.tokens_seen,
+            **self.plan.layout(self.seq_len), data_state=data, optimizer_step=optimizer_update_count(self.engine),
+            data_path=self.cfg.data.path, params=self.params,
+        )
 
     def _memory_phase(self, phase: str | None) -> str | None:
         """End the current memory phase (collective: logs every rank's peaks), start ``phase``;
@@ -181,8 +174,7 @@ class Trainer:
 
     def save(self) -> Path:
         resume_phase = self._memory_phase("save")
-        client = {"ds_relora": {"data": self.iterator.state_dict(), "tokens_seen": self.tokens_seen}}
-        folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(), client_state=client,
+        folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(),
                                  config_yaml=dump_config(self.cfg), hf_config=self.plan.hf_config,
                                  tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
         self.last_saved_step = self.step
@@ -192,27 +184,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- run
     def _start(self) -> None:
-        cfg = self.cfg
-        log = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rank == 0 else None
-        resume = agree_on_resume(cfg.train.resume, self.run_dir, log)
+        """Act on the plan: resume its checkpoint, start from its warm-start checkpoint, or start
+        fresh (every check was made by plan_run)."""
+        cfg, resume, warm = self.cfg, self.plan.resume, self.plan.warm_start
         self.relora_start = self.plan.relora_start
-        consumed, phase, offset, weights, is_elastic = 0, "full", 0, None, False
+        consumed, phase, offset, weights = 0, "full", 0, None
         if resume is not None:
-            meta = read_meta(resume, for_resume=True)
-            stage = zero_stage(self.plan.ds_config)
-            is_elastic = elastic.needs_elastic(meta, self.world, stage)
-            if is_elastic:
-                elastic.check_elastic(resume, meta, self.world, stage)
-            check_resume_matches(resume, meta, self._layout(is_elastic))
-            self.relora_start = meta.get("relora_start", self.relora_start)
-            phase, offset = meta["phase"], meta["phase_offset"]
-        elif cfg.relora.warm_start_from and self.plan.adapters:
-            source = Path(cfg.relora.warm_start_from)
-            meta = read_meta(source)  # plan_run checked it is a full-rank checkpoint
-            weights = open_weights(source)
-            self.relora_start = phase_offset = meta["step"]
-            phase, offset, consumed = "adapters", phase_offset, meta["consumed_samples"]
-            self.tokens_seen = meta.get("tokens_seen", 0)
+            meta = resume.meta
+            if meta.relora_start is not None:
+                self.relora_start = meta.relora_start
+            phase, offset = meta.phase, meta.phase_offset
+        elif warm is not None:
+            weights = open_weights(cfg.relora.warm_start_from)
+            self.relora_start = warm.step
+            phase, offset, consumed = "adapters", warm.step, warm.consumed_samples
+            self.tokens_seen = warm.tokens_seen
         elif self.plan.adapters and self.relora_start == 0:
             phase = "adapters"
         if resume is None and weights is None and cfg.model.name_or_path and cfg.model.from_pretrained:
@@ -222,18 +208,20 @@ class Trainer:
         self._build_phase(phase, offset, weights=weights)
         self.resumed_at = None
         if resume is not None:
-            if is_elastic:
-                client = elastic.restore(self.engine, resume, meta)
-                self.metrics_note = (f"resumed {resume} (written by {plural(meta['world_size'], 'rank')} on ZeRO-{meta['zero_stage']}) "
-                                     f"on {plural(self.world, 'rank')} on ZeRO-{zero_stage(self.plan.ds_config)}")
+            if resume.elastic:
+                elastic.restore(self.engine, resume.folder, meta)
+                self.metrics_note = (f"resumed {resume.folder} (written by {plural(meta.world_size, 'rank')} on "
+                                     f"ZeRO-{meta.zero_stage}) on {plural(self.world, 'rank')} on "
+                                     f"ZeRO-{zero_stage(self.plan.ds_config)}")
             else:
-                client = load_checkpoint(self.engine, resume, self.world)["ds_relora"]
-                self.metrics_note = f"resumed from {Path(resume).name}"
-            self.iterator.load_state_dict(client["data"])
-            self.tokens_seen = client["tokens_seen"]
+                load_checkpoint(self.engine, resume.folder)
+                self.metrics_note = f"resumed from {resume.folder.name}"
+            # The one copy of the data position, the meta's (same and elastic resumes alike).
+            self.iterator.load_state_dict(meta.data_position())
+            self.tokens_seen = meta.tokens_seen
             self.resumed_at = self.last_saved_step = self.step
             self.phase_method.after_load(self.engine, self.engine.lr_scheduler.last_epoch)
-        self.resumed_from = resume
+        self.resumed_from = resume.folder if resume is not None else None
 
     def _switch_to_adapters(self) -> None:
         # Never rewrite the step just saved (by the loop, or the checkpoint resumed from).
