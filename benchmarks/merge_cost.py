@@ -65,7 +65,7 @@ def worker(args) -> None:
         elt = 2 if args.bf16 else 4
         say(f"{layers} layer(s): engine built, base {base_numel:,} adapters {adapter_numel:,}")
 
-        def train_step():
+        def train_step(engine=engine):  # bound now: the loop deletes `engine` before the next layer count
             x = torch.randint(0, args.vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(rank))
             engine.backward(engine(input_ids=x, labels=x).loss)
             engine.step()

@@ -408,7 +408,7 @@ def test_dry_run_sbatch(tmp_path, run_yaml, mode):
     if mode == "srun":
         assert "srun --nodes 2 --ntasks 8 --ntasks-per-node 4" in out and "slurm-exec" in out and "export MASTER_ADDR=node01" in out
         return
-    assert f"#   node01 slots=4\n#   node02 slots=4" in out and f"hostfile {tmp_path}/hostfile.slurm-4242" in out
+    assert "#   node01 slots=4\n#   node02 slots=4" in out and f"hostfile {tmp_path}/hostfile.slurm-4242" in out
     if mode == "hostfile":
         assert f"deepspeed --hostfile {tmp_path}/hostfile.slurm-4242 --master_addr node01 --master_port {port} --launcher pdsh" in out
     else:

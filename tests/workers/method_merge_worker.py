@@ -4,7 +4,6 @@
 import json
 import sys
 
-import torch
 
 from ds_relora.config import RunConfig
 from ds_relora.methods import get_method
