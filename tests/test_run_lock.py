@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ds_relora.checkpoint.format import FORMAT_VERSION
 from harness.configs import tiny_run_config, write_config
 from harness.launches import DS_RELORA, env, procs, root, start  # noqa: F401  (fixtures)
 
@@ -62,7 +63,7 @@ def test_a_second_run_on_the_same_folder_stops_naming_the_first(prepared_data, p
              if json.loads(ln)["type"] == "step"]
     assert steps == list(range(1, STEPS + 1)), "each step logged once, by the first run only"
     for step in (STEPS // 2, STEPS):  # DeepSpeed's and the shards' hashes, taken while written, match the disk
-        assert check_intact(run_dir / "checkpoints" / f"step-{step}").format_version == 4
+        assert check_intact(run_dir / "checkpoints" / f"step-{step}").format_version == FORMAT_VERSION == 5
     assert _lock_info(run_dir)["released"], "a clean end leaves no stale lock"
 
 

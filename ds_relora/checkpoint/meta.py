@@ -6,7 +6,7 @@ Every consumer (the trainer's resume, the pre-launch plan, elastic restore, eval
 spectrum, the study tools) reads attributes of this record, never keys of the JSON, so a field's
 name, type and the default an older format gets for it are written down once, here.
 
-Formats 1-4 are read. A field an older format did not write gets the default below, which is
+Formats 1-5 are read. A field an older format did not write gets the default below, which is
 what the code of that time assumed when the key was missing. Keys this record does not name are
 the method's own (``Method.meta``: ``lora_scale``, ``mora_compression``, ``galore_scale``) and
 stay together in :attr:`CheckpointMeta.method_settings`, which the method's ``fold`` reads.
@@ -21,14 +21,16 @@ from typing import Any, Optional
 
 from ds_relora.errors import CheckpointError
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Format 3 writes the weights and the moments as Hugging Face sharded sets, each shard by the rank
 # that holds it; formats 1 and 2 had one file of each, written by rank 0 (and format 2 is resumed
 # as well). Format 1 had no manifest or data fingerprint: its weights can still be read
 # (eval/export/spectrum/warm start), it cannot be resumed. Format 4 is format 3 with whole-file
-# hashes in the manifest.
-WEIGHTS_READABLE_VERSIONS = (1, 2, 3, 4)
-RESUMABLE_VERSIONS = (2, 3, 4)
+# hashes in the manifest. Format 5 is format 4 with the data position only here (DeepSpeed's
+# client_state no longer carries a copy): code that read it from there refuses format 5 in one
+# line instead of failing on a missing key.
+WEIGHTS_READABLE_VERSIONS = (1, 2, 3, 4, 5)
+RESUMABLE_VERSIONS = (2, 3, 4, 5)
 META = "meta.json"
 
 
@@ -92,7 +94,7 @@ class CheckpointMeta:
 
     def data_position(self) -> dict:
         """The batch iterator state to resume from (``DistributedBatchIterator.load_state_dict``).
-        The one copy of the data position: every resumable format (2-4) has it here."""
+        The one copy of the data position: every resumable format (2-5) has it here."""
         return dict(self.data_state) if self.data_state else {"consumed_samples": self.consumed_samples}
 
     def to_json(self) -> str:
