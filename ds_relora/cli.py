@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 from ds_relora import __version__
-from ds_relora.config import resolve_config_path
+from ds_relora.config import Method, TrainConfig, resolve_config_path
 from ds_relora.errors import UserError
-from ds_relora.methods import METHODS
 from ds_relora.run_folder import LOCK, checkpoint_root, config_file
 
 def _load(args):
@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_spectrum)
     p = sub.add_parser("estimate-memory", help="analytic per-GPU memory planner")
     p.add_argument("--preset", default="1.3b")
-    p.add_argument("--method", default="relora", choices=list(METHODS))
+    # The schema's names, not the registry's: importing methods/ would load torch for --help
+    # (tests/test_methods_math.py holds the two lists equal).
+    p.add_argument("--method", default=TrainConfig().method, choices=list(typing.get_args(Method)))
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     p.add_argument("--gpus", type=int, default=8)

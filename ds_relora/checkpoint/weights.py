@@ -24,9 +24,9 @@ def fold_adapters(state: dict[str, torch.Tensor], meta: CheckpointMeta) -> dict[
     """The checkpoint's method folds its adapters into W (ReLoRA's B A, MoRA's M, GaLore's P C)
     with the settings it saved. Checkpoints without ``method`` (format 1) held ReLoRA/LoRA
     adapters or none."""
-    from ds_relora.methods import get_method
+    from ds_relora.methods import FORMAT_1_METHOD, get_method
 
-    return get_method(meta.method or "relora").fold(state, meta.method_settings)
+    return get_method(meta.method or FORMAT_1_METHOD).fold(state, meta.method_settings)
 
 
 class EffectiveWeights:

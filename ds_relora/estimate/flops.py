@@ -20,7 +20,7 @@ Norms, activations, softmax, RoPE and the optimizer are left out (memory-bound, 
 
 from __future__ import annotations
 
-from ds_relora.methods import get_method
+from ds_relora.methods import DEFAULT_METHOD, get_method
 from ds_relora.models import Shape, linear_shapes
 
 
@@ -57,11 +57,12 @@ def flops_per_token(shape: Shape, vocab: int, seq_len: int, method: str, rank: i
     return parts
 
 
-def speed_ratio(shape: Shape, vocab: int, seq_len: int, rank: int) -> float:
-    """Expected ReLoRA / full tokens-per-second ratio if time were proportional to FLOPs."""
+def speed_ratio(shape: Shape, vocab: int, seq_len: int, rank: int, method: str = DEFAULT_METHOD) -> float:
+    """Expected ``method`` (ReLoRA by default) / full tokens-per-second ratio if time were
+    proportional to FLOPs."""
     full = flops_per_token(shape, vocab, seq_len, "full")["total"]
-    relora = flops_per_token(shape, vocab, seq_len, "relora", rank)["total"]
-    return full / relora
+    low_rank = flops_per_token(shape, vocab, seq_len, method, rank)["total"]
+    return full / low_rank
 
 
 def params(shape: Shape, vocab: int, method: str, rank: int | None = None) -> dict[str, int]:

@@ -9,6 +9,7 @@ import time
 import torch
 
 from ds_relora.estimate.flops import flops_per_token, params
+from ds_relora.methods import DEFAULT_METHOD, get_method
 from ds_relora.models import preset_shape
 
 _SDPA_NAMES = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "mem-efficient", "CUDNN_ATTENTION": "cudnn",
@@ -144,7 +145,7 @@ class Bench:
         hf = llama_config(self.shape, args.vocab, args.seq_len, attn_implementation=args.attn)
         with torch.device(device):  # initialise on the GPU: seconds instead of a minute at 1.3B
             model = build_model(hf, seed=0)
-        if method == "relora":
+        if get_method(method).adapters:
             # Outside the device context: A is drawn from a CPU generator, then moved to W's device.
             wrap_model(model, rank=args.rank, alpha=32.0, dropout=args.dropout, target_modules=list(WRAPPED_TYPES),
                        seed=1)
@@ -220,7 +221,7 @@ class Bench:
 
 def throughput_pair(preset: str, args, device: torch.device, meter) -> dict:
     rows, attn = [], None
-    for method in ("full", "relora"):
+    for method in ("full", DEFAULT_METHOD):
         bench = Bench(preset, method, args, device, meter)
         try:
             attn = bench.attn
@@ -236,6 +237,6 @@ def throughput_pair(preset: str, args, device: torch.device, meter) -> dict:
         finally:
             bench.close()
     by = {(r["method"], r["kind"]): r for r in rows}
-    ratio = {kind: round(by[("relora", kind)]["tokens_per_s"] / by[("full", kind)]["tokens_per_s"], 3)
+    ratio = {kind: round(by[(DEFAULT_METHOD, kind)]["tokens_per_s"] / by[("full", kind)]["tokens_per_s"], 3)
              for kind in ("equal micro-batch", "largest micro-batch")}
     return {"preset": preset, "attn": attn, "rows": rows, "relora_over_full": ratio}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ds_relora.checkpoint.format import META
 from ds_relora.launch.hosts import free_port
+from ds_relora.methods import DEFAULT_METHOD
 from ds_relora.run_folder import checkpoint_root, metrics_file
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
@@ -48,7 +49,7 @@ def init_single_rank() -> None:
 
 
 # ----------------------------------------------------------------------------- 1. correctness runs
-def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: str, method: str = "relora") -> dict:
+def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: str, method: str = DEFAULT_METHOD) -> dict:
     from ds_relora.zero.ds_config import SHIPPED
 
     # The stop falls between two merges, so the resumed run must merge again.
@@ -68,7 +69,7 @@ def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: 
     }
 
 
-def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, method: str = "relora") -> dict:
+def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, method: str = DEFAULT_METHOD) -> dict:
     """Train to ``stop_after_steps`` (merge or projector update, checkpoint), then resume to the end."""
     from ds_relora.config import RunConfig, from_dict
     from ds_relora.gpu.bench import release_memory

@@ -6,5 +6,11 @@ Importing this package registers ``full``, ``control``, ``lora``, ``relora``, ``
 from ds_relora.methods import full, galore, lora, mora  # noqa: F401  (registers the methods)
 from ds_relora.methods.base import METHODS, MergeableLayer, Method, ScheduleSpec, adapter_buffers, get_method, load_adapter_buffers, register, shard_delta
 
-__all__ = ["METHODS", "MergeableLayer", "Method", "ScheduleSpec", "adapter_buffers", "get_method",
+# The project's own method: what `estimate-memory`, the throughput pair and the GPU check run when
+# not told otherwise. Code outside this package names methods only through these constants.
+DEFAULT_METHOD = "relora"
+# Format-1 checkpoints recorded no method: they held ReLoRA/LoRA adapters (folded alike) or none.
+FORMAT_1_METHOD = "relora"
+
+__all__ = ["DEFAULT_METHOD", "FORMAT_1_METHOD", "METHODS", "MergeableLayer", "Method", "ScheduleSpec", "adapter_buffers", "get_method",
            "load_adapter_buffers", "register", "shard_delta"]
