@@ -13,16 +13,30 @@ from ds_relora import __version__
 from ds_relora.config import Method, TrainConfig, resolve_config_path
 from ds_relora.errors import UserError
 from ds_relora.run_folder import LOCK, checkpoint_root, config_file
+from ds_relora.config import load_config
+from ds_relora.config import dump_config
+from ds_relora.disk import check_free_space, check_writable
+from ds_relora.launch.launchers import build_launch, run_plan
+from ds_relora import rank_exits
+from ds_relora import run_lock
+from ds_relora.checkpoint.meta import META, read_meta
+from ds_relora.config import RunConfig
+from ds_relora.config_base import field_docs
+from ds_relora.study.cli import add_study_commands
+from ds_relora.study.lm_eval import add_task_args
+from ds_relora.worker import main as worker_main
+from ds_relora.study.lm_eval import cmd_eval_tasks
+import dataclasses
+from ds_relora.disk import disk_error, is_disk_error
 
 def _load(args):
-    from ds_relora.config import load_config
 
     overrides = [s for group in (args.set or []) for s in group]
     return load_config(resolve_config_path(args.config), overrides)
 
 
 def cmd_prepare(args) -> int:
-    from ds_relora.data import prepare_data
+    from ds_relora.data import prepare_data  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     cfg = _load(args)
     budget = streaming_token_budget(cfg)
@@ -46,13 +60,8 @@ def streaming_token_budget(cfg) -> int | None:
 
 
 def cmd_train(args) -> int:
-    from ds_relora.checkpoint.store import write_atomic
-    from ds_relora.config import dump_config
-    from ds_relora.disk import check_free_space, check_writable
-    from ds_relora.launch.launchers import build_launch, run_plan
-    from ds_relora import rank_exits
-    from ds_relora import run_lock
-    from ds_relora.train.plan import expected_save_bytes, plan_run
+    from ds_relora.checkpoint.store import write_atomic  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
+    from ds_relora.train.plan import expected_save_bytes, plan_run  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     cfg = _load(args)
     if args.resume:
@@ -82,7 +91,6 @@ def cmd_train(args) -> int:
         launch = build_launch(cfg.launch, ["--config", str(resolved), "--run-lock", lock.token])
     if launch.in_process:
         os.environ.update(launch.env)
-        from ds_relora.worker import main as worker_main
 
         try:
             return worker_main(launch.commands[-1][launch.commands[-1].index("--config"):])
@@ -99,11 +107,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ds_relora.eval.evaluate import eval_device_and_dtype, evaluate_model, load_any_model, run_dtype
-    from ds_relora.checkpoint.meta import META, read_meta
+    from ds_relora.eval.evaluate import eval_device_and_dtype, evaluate_model, load_any_model, run_dtype  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     if args.tasks:
-        from ds_relora.study.lm_eval import cmd_eval_tasks
 
         return cmd_eval_tasks(args)
     folder = Path(args.path)
@@ -132,7 +138,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ds_relora.checkpoint.export import export_model
+    from ds_relora.checkpoint.export import export_model  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     out = export_model(args.checkpoint, args.out, args.dtype, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
@@ -140,7 +146,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_spectrum(args) -> int:
-    from ds_relora.eval.spectrum import compute_spectrum, format_report, plot_spectrum
+    from ds_relora.eval.spectrum import compute_spectrum, format_report, plot_spectrum  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     spectra = compute_spectrum(Path(args.before), Path(args.after))
     print(format_report(spectra, args.threshold))
@@ -151,7 +157,7 @@ def cmd_spectrum(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from ds_relora.estimate.memory import estimate_memory, format_table
+    from ds_relora.estimate.memory import estimate_memory, format_table  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     est = estimate_memory(args.preset, args.method, args.rank, args.zero_stage, args.gpus, args.micro_batch,
                           args.seq_len, vocab_size=args.vocab_size, precision=args.precision,
@@ -160,7 +166,7 @@ def cmd_estimate(args) -> int:
                           zero3_frozen_base=args.zero3_frozen_base)
     print(format_table(est))
     if args.gpu_memory_gib:
-        from ds_relora.estimate.stage_advice import format_advice, recommend_stage
+        from ds_relora.estimate.stage_advice import format_advice, recommend_stage  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
         rows, pick = recommend_stage(args.gpu_memory_gib, preset=args.preset, method=args.method, rank=args.rank,
                                      num_gpus=args.gpus, micro_batch=args.micro_batch, seq_len=args.seq_len,
@@ -173,11 +179,8 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from ds_relora.config import RunConfig, dump_config
-    from ds_relora.config_base import field_docs
 
     if args.explain:
-        import dataclasses
 
         for section in dataclasses.fields(RunConfig):
             cls = section.default_factory().__class__
@@ -195,8 +198,6 @@ def _config_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ds_relora.study.cli import add_study_commands
-    from ds_relora.study.lm_eval import add_task_args
 
     ap = argparse.ArgumentParser(prog="ds-relora", description="ReLoRA pre-training on DeepSpeed")
     ap.add_argument("--version", action="version", version=f"ds-relora {__version__}")
@@ -276,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        from ds_relora.disk import disk_error, is_disk_error
 
         if not is_disk_error(exc):
             raise

@@ -14,7 +14,7 @@ import torch
 def comm_device() -> torch.device:
     """The device of this rank's collectives: DeepSpeed's current accelerator device (what
     ``engine.device`` will be; known before the engine exists)."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     return torch.device(get_accelerator().current_device_name())
 

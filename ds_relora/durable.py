@@ -64,7 +64,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def _new_hash():
     # xxh3-128 (xxhash, a dependency of datasets): ~10x blake2b's speed, so hashing every byte
     # costs a save and a resume little next to the disk; 128 bits leave no realistic collision.
-    import xxhash
+    import xxhash  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     return xxhash.xxh3_128()
 

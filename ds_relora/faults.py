@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 
 def fault_point(point: str, step: int) -> None:
     spec = os.environ.get("DS_RELORA_FAULT")
     if not spec or spec != f"{point}:{step}":
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
     if dist.get_rank() != int(os.environ.get("DS_RELORA_FAULT_RANK", "1")):
         return
     if point == "hold":
-        import time
-        from pathlib import Path
 
         release, deadline = Path(os.environ["DS_RELORA_FAULT_RELEASE"]), time.time() + 600
         while not release.exists() and time.time() < deadline:

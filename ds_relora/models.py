@@ -12,6 +12,13 @@ import importlib.util
 import torch
 
 from ds_relora.errors import ConfigError
+from ds_relora.zero.ds_config import zero_stage
+import zlib
+from ds_relora.zero.state import full_shape, set_module_value
+from pathlib import Path
+from ds_relora.tensor_files import TensorSet
+import difflib
+from ds_relora.zero.ds_config import bf16_available
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +50,6 @@ WRAPPED_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def preset_shape(name: str) -> Shape:
     key = name.lower()
     if key not in PRESETS:
-        import difflib
 
         hint = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.0)
         raise ConfigError(
@@ -105,7 +111,7 @@ def flash_attn_importable() -> bool:
     if importlib.util.find_spec("flash_attn") is None:
         return False
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn  # noqa: F401, PLC0415  (optional dependency: only its importability is asked)
     except Exception:  # ImportError / OSError of a mismatched binary, RuntimeError from its CUDA setup
         return False
     return True
@@ -122,7 +128,6 @@ def resolve_attn_implementation(requested: str, compute_dtype: torch.dtype | Non
     if not torch.cuda.is_available():
         return "sdpa"
     if compute_dtype is None:
-        from ds_relora.zero.ds_config import bf16_available
 
         compute_dtype = torch.bfloat16 if bf16_available() else torch.float32
     if compute_dtype in HALF_DTYPES and flash_attn_importable():
@@ -132,7 +137,7 @@ def resolve_attn_implementation(requested: str, compute_dtype: torch.dtype | Non
 
 def llama_config(shape: Shape, vocab_size: int, max_positions: int, *, eos_token_id: int | None = None,
                  attn_implementation: str = "sdpa", init_std: float = 0.02):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -165,7 +170,6 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None, device: tor
 
     from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
-    from ds_relora.zero.ds_config import zero_stage
 
     partitioned = ds_config is not None and zero_stage(ds_config) == 3
     if partitioned:
@@ -199,7 +203,6 @@ def _no_hf_init():
 
 
 def _param_generator(seed: int, name: str) -> torch.Generator:
-    import zlib
 
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
 
@@ -212,7 +215,6 @@ def init_weights(model, seed: int, std: float) -> None:
     ZeRO-3 every rank computes a parameter and writes only its own shard (one whole parameter in
     memory at a time, no communication). Other parameters (norms) keep their constructor's
     constant values."""
-    from ds_relora.zero.state import full_shape, set_module_value
 
     for module_name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -247,18 +249,16 @@ def pretrained_weights(name_or_path: str):
     """The weights of a pretrained HF model (a local folder or a hub name), read per tensor from
     its safetensors files, so that each rank only ever holds one tensor beyond its shard. A model
     published only as ``pytorch_model*.bin`` is loaded whole once, as ``transformers`` does."""
-    from pathlib import Path
 
-    from ds_relora.tensor_files import TensorSet
 
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # noqa: PLC0415  (the hub client is needed only for hub names)
 
         folder = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
     if any(folder.glob("*.safetensors")):
         return TensorSet(folder, "model")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
     return _DictSet({n: p.detach() for n, p in model.named_parameters()}, str(folder))

@@ -37,11 +37,11 @@ def quiet_worker(verbose: bool | None = None) -> bool:
         return False
     for category, pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
-    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils import logger as ds_logger  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     ds_logger.setLevel(logging.WARNING)
     try:
-        import transformers
+        import transformers  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
         transformers.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
@@ -55,7 +55,7 @@ def quiet_transformers_loading() -> None:
     (e.g. the ``torch_dtype`` rename). Errors still raise; ``DS_RELORA_VERBOSE=1`` keeps them all."""
     if verbose_requested(os.environ):
         return
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -24,6 +24,7 @@ from typing import Callable
 
 from ds_relora.errors import UserError
 from ds_relora.run_folder import LOCK as LOCK_NAME  # the lock file's name, owned by run_folder
+import fcntl
 
 # Filesystems without flock (some Lustre/NFS mounts): the run goes on without the guard.
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -55,7 +56,6 @@ def describe(info: dict | None) -> str:
 
 def _try_flock(fd: int) -> bool | None:
     """True: locked; False: another holder; None: this filesystem cannot lock."""
-    import fcntl
 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,7 +173,7 @@ def mark_released(run_dir: str | Path, token: str) -> None:
 def hold_in_workers(run_dir: str | Path, token: str | None) -> RunLock | None:
     """Collective: rank 0 takes the lock (or finds it held under ``token``); every rank raises
     rank 0's RunLockError, so no rank starts on a folder another run writes."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
     lock, error = None, [None]
     if dist.get_rank() == 0:

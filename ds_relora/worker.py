@@ -13,6 +13,14 @@ import os
 import sys
 
 from ds_relora.errors import LaunchError
+import ctypes
+import ctypes.util
+from ds_relora.rank_exits import record
+from ds_relora.config import load_config
+from ds_relora.disk import disk_error, is_disk_error
+from ds_relora.errors import UserError
+from ds_relora.quiet import quiet_worker
+from ds_relora.run_lock import hold_in_workers, mark_released
 
 
 # How the process group is started on a GPU, and why pure NCCL: every collective ds_relora
@@ -49,7 +57,7 @@ def dist_backend(cuda: bool, env=None) -> str:
 def select_cuda_device(local_rank: int) -> None:
     """Bind this process to GPU ``local_rank`` (before NCCL starts: its communicator and every
     ``torch.cuda`` default then use this GPU, not GPU 0)."""
-    import torch
+    import torch  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
     count = torch.cuda.device_count()
     if local_rank >= count:
@@ -67,8 +75,6 @@ def return_freed_host_memory(threshold: int = 1 << 20) -> bool:
     fragments: measured +35 % peak RSS per rank on 2 CPU ranks under ZeRO-3
     (benchmarks/lifecycle/run.py), no change in step time. A fixed threshold maps every block of
     ``threshold`` bytes or more on its own and unmaps it on free. False where there is no glibc."""
-    import ctypes
-    import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
@@ -81,10 +87,10 @@ def return_freed_host_memory(threshold: int = 1 << 20) -> bool:
 
 def init_distributed() -> None:
     return_freed_host_memory()
-    import deepspeed
-    import torch
+    import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
+    import torch  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     cuda = get_accelerator().device_name() == "cuda" and torch.cuda.is_available()
     if get_accelerator().device_name() == "cpu":
@@ -118,7 +124,7 @@ def shutdown_distributed() -> None:
     so every rank of a finished run waits for the others and then closes the group before the
     process exits (``python -m ds_relora.worker``; ``main`` itself leaves the group open for
     callers that go on using it)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
     if dist.is_initialized():
         dist.barrier()
@@ -138,7 +144,7 @@ def peer_died_line(exc: BaseException) -> str | None:
     reason = next((r for r in PEER_DIED if r in text), None)
     if reason is None:
         return None
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -152,7 +158,6 @@ def _record_exit(cfg, exc: BaseException, *, peer: bool) -> None:
     """This rank's cause of failure for the launcher's summary line (ds_relora.rank_exits)."""
     if cfg is None:
         return
-    from ds_relora.rank_exits import record
 
     rank = int(os.environ.get("RANK", "0"))
     record(cfg.train.run_dir, rank, f"{type(exc).__name__}: {exc}", peer=peer)
@@ -166,19 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     # without it (a worker started by hand) rank 0 takes the lock itself.
     parser.add_argument("--run-lock", default=None, help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
-    from ds_relora.config import load_config
-    from ds_relora.disk import disk_error, is_disk_error
-    from ds_relora.errors import UserError
 
     lock = cfg = None
     try:
         cfg = load_config(args.config)
-        from ds_relora.quiet import quiet_worker
 
         quiet_worker()
         init_distributed()
-        from ds_relora.run_lock import hold_in_workers, mark_released
-        from ds_relora.train.trainer import Trainer
+        from ds_relora.train.trainer import Trainer  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
         lock = hold_in_workers(cfg.train.run_dir, args.run_lock)
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.

@@ -29,6 +29,7 @@ from ds_relora.errors import CheckpointError
 from ds_relora.zero.state import MOMENTS, set_moment
 from ds_relora.display import plural
 from ds_relora.checkpoint.state_io import load_weights
+from ds_relora.methods import load_adapter_buffers
 
 
 def needs_elastic(meta: CheckpointMeta, world_size: int, stage: int) -> bool:
@@ -66,7 +67,6 @@ def _init_adam_state(engine, step: int) -> None:
 def restore(engine, folder: Path, meta: CheckpointMeta) -> None:
     """Load a checkpoint of any stage / world size into ``engine`` (collective): weights, Adam
     state, LR scheduler and DeepSpeed's step counters."""
-    from ds_relora.methods import load_adapter_buffers
 
     folder = Path(folder)
     weights = open_weights(folder)

@@ -15,10 +15,12 @@ from ds_relora import __version__
 from ds_relora.checkpoint.format import check_intact, fsync_dir, fsync_tree, hf_config_file, public_mode
 from ds_relora.errors import CheckpointError
 from ds_relora.checkpoint.weights import iter_effective_weights
+from ds_relora.tensor_files import nbytes, shard_name, write_index
+from ds_relora.disk import check_free_space, disk_error, is_disk_error
 
 
 def _checkpoint_config(folder: Path):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     check_intact(folder)  # every file against its hash in meta.json: damage is one line, never a model
     return AutoConfig.from_pretrained(str(hf_config_file(folder)))
@@ -31,7 +33,7 @@ def _loaded(config, model) -> dict[str, torch.Tensor]:
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a model of ``config`` loads (built on the meta device: no memory)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -50,7 +52,7 @@ def _check_fits(folder: Path, expected: dict[str, tuple[int, ...]], seen: dict[s
 def load_merged_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32):
     """The checkpoint's model with every adapter folded into its base weight (filled one module
     at a time: the model plus one layer's tensors in memory)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     folder = Path(checkpoint)
     config = _checkpoint_config(folder)
@@ -69,9 +71,8 @@ def load_merged_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32
 def _write_weights(folder: Path, config, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
     """The folded weights in HF's layout (``model.safetensors``, or shards of at most
     ``max_shard_bytes`` with an index), one shard in memory at a time."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # noqa: PLC0415  (safetensors is needed only when tensors are read or written)
 
-    from ds_relora.tensor_files import nbytes, shard_name, write_index
 
     expected = _expected_shapes(config)
     seen, shards, current, size = {}, [], {}, 0
@@ -138,8 +139,6 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
     for stale in out.parent.glob(out.name + ".tmp-export*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp, aside = out.with_name(f"{out.name}.tmp-export.{tag}"), out.with_name(f"{out.name}.tmp-export-old.{tag}")
-    from ds_relora.disk import check_free_space, disk_error, is_disk_error
-    from ds_relora.tensor_files import nbytes
 
     needed = sum(nbytes(shape, torch_dtype) for shape in _expected_shapes(config).values())
     check_free_space(out.parent, needed, "--out", what="the export")
@@ -150,7 +149,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "floa
         config.save_pretrained(str(tmp))
         tokenizer = Path(checkpoint) / "tokenizer"
         if tokenizer.is_dir():
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
             AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(tmp))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "dtype": dtype,

@@ -50,13 +50,13 @@ _HASH_ENDS = 4 << 20  # formats 2-3: bytes hashed at each end of a file
 def open_weights(folder: str | Path):
     """Every saved parameter and adapter buffer of a checkpoint (or an export's weights), read
     per tensor: the sharded set of format 3, the single file of formats 1-2, HF's own layouts."""
-    from ds_relora.tensor_files import TensorSet
+    from ds_relora.tensor_files import TensorSet  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     return TensorSet(folder, WEIGHTS, legacy=CONSOLIDATED)
 
 
 def has_moments(folder: str | Path) -> bool:
-    from ds_relora.tensor_files import index_name
+    from ds_relora.tensor_files import index_name  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     folder = Path(folder)
     return (folder / index_name(MOMENTS_SET)).is_file() or (folder / OPTIMIZER_FP32).is_file()
@@ -64,7 +64,7 @@ def has_moments(folder: str | Path) -> bool:
 
 def open_moments(folder: str | Path):
     """The Adam moments of a checkpoint's trainable params, read per tensor."""
-    from ds_relora.tensor_files import TensorSet
+    from ds_relora.tensor_files import TensorSet  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     return TensorSet(folder, MOMENTS_SET, legacy=OPTIMIZER_FP32)
 

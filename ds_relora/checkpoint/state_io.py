@@ -23,11 +23,13 @@ from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
 from ds_relora.errors import CheckpointError
 from ds_relora.zero.state import MOMENTS, _z3_local_slice, full_shape, get_master, get_moment, is_zero3_param, set_master, set_module_value
 from ds_relora.tensor_files import StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
+from ds_relora.methods import adapter_buffers
+from ds_relora.disk import is_disk_error
 
 
 def _full_value(engine, p, wanted: bool) -> torch.Tensor | None:
     """``p``'s whole fp32 value on the ranks that want it (collective where ZeRO needs it)."""
-    import deepspeed
+    import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     if p.requires_grad:
         if wanted or is_zero3_param(p) or hasattr(p, "_hp_mapping"):
@@ -50,7 +52,6 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     go into ``digests``. With ``errors`` given, a disk error (no space, read-only) is appended
     there and this rank stops writing but keeps taking part in the gathers: a rank that left
     them would hang the others; the caller agrees on the errors afterwards."""
-    from ds_relora.methods import adapter_buffers
 
     rank, world = dist.get_rank(), dist.get_world_size()
     params = list(engine.module.named_parameters())
@@ -65,7 +66,6 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     shard_of = {owner: i for i, owner in enumerate(sorted(set(owners)))}
     count = len(shard_of)
     mine = [i for i, o in enumerate(owners) if o == rank]
-    from ds_relora.disk import is_disk_error
 
     writers: dict[str, StreamingWriter] = {}
     written = {WEIGHTS: [], MOMENTS_SET: []}
@@ -154,7 +154,7 @@ def _partitioned(p) -> bool:
 
 def _write_local(p, local: torch.Tensor, with_master: bool) -> None:
     """Write this rank's flat fp32 shard of a partitioned ZeRO-3 param (module and master)."""
-    from deepspeed.utils import safe_set_local_fp32_param
+    from deepspeed.utils import safe_set_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     part = p.ds_tensor
     part.data.copy_(local.to(part.device, part.dtype))
@@ -216,7 +216,7 @@ def local_snapshot(engine) -> dict[str, torch.Tensor]:
     communication; the whole value of a ZeRO-3 persistent (always gathered, small) param and on
     ZeRO 0-2, which replicate the module anyway. Collective (the master getters): every rank
     calls it."""
-    from deepspeed.utils import safe_get_local_fp32_param
+    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     out = {}
     for name, p in engine.module.named_parameters():

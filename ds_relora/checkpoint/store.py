@@ -37,6 +37,7 @@ from ds_relora.faults import fault_point
 from ds_relora.checkpoint.format import open_weights
 from ds_relora.checkpoint.state_io import load_weights, write_state
 from ds_relora.run_folder import CONFIG, checkpoint_root
+from ds_relora.methods import load_adapter_buffers
 
 __all__ = ["write_atomic", "complete_checkpoints", "resolve_resume", "agree_on_resume", "save_checkpoint",
            "load_checkpoint"]
@@ -343,7 +344,6 @@ def load_checkpoint(engine, folder: Path) -> None:
     _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {folder}: the folder is damaged; resume from an older step-N")
-    from ds_relora.methods import load_adapter_buffers
 
     weights = open_weights(folder)
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}

@@ -18,13 +18,13 @@ from typing import Iterator
 import torch
 
 from ds_relora.checkpoint.format import META, CheckpointMeta, open_weights, read_meta
+from ds_relora.methods import FORMAT_1_METHOD, get_method
 
 
 def fold_adapters(state: dict[str, torch.Tensor], meta: CheckpointMeta) -> dict[str, torch.Tensor]:
     """The checkpoint's method folds its adapters into W (ReLoRA's B A, MoRA's M, GaLore's P C)
     with the settings it saved. Checkpoints without ``method`` (format 1) held ReLoRA/LoRA
     adapters or none."""
-    from ds_relora.methods import FORMAT_1_METHOD, get_method
 
     return get_method(meta.method or FORMAT_1_METHOD).fold(state, meta.method_settings)
 

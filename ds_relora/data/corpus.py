@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ds_relora.errors import DataError
+import json
 
 # Builder name of ``datasets.load_dataset`` per extension; "text" means one file = one document.
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -132,7 +133,7 @@ def _local_documents(files: list[Path], text_field: str) -> Iterator[str]:
             for path in group:
                 yield from _nonblank(_texts_from_rows(_json_lines(path, text_field), text_field, str(path)))
             continue
-        import datasets
+        import datasets  # noqa: PLC0415  (datasets takes seconds to import; only streaming/HF sources need it)
 
         # An empty file has no rows to infer columns from: the builder fails with a bare StopIteration.
         group = [p for p in group if not _is_empty(p)]
@@ -159,7 +160,6 @@ def _reader(path: Path) -> str:
 def _json_lines(path: Path, text_field: str) -> Iterator[dict]:
     """The objects of a JSON-lines file, blank lines skipped. A row without ``text_field`` after
     one that had it is a row without text (as in an Arrow table); the first row decides."""
-    import json
 
     seen_field = False
     lineno = 0
@@ -210,7 +210,6 @@ def _unreadable(group: list[Path], builder: str, where: str, exc: BaseException)
 
 def _first_bad_json_line(group: list[Path]) -> tuple[Path, int, str] | None:
     """(file, 1-based line, reason) of the first line of a JSON-lines file that does not parse."""
-    import json
 
     for path in group:
         with open(path, "rb") as f:
@@ -241,7 +240,7 @@ def _hub_documents(source: str, text_field: str, split: str) -> Iterator[str]:
     name, _, config = source[len("hf:"):].partition(":")
     if not name:
         raise DataError(f"source {source!r} names no dataset: write it as hf:NAME or hf:NAME:CONFIG, e.g. hf:allenai/c4:en")
-    import datasets
+    import datasets  # noqa: PLC0415  (datasets takes seconds to import; only streaming/HF sources need it)
 
     try:
         rows = datasets.load_dataset(name, config or None, split=split, streaming=True)

@@ -245,7 +245,7 @@ class _Progress:
         self.started = self.last = time.perf_counter()
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # noqa: PLC0415  (tqdm is needed only here)
 
             self.bar = tqdm(total=total_tokens, initial=packer.total, desc="prepare-data", unit="tok", unit_scale=True,
                             file=sys.stderr, mininterval=1.0, dynamic_ncols=True)

@@ -125,7 +125,7 @@ def _init_worker(payload: tuple[str, object], eos: int, dtype: str, parent: int)
     _exit_with_parent(parent)
     kind, data = payload
     if kind == "backend-json":
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # noqa: PLC0415  (tokenizers is needed only when text is tokenized)
 
         backend = Tokenizer.from_str(data)
         # The same call as ds_relora.data.tokenizer.encode_batch makes on the parent's backend.

@@ -23,8 +23,8 @@ MIN_BPE_VOCAB = 258
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> "PreTrainedTokenizerFast":
     """A byte-level BPE of ``vocab_size`` tokens (EOS ``<|endoftext|>`` included) trained on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415  (tokenizers is needed only when text is tokenized)
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     if vocab_size < MIN_BPE_VOCAB:
         raise ConfigError(f"prepare.vocab_size={vocab_size} is too small for a byte-level BPE: set it to at least {MIN_BPE_VOCAB}")
@@ -44,7 +44,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> "PreTrainedTokenizerFast
 
 def load_pretrained_tokenizer(name_or_path: str) -> "PreTrainedTokenizerFast":
     """``AutoTokenizer.from_pretrained`` with one-line errors; the tokenizer must have an EOS token."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -66,9 +66,9 @@ def check_has_eos(tok, name: str) -> None:
 
 def load_tokenizer(data_dir: str | Path) -> "PreTrainedTokenizerFast":
     """The tokenizer saved by ``prepare_data`` in ``data_dir``."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
-    from ds_relora.data.dataset import read_data_meta
+    from ds_relora.data.dataset import read_data_meta  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     meta = read_data_meta(data_dir)
     path = Path(data_dir) / meta.get("tokenizer", "tokenizer")

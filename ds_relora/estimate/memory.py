@@ -59,6 +59,7 @@ import math
 from ds_relora.errors import ConfigError
 from ds_relora.methods import METHODS, get_method
 from ds_relora.models import Shape, linear_shapes, param_counts, preset_shape
+import torch
 
 
 def method_adapter_params(shape: Shape, method: str, rank: int) -> tuple[int, int]:
@@ -283,7 +284,6 @@ class _Ledger:
         self.host: dict[str, int] = {}
 
     def add(self, category: str, tensor) -> None:
-        import torch
 
         if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0 or tensor.device.type == "meta":
             return
@@ -298,7 +298,6 @@ class _Ledger:
 
 def _tensors(obj):
     """Tensors inside nested lists, tuples and dict values (dict keys are not searched)."""
-    import torch
 
     if isinstance(obj, torch.Tensor):
         yield obj

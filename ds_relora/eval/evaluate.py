@@ -9,18 +9,21 @@ import torch
 
 from ds_relora.errors import CheckpointError, UserError
 from ds_relora.checkpoint.weights import META
+import json
+from ds_relora.data import PackedDataset
+from ds_relora.checkpoint.export import load_merged_model
+from ds_relora.quiet import quiet_transformers_loading
+from ds_relora.checkpoint.meta import read_meta
 
 
 def load_any_model(path: str | Path):
     folder = Path(path)
     if (folder / META).is_file():
-        from ds_relora.checkpoint.export import load_merged_model
 
         return load_merged_model(folder)
     if (folder / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
-        from ds_relora.quiet import quiet_transformers_loading
 
         quiet_transformers_loading()
         return AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
@@ -33,11 +36,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def run_dtype(folder: str | Path) -> str | None:
     """The precision a checkpoint's run computed in (its meta.json), or an exported model's
     weights are stored in (its config.json); None when neither says."""
-    import json
 
     folder = Path(folder)
     if (folder / META).is_file():
-        from ds_relora.checkpoint.meta import read_meta
 
         return read_meta(folder).compute_dtype
     try:
@@ -73,7 +74,6 @@ def evaluate_model(model, data_dir: str | Path, seq_len: int, batch_size: int = 
                    *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Mean validation loss over the split's first sequences. ``device`` None: where the model
     is; ``dtype`` other than fp32: the forward runs under autocast to it (weights stay fp32)."""
-    from ds_relora.data import PackedDataset
 
     device = next(model.parameters()).device if device is None else torch.device(device)
     model = model.to(device)

@@ -17,6 +17,7 @@ import numpy as np
 from ds_relora.errors import CheckpointError
 from ds_relora.models import WRAPPED_TYPES
 from ds_relora.checkpoint.weights import EffectiveWeights
+import torch
 
 DEFAULT_THRESHOLD = 0.1
 
@@ -39,7 +40,6 @@ def compute_spectrum(before: str | Path, after: str | Path) -> dict[str, list[np
     Each list holds one array per matching parameter, in layer order. Both folders may be
     ds_relora checkpoints or exported models; read one layer at a time (two modules in memory).
     """
-    import torch
 
     for label, folder in (("before", before), ("after", after)):
         if not Path(folder).is_dir():
@@ -80,10 +80,10 @@ def plot_spectrum(spectra: dict[str, list[np.ndarray]], out_png: str | Path, *, 
     ``per_layer`` every layer is drawn (thin, same colour per type). Exact zeros are drawn at
     1e-12 because a log axis cannot show them.
     """
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -11,6 +11,16 @@ import torch
 from ds_relora.estimate.flops import flops_per_token, params
 from ds_relora.methods import DEFAULT_METHOD, get_method
 from ds_relora.models import preset_shape
+from torch.nn.attention import SDPBackend
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+import importlib.metadata
+from ds_relora.config import RunConfig
+from ds_relora.models import WRAPPED_TYPES, build_model, llama_config
+from ds_relora.methods.schedule import JaggedCosine
+from ds_relora.methods.lora_layer import wrap_model
+from ds_relora.zero.ds_config import SHIPPED, build_ds_config
+from ds_relora.train.engine import build_engine, compile_engine
 
 _SDPA_NAMES = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "mem-efficient", "CUDNN_ATTENTION": "cudnn",
                "MATH": "math", "OVERRIDEABLE": "overrideable"}
@@ -84,7 +94,6 @@ class RehearsalMemory:
 
 
 def _sdpa_backend(q, k, v, *args, **kwargs) -> str:
-    from torch.nn.attention import SDPBackend
 
     choice = getattr(torch, "_fused_sdp_choice", None)  # what SDPA's dispatcher will pick
     if choice is None:
@@ -97,7 +106,6 @@ def attention_ran(module, example: torch.Tensor) -> str:
     """The attention kernel one training forward of ``module`` runs, seen from inside the call:
     for SDPA the backend its dispatcher selects for the actual q/k/v (dtype, head dim, mask,
     is_causal, enabled-backend flags), not the configured implementation."""
-    import torch.nn.functional as F
 
     impl = module.config._attn_implementation
     seen: list[str] = []
@@ -115,14 +123,12 @@ def attention_ran(module, example: torch.Tensor) -> str:
     if seen:
         return "sdpa: " + ", ".join(sorted(set(seen)))
     if impl == "flash_attention_2":
-        import importlib.metadata
 
         return f"flash_attention_2 (flash-attn {importlib.metadata.version('flash-attn')})"
     return f"{impl} (no SDPA call)"
 
 
 def _compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
 
@@ -132,12 +138,6 @@ class Bench:
     every backward is a boundary, so DeepSpeed's configured micro-batch is only bookkeeping)."""
 
     def __init__(self, preset: str, method: str, args, device: torch.device, meter):
-        from ds_relora.config import RunConfig
-        from ds_relora.models import WRAPPED_TYPES, build_model, llama_config
-        from ds_relora.methods.schedule import JaggedCosine
-        from ds_relora.methods.lora_layer import wrap_model
-        from ds_relora.zero.ds_config import SHIPPED, build_ds_config
-        from ds_relora.train.engine import build_engine, compile_engine
 
         self.device, self.args, self.method, self.meter = device, args, method, meter
         self.retries = 0

@@ -30,6 +30,19 @@ from ds_relora.checkpoint.format import META
 from ds_relora.launch.hosts import free_port
 from ds_relora.methods import DEFAULT_METHOD
 from ds_relora.run_folder import checkpoint_root, metrics_file
+from ds_relora.quiet import quiet_worker
+from ds_relora.worker import init_distributed
+from ds_relora.zero.ds_config import SHIPPED
+from ds_relora.config import RunConfig, from_dict
+from ds_relora.gpu.bench import release_memory
+from ds_relora.train.trainer import Trainer
+import tempfile
+import torch
+from ds_relora import __version__
+from ds_relora.config import PrepareConfig
+from ds_relora.data import prepare_data
+from ds_relora.gpu.bench import CudaMemory, RehearsalMemory, pair_estimate_s, throughput_pair
+from ds_relora.models import resolve_attn_implementation
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 STAGES = {"zero0": "zero0.json", "zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
@@ -41,8 +54,6 @@ def init_single_rank() -> None:
     os.environ.update({k: os.environ.get(k, v) for k, v in {
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port())}.items()})
-    from ds_relora.quiet import quiet_worker
-    from ds_relora.worker import init_distributed
 
     init_distributed()
     quiet_worker()
@@ -50,7 +61,6 @@ def init_single_rank() -> None:
 
 # ----------------------------------------------------------------------------- 1. correctness runs
 def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: str, method: str = DEFAULT_METHOD) -> dict:
-    from ds_relora.zero.ds_config import SHIPPED
 
     # The stop falls between two merges, so the resumed run must merge again.
     steps = {"total_steps": 6, "reset_every": 2, "stop": 3} if smoke else {"total_steps": 12, "reset_every": 4, "stop": 6}
@@ -71,9 +81,6 @@ def relora_run_config(data: Path, run_dir: Path, stage: str, smoke: bool, attn: 
 
 def relora_run(data: Path, work: Path, stage: str, smoke: bool, attn: str, method: str = DEFAULT_METHOD) -> dict:
     """Train to ``stop_after_steps`` (merge or projector update, checkpoint), then resume to the end."""
-    from ds_relora.config import RunConfig, from_dict
-    from ds_relora.gpu.bench import release_memory
-    from ds_relora.train.trainer import Trainer
 
     run_dir = work / f"{method}-{stage}"
     started = time.time()
@@ -244,15 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     if args.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import tempfile
 
-    import torch
 
-    from ds_relora import __version__
-    from ds_relora.config import PrepareConfig
-    from ds_relora.data import prepare_data
-    from ds_relora.gpu.bench import CudaMemory, RehearsalMemory, pair_estimate_s, throughput_pair
-    from ds_relora.models import resolve_attn_implementation
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:

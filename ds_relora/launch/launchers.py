@@ -27,6 +27,8 @@ from ds_relora.config import LaunchConfig
 from ds_relora.errors import LaunchError, UserError
 from ds_relora.quiet import verbose_requested
 from ds_relora.launch.hosts import _slurm_var, _write_hostfile_text, check_port, expand_nodelist, free_port, hostfile_text, parse_hostfile, slurm_env, slurm_port, write_hostfile
+from ds_relora.launch.supervise import run_supervised
+from ds_relora.config import load_config
 
 WORKER = "ds_relora.worker"
 DEFAULT_PORT = LaunchConfig().master_port
@@ -326,7 +328,6 @@ def run_plan(plan: LaunchPlan, run_dir: str | Path | None = None) -> int:
     """Write the hostfile, wait for the master if asked, then run the commands; the last (the
     launcher) under :func:`ds_relora.launch.supervise.run_supervised`, which names the rank that failed
     first from ``run_dir``'s exit records."""
-    from ds_relora.launch.supervise import run_supervised
 
     if plan.in_process:
         raise ValueError("launcher=none plans run in the caller's process; set plan.env and call the worker")
@@ -344,7 +345,6 @@ def run_plan(plan: LaunchPlan, run_dir: str | Path | None = None) -> int:
 def main_dry_run(config: str | None, overrides: Sequence[str] = (), env: Mapping[str, str] = os.environ,
                  worker_args: Sequence[str] | None = None) -> str:
     """The text ``--dry-run`` prints: the resolved plan for ``config`` with ``--set`` overrides."""
-    from ds_relora.config import load_config
 
     cfg = load_config(config, list(overrides))
     # Same worker argument as `ds-relora train`, which writes the resolved config there.

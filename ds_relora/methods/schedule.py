@@ -86,6 +86,6 @@ def merge_points(total_steps: int, reset_every: int, cycle_start: int = 0) -> li
 
 
 def make_scheduler(optimizer, schedule: JaggedCosine):
-    import torch
+    import torch  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 from ds_relora.errors import ConfigError, UserError
+from ds_relora.study.sweep import load_sweep, read_points, sweep_dir
+from ds_relora.study.sweep import expand, write_points
+from ds_relora.study.sweep import POINTS_FILE
 
 
 def _sweep_folder_and_runs(args) -> tuple[Path, list[Path]]:
     """The sweep folder and its points' run folders, from a sweep folder or a (prepared) sweep file."""
-    from ds_relora.study.sweep import load_sweep, read_points, sweep_dir
 
     target = Path(args.sweep)
     if target.is_dir():
@@ -29,8 +31,7 @@ def _overrides(args) -> list[str]:
 
 
 def cmd_sweep(args) -> int:
-    from ds_relora.study.runner import format_status, run_local, run_point, write_commands, write_slurm
-    from ds_relora.study.sweep import expand, load_sweep, sweep_dir, write_points
+    from ds_relora.study.runner import format_status, run_local, run_point, write_commands, write_slurm  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     if args.run_point:
         return run_point(Path(args.run_point))
@@ -68,8 +69,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ds_relora.study.compare import compare
-    from ds_relora.study.sweep import POINTS_FILE
+    from ds_relora.study.compare import compare  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     if args.out:
         out = Path(args.out)

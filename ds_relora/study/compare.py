@@ -28,6 +28,9 @@ from ds_relora.errors import CheckpointError, UserError
 from ds_relora.study.lm_eval import RESULTS_FILE, read_task_scores
 from ds_relora.study.runner import STATE_FILE, point_state
 from ds_relora.study.sweep import POINT_FILE, POINTS_FILE, comparable
+from ds_relora.checkpoint.store import complete_checkpoints
+from ds_relora.checkpoint.store import write_atomic
+from ds_relora.study.plots import fit_power_law, plot_all
 
 PEAK_KEY = re.compile(r"^peak_.*_(mb|mib)$")
 
@@ -99,7 +102,6 @@ def _peak_mem(records) -> Optional[float]:
 def _latest_meta(run_dir: Path) -> CheckpointMeta | None:
     """The newest checkpoint's meta, or None (no checkpoint, or one this version cannot read:
     the comparison then takes the counts from the metrics log)."""
-    from ds_relora.checkpoint.store import complete_checkpoints
 
     found = complete_checkpoints(checkpoint_root(run_dir))
     try:
@@ -288,8 +290,6 @@ def _csv(fields: list[str], rows: list[dict]) -> str:
 
 def compare(paths: list[str], out: Path, plots: bool = True) -> dict:
     """Write compare.md, compare.csv (one row per group), runs.csv (one per run) and the PNGs."""
-    from ds_relora.checkpoint.store import write_atomic
-    from ds_relora.study.plots import fit_power_law, plot_all
 
     runs = [summarize_run(p) for p in find_runs(paths)]
     if not runs:

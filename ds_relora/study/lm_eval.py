@@ -41,7 +41,7 @@ def _tokenizer_dir(folder: Path) -> Path:
 
 
 def _task_manager(tasks: list[str], include_path: list[str] | None):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     paths = [str(Path(p).resolve()) for p in include_path or []]
     for p in paths:
@@ -89,12 +89,12 @@ def run_tasks(path: str | Path, tasks: list[str], *, include_path: list[str] | N
     folder = Path(path)
     tokenizer_dir = _tokenizer_dir(folder)
     tm = _task_manager(tasks, include_path)
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
+    import torch  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
+    from lm_eval import simple_evaluate  # noqa: PLC0415  (optional dependency: imported only where it is used)
+    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415  (optional dependency: imported only where it is used)
+    from transformers import AutoTokenizer  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
-    from ds_relora.eval.evaluate import load_any_model
+    from ds_relora.eval.evaluate import load_any_model  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_any_model(folder).to(device).eval()
@@ -110,7 +110,7 @@ def run_tasks(path: str | Path, tasks: list[str], *, include_path: list[str] | N
     record["runs"] = [*record.get("runs", []), {
         "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot, "lm_eval_version": result.get("lm_eval_version"),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "n_samples": result.get("n-samples")}]
-    from ds_relora.checkpoint.store import write_atomic
+    from ds_relora.checkpoint.store import write_atomic  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     write_atomic(folder / RESULTS_FILE, json.dumps(record, indent=2, default=str))
     return {"path": str(folder), "scores": scores, "results": result.get("results", {})}
@@ -125,7 +125,7 @@ def _read(path: Path) -> dict:
 
 def read_task_scores(run_dir: Path) -> dict[str, float]:
     """Scores of the newest checkpoint of ``run_dir`` that has lm-eval results (else the run folder's own)."""
-    from ds_relora.checkpoint.store import complete_checkpoints
+    from ds_relora.checkpoint.store import complete_checkpoints  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     for _, folder in reversed(complete_checkpoints(checkpoint_root(run_dir))):
         if (folder / RESULTS_FILE).is_file():

@@ -11,7 +11,7 @@ def fit_power_law(rows: list[dict]) -> dict[str, dict]:
     """Per method, least squares of log(loss) = log(a) + b log(N) over the groups' mean final
     loss (N = total params); only methods with at least two distinct sizes get a fit. A group with
     an unfinished run is left out: its last eval is from earlier in the token budget."""
-    import numpy as np
+    import numpy as np  # noqa: PLC0415  (numpy is needed only here)
 
     by_method: dict[str, dict[float, float]] = {}
     for row in rows:
@@ -30,17 +30,17 @@ def fit_power_law(rows: list[dict]) -> dict[str, dict]:
 
 
 def _colours(runs):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     methods = list(dict.fromkeys(r.method for r in runs))
     return {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
 
 
 def plot_all(runs, rows: list[dict], fits: dict, out: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     colour = _colours(runs)
     sizes = list(dict.fromkeys(r.size for r in runs))
@@ -108,7 +108,7 @@ def plot_all(runs, rows: list[dict], fits: dict, out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -24,6 +24,7 @@ import yaml
 from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
 from ds_relora.checkpoint.store import complete_checkpoints, write_atomic
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE
+import fcntl
 
 STATE_FILE = "sweep_state.json"
 STATUSES = ("done", "running", "failed", "partial", "pending")
@@ -97,7 +98,6 @@ def _claim(run_dir: Path):
     """An exclusive lock on the point, held while it trains (released by the OS when this process
     dies): two ``ds-relora sweep`` processes on one sweep never train the same point. None if
     another process holds it."""
-    import fcntl
 
     handle = open(run_dir / ".running.lock", "w")
     try:

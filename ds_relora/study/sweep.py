@@ -33,6 +33,9 @@ from ds_relora.run_folder import config_file, is_started
 from ds_relora.config import RunConfig, to_dict
 from ds_relora.config_base import doc, from_dict
 from ds_relora.errors import ConfigError, UserError
+from ds_relora.config import resolve_config_path
+from ds_relora.launch.launchers import build_launch
+from ds_relora.config import dump_config
 
 # Run-control fields: they change how a point is run, not what it trains, so changing them
 # between two sweep invocations does not make an existing run folder stale.
@@ -154,7 +157,6 @@ def sweep_dir(spec: SweepSpec, path: Path, out: str | None = None) -> Path:
 
 
 def _base_dict(spec: SweepSpec, path: Path) -> dict:
-    from ds_relora.config import resolve_config_path
 
     data: dict = {}
     if spec.base:
@@ -256,11 +258,11 @@ def resolve_point(spec: SweepSpec, base: dict, name: str, method: str, method_se
 def full_rank_params(cfg: RunConfig) -> int:
     """Parameters of the point's full-rank model (for control: the model it is the control of),
     counted on the meta device: nothing is allocated, exact for presets and HF configs alike."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
-    from ds_relora.data import read_data_meta
-    from ds_relora.train.plan import build_hf_config
+    from ds_relora.data import read_data_meta  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
+    from ds_relora.train.plan import build_hf_config  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     full = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, method="full"))
     hf = build_hf_config(full, read_data_meta(cfg.data.path))
@@ -279,7 +281,7 @@ def apply_budget(cfg: RunConfig, budget: BudgetSpec, world: int) -> None:
         raise ConfigError("set only one of budget.tokens_per_param and budget.tokens")
     if budget.tokens_per_param is None and budget.tokens is None:
         return
-    from ds_relora.zero.ds_config import batch_layout
+    from ds_relora.zero.ds_config import batch_layout  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     _, _, global_batch = batch_layout(cfg, world)
     if budget.tokens_per_param is not None:
@@ -302,7 +304,7 @@ def apply_derive(cfg: RunConfig, d: DeriveSpec) -> None:
             raise ConfigError(f"derive.{field}={value} must be in [0, 1)")
     if d.warmup_fraction is not None:
         cfg.optim.warmup_steps = max(1, round(d.warmup_fraction * t.total_steps))
-    from ds_relora.methods import get_method
+    from ds_relora.methods import get_method  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     method = get_method(t.method)
     adapters = method.adapters
@@ -334,8 +336,7 @@ def apply_derive(cfg: RunConfig, d: DeriveSpec) -> None:
 def validate(cfg: RunConfig, world: int) -> None:
     """``ds-relora train``'s checks before it launches: its one ``plan_run`` (the config, data,
     model and the checkpoint the point would resume from) and its launch command."""
-    from ds_relora.launch.launchers import build_launch
-    from ds_relora.train.plan import plan_run
+    from ds_relora.train.plan import plan_run  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     plan_run(cfg, world)
     build_launch(cfg.launch, ["--config", str(config_file(cfg.train.run_dir))], strict=False)
@@ -364,8 +365,7 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
 def write_points(points: list[Point], out: Path, spec_path: Path) -> None:
     """One folder per point with its resolved config; refuses to overwrite a started run whose
     config changed (its checkpoints and metrics belong to the old config)."""
-    from ds_relora.config import dump_config
-    from ds_relora.checkpoint.store import write_atomic
+    from ds_relora.checkpoint.store import write_atomic  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     for p in points:
         resolved = config_file(p.run_dir)

@@ -7,6 +7,8 @@ import torch
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import default_param_groups
 from ds_relora.methods.schedule import JaggedCosine, make_scheduler
+from torch._dynamo import list_backends
+import gc
 
 
 def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -14,7 +16,7 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
     """``deepspeed.initialize`` with a client AdamW over the method's param ``groups`` (default:
     matrices decay, vectors do not) and the jagged LambdaLR (stepped by DeepSpeed once per
     successful optimizer step)."""
-    import deepspeed
+    import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     groups = groups if groups is not None else default_param_groups(model, weight_decay)
     optimizer = make_optimizer(groups, ds_config, lr=lr, betas=betas, eps=eps)
@@ -59,7 +61,6 @@ def fused_cpu_adamw_supported() -> bool:
 
 def check_compile_backend(backend: str) -> None:
     """Refuse a ``train.compile_backend`` torch.compile does not know, before any worker starts."""
-    from torch._dynamo import list_backends
 
     known = sorted(set(list_backends(exclude_tags=())) | {"eager"})
     if backend not in known:
@@ -80,14 +81,13 @@ def release_engine(engine) -> None:
     must not sit next to the next engine's. ``destroy`` releases DeepSpeed's own buffers; under
     ZeRO-3 the root module also stays in DeepSpeed's module-level ``FWD_MODULE_STACK`` (appended
     at initialisation, never popped), whose hooks would keep the whole engine reachable."""
-    import gc
 
     module = engine.module
     if hasattr(engine, "destroy"):
         engine.destroy()
     try:
-        from deepspeed.runtime.zero import parameter_offload
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+        from deepspeed.runtime.zero import parameter_offload  # noqa: PLC0415  (optional dependency: imported only where it is used)
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator  # noqa: PLC0415  (optional dependency: imported only where it is used)
     except ImportError:
         parameter_offload = PartitionedParameterCoordinator = None
     if parameter_offload is not None:

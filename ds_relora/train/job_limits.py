@@ -67,8 +67,8 @@ class JobLimits:
     def agreed_code(self, step: int, device):
         """Collective: the largest stop code of any rank after this step, as a device tensor (read
         on the host together with the step's other scalars: one host sync per step)."""
-        import torch
-        import torch.distributed as dist
+        import torch  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
+        import torch.distributed as dist  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
         # torch.full fills on the device from a kernel argument; torch.tensor([...], device=cuda)
         # would copy from pageable host memory, which waits for every queued kernel.

@@ -72,17 +72,17 @@ class MetricsLogger:
         if resumed:
             self._write({"type": "event", "event": "resume", "step": start_step, "time": time.time(),
                          "checkpoint": str(resumed_from), "dropped_records": dropped})
-        from tqdm import tqdm
+        from tqdm import tqdm  # noqa: PLC0415  (tqdm is needed only here)
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                         dynamic_ncols=True, mininterval=1.0, disable=None)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
 
             # purge_step: events of the interrupted job past the checkpoint are dropped.
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if resumed else None)
         if wandb_project:
-            import wandb
+            import wandb  # noqa: PLC0415  (optional dependency: imported only where it is used)
 
             id_file = run_dir / "wandb_id"
             # Our own id: wandb.util.generate_id is gone from wandb >= 0.2x (the run died at start).

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.device import comm_device
+import resource
 
 
 def _status_bytes(key: str) -> int | None:
@@ -31,7 +32,6 @@ def _status_bytes(key: str) -> int | None:
 def host_peak_bytes() -> int:
     peak = _status_bytes("VmHWM")
     if peak is None:
-        import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return peak

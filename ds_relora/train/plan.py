@@ -26,6 +26,12 @@ from ds_relora.methods import get_method
 from ds_relora.methods.schedule import JaggedCosine
 from ds_relora.train.resume import ResumePoint, check_resume, check_same_model, resume_layout
 from ds_relora.zero.ds_config import batch_layout, build_ds_config
+from ds_relora.zero.ds_config import compute_dtype, zero_stage
+import torch
+import re
+from torch import nn
+from ds_relora.checkpoint.format import expected_checkpoint_bytes
+from ds_relora.train.engine import check_compile_backend
 
 
 @dataclasses.dataclass
@@ -65,7 +71,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _load_hf_config(name_or_path: str):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     local = Path(name_or_path).expanduser()
     if name_or_path.startswith(("/", ".", "~")) and not local.is_dir():
@@ -162,7 +168,6 @@ def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_bef
     """Every check of a run before its first step, and the plan the workers act on. ``resolve``
     picks the checkpoint of ``train.resume`` (the workers pass their collective, hashing
     choice); the checks on it are the same whoever calls."""
-    from ds_relora.zero.ds_config import compute_dtype, zero_stage
 
     ds = build_ds_config(cfg, world_size, writes_base=get_method(cfg.train.method).writes_base)
     adapters, merges, start, warm = check_relora(cfg, zero_stage(ds))
@@ -171,7 +176,6 @@ def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_bef
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be below train.total_steps={cfg.train.total_steps}"
         )
     if cfg.train.compile:
-        from ds_relora.train.engine import check_compile_backend
 
         check_compile_backend(cfg.train.compile_backend)
     micro, accum, global_batch = batch_layout(cfg, world_size)
@@ -202,8 +206,7 @@ def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_bef
 
 def _meta_model(hf):
     """The run's model built on the meta device: real module tree and shapes, no memory, no init."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
     try:
         with torch.device("meta"):
@@ -219,10 +222,8 @@ def check_adapter_phase(cfg: RunConfig, hf) -> int:
     """Wrap the meta-device model exactly as the switch will, so every adapter mistake (regex matching
     nothing, rank too large, unsupported layer type) fails before the warm start spends any step.
     Returns the number of wrapped layers."""
-    import re
 
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
 
     r = cfg.relora
@@ -245,7 +246,6 @@ def check_adapter_phase(cfg: RunConfig, hf) -> int:
 def expected_save_bytes(cfg: RunConfig, plan: RunPlan) -> int:
     """About what one checkpoint of this run takes on disk (its largest phase's), for the free
     space check before launch: the model is built on the meta device (no memory)."""
-    from ds_relora.checkpoint.format import expected_checkpoint_bytes
 
     model = _meta_model(plan.hf_config)
     full_phase = not plan.adapters or (plan.relora_start > 0 and not cfg.relora.warm_start_from)

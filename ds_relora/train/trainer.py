@@ -351,7 +351,7 @@ def _record_grad_norm_without_zero(engine) -> None:
     if it exists: record the pre-clip norm there (grads are already averaged over ranks)."""
     if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
         return
-    from deepspeed.runtime.utils import clip_grad_norm_
+    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     optimizer = engine.optimizer
     params = [p for p in engine.module.parameters() if p.requires_grad]

@@ -119,7 +119,7 @@ def ensure_state_linked(engine) -> None:
 
 def get_master(engine, p) -> torch.Tensor:
     """Full fp32 master value of trainable ``p`` (collective on ZeRO 1/2/3)."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     if is_zero3_param(p) or _uses_hp_mapping(p):
         return safe_get_full_fp32_param(p).reshape(full_shape(p)).float()
@@ -129,7 +129,7 @@ def get_master(engine, p) -> torch.Tensor:
 
 def set_master(engine, p, value: torch.Tensor) -> None:
     """Write the full fp32 ``value`` into ``p``'s master copy (same value on every rank)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     value = value.detach().to(torch.float32)
     if is_zero3_param(p):
@@ -153,7 +153,7 @@ def _stage0_state(engine, p) -> dict:
 
 def get_moment(engine, p, key: str) -> torch.Tensor | None:
     """Full fp32 Adam moment ``key`` of ``p``; None before the first optimizer step."""
-    from deepspeed.utils import safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_optimizer_state  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     if is_zero3_param(p):
         opt = p._z3_optimizer
@@ -171,7 +171,7 @@ def get_moment(engine, p, key: str) -> torch.Tensor | None:
 
 def set_moment(engine, p, key: str, value: torch.Tensor) -> None:
     """Write the full fp32 Adam moment ``key`` of ``p`` (same value on every rank)."""
-    from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
+    from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     value = value.detach().to(torch.float32)
     if is_zero3_param(p):
