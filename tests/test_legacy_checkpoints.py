@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, read_metrics
+from harness import REPO
+from harness.checks import read_metrics
 
 DATA = Path(__file__).parent / "data"
 VERSIONS = (3, 4)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ds_relora.errors import ConfigError
-from ds_relora.estimate.memory import (activation_bytes, estimate_memory, format_table, model_state_bytes,
-                                       relative_error)
+from ds_relora.estimate.engine_memory import relative_error
+from ds_relora.estimate.memory import activation_bytes, estimate_memory, format_table, model_state_bytes
 from ds_relora.models import Shape
 from ds_relora.methods.dropout_gemm import dropout_gemm
 from harness import REPO

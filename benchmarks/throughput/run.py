@@ -158,7 +158,7 @@ def worker(cfg: dict) -> None:
     # step with the comms logger on (it synchronises after every op, so it is not timed).
     states = {}
     try:
-        from ds_relora.estimate.memory import model_state_bytes_from_engine
+        from ds_relora.estimate.engine_memory import model_state_bytes_from_engine
 
         def grab():
             states.update(model_state_bytes_from_engine(engine))

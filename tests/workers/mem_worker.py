@@ -25,7 +25,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
 
-from ds_relora.estimate.memory import model_state_bytes, model_state_bytes_from_engine  # noqa: E402
+from ds_relora.estimate.engine_memory import model_state_bytes_from_engine  # noqa: E402
+from ds_relora.estimate.memory import model_state_bytes  # noqa: E402
 
 WIDTH, OUT, RANK, BLOCKS = 160, 192, 8, 6  # several params, so ZeRO partitions cut through some
 
