@@ -38,7 +38,7 @@ def _cli(*args):
 def _tokens_per_param_for(data: Path, steps: int) -> float:
     """The tokens_per_param that buys ``steps`` steps of the tiny config (half a step of slack)."""
     from ds_relora.config import from_dict, RunConfig
-    from ds_relora.study.sweep import full_rank_params
+    from ds_relora.study.budgets import full_rank_params
 
     cfg = from_dict(RunConfig, tiny_run_config(data, Path("unused")))
     per_step = cfg.train.micro_batch_size * cfg.data.seq_len
@@ -229,7 +229,8 @@ def test_tokens_per_param_and_derived_fractions(prepared_data, tmp_path):
     from ds_relora.config import RunConfig, from_dict
     from ds_relora.data import read_data_meta
     from ds_relora.models import PRESETS, build_model, describe_params, llama_config, param_counts
-    from ds_relora.study.sweep import expand, full_rank_params, load_sweep, steps_for_tokens
+    from ds_relora.study.budgets import full_rank_params, steps_for_tokens
+    from ds_relora.study.sweep import expand, load_sweep
 
     vocab = int(read_data_meta(prepared_data)["vocab_size"])
     cfg = from_dict(RunConfig, tiny_run_config(prepared_data, tmp_path))

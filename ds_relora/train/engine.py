@@ -111,3 +111,29 @@ def release_engine(engine) -> None:
 def _offloads_optimizer(ds_config: dict) -> bool:
     zero = ds_config.get("zero_optimization", {})
     return zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+
+
+def record_grad_norm_without_zero(engine) -> None:
+    """DeepSpeed reports the global grad norm only through its ZeRO/fp16/bf16 optimizers; on fp32
+    ZeRO-0 ``get_global_grad_norm()`` is None. There the engine clips through
+    ``clip_fp32_gradients`` (when optim.grad_clip > 0) and then copies ``optimizer._global_grad_norm``
+    if it exists: record the pre-clip norm there (grads are already averaged over ranks)."""
+    if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
+
+    optimizer = engine.optimizer
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def norm_before_step(*_args):
+        if engine.gradient_clipping() <= 0.0:
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            optimizer._global_grad_norm = torch.stack(grads).norm() if grads else None
+
+    def clip_and_record():
+        optimizer._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                      max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
+    if hasattr(optimizer, "register_step_pre_hook"):
+        optimizer.register_step_pre_hook(norm_before_step)

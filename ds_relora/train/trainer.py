@@ -31,7 +31,7 @@ from ds_relora.checkpoint.store import agree_on_resume, load_checkpoint, optimiz
 from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
 from ds_relora.checkpoint import elastic
 from ds_relora.zero.ds_config import compute_dtype, zero_stage
-from ds_relora.train.engine import build_engine, compile_engine, release_engine
+from ds_relora.train.engine import build_engine, compile_engine, record_grad_norm_without_zero, release_engine
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE, JobLimits
 from ds_relora.train.metrics import MetricsLogger
 from ds_relora.train.phase_memory import PhaseMemory
@@ -113,7 +113,7 @@ class Trainer:
         o = cfg.optim
         self.engine = build_engine(model, self.plan.ds_config, lr=lr, betas=o.betas, eps=o.eps, schedule=schedule,
                                    groups=method.param_groups(model, cfg))
-        _record_grad_norm_without_zero(self.engine)
+        record_grad_norm_without_zero(self.engine)
         if cfg.train.compile:
             compile_engine(self.engine, cfg.train.compile_backend)
         if weights is not None:
@@ -342,29 +342,3 @@ class Trainer:
                            tokens=sequences * self.seq_len, split_sequences=len(self.val_data))
         self.metrics.info(f"step {self.step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
         return loss
-
-
-def _record_grad_norm_without_zero(engine) -> None:
-    """DeepSpeed reports the global grad norm only through its ZeRO/fp16/bf16 optimizers; on fp32
-    ZeRO-0 ``get_global_grad_norm()`` is None. There the engine clips through
-    ``clip_fp32_gradients`` (when optim.grad_clip > 0) and then copies ``optimizer._global_grad_norm``
-    if it exists: record the pre-clip norm there (grads are already averaged over ranks)."""
-    if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
-        return
-    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
-
-    optimizer = engine.optimizer
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-
-    def norm_before_step(*_args):
-        if engine.gradient_clipping() <= 0.0:
-            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            optimizer._global_grad_norm = torch.stack(grads).norm() if grads else None
-
-    def clip_and_record():
-        optimizer._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                      max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_and_record
-    if hasattr(optimizer, "register_step_pre_hook"):
-        optimizer.register_step_pre_hook(norm_before_step)
