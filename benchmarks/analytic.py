@@ -27,7 +27,7 @@ def simple_state_bytes(total: int, trainable: int, precision: str, stage: int) -
 
 def per_rank_state_bytes(total: int, trainable: int, precision: str, stage: int, world: int) -> dict[str, int]:
     """Per-rank split of the same bytes under ZeRO partitioning (grads/master/Adam on stage >= 2,
-    stage 1 at gradient accumulation 1 as well (measured by memory_estimate.py), weights too on stage 3), ceil-divided like DeepSpeed's partitions."""
+    stage 1 at gradient accumulation 1 as well (measured by ds_relora/estimate/memory.py), weights too on stage 3), ceil-divided like DeepSpeed's partitions."""
     e = 2 if precision == "bf16" else 4
 
     def part(x: int, on: bool) -> int:

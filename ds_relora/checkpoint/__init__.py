@@ -1,0 +1,1 @@
+"""What is on disk: the checkpoint format (``format``: names, manifest, verification; ``meta``: the typed meta.json and its one reader), saving and choosing checkpoints (``store``), per-shard state moves (``state_io``), elastic resume (``elastic``), effective weights (``weights``) and the Hugging Face export (``export``)."""

@@ -108,7 +108,7 @@ def model_state_bytes(total_params: int, trainable_params: int, zero_stage: int,
                       grad_accum_steps: int = 1, zero3_frozen_base: str = "partition") -> dict[str, int]:
     """Bytes of lp weights, grads, fp32 master and Adam moments on one rank (see module doc).
 
-    ``zero3_frozen_base="replicate"`` (``relora/zero3_frozen.py``): on stage 3 every rank also
+    ``zero3_frozen_base="replicate"`` (``zero/frozen_base.py``): on stage 3 every rank also
     holds the whole frozen W next to its shard, e*(P-T) more weight bytes, and gathers no W in
     forward or backward (one coalesced re-gather per optimizer step).
     """

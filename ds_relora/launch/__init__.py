@@ -1,0 +1,1 @@
+"""Starting the ranks: the launchers (``launchers``; ``python -m ds_relora.launch`` is the per-node helper), host discovery (``hosts``) and the supervisor that keeps ``ds-relora train`` the parent of its launcher (``supervise``)."""

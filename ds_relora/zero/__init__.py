@@ -1,0 +1,1 @@
+"""What every method shares under ZeRO 0-3: the fp32 masters and Adam moments of one whole parameter on any stage (``state``), their pruning (``optim_reset``), the frozen base's ZeRO-3 placement (``frozen_base``) and the DeepSpeed config layer (``ds_config``)."""
