@@ -110,7 +110,6 @@ def cmd_eval(args) -> int:
     from ds_relora.eval.evaluate import eval_device_and_dtype, evaluate_model, load_any_model, run_dtype  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     if args.tasks:
-
         return cmd_eval_tasks(args)
     folder = Path(args.path)
     data, seq_len = args.data, args.seq_len
@@ -181,7 +180,6 @@ def cmd_estimate(args) -> int:
 def cmd_config(args) -> int:
 
     if args.explain:
-
         for section in dataclasses.fields(RunConfig):
             cls = section.default_factory().__class__
             print(f"{section.name}:  # {section.metadata.get('doc', '')}")
@@ -277,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-
         if not is_disk_error(exc):
             raise
         print(f"error: {disk_error(exc, setting=_WRITES_TO.get(args.command, 'the output folder'))}", file=sys.stderr)

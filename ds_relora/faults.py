@@ -28,7 +28,6 @@ def fault_point(point: str, step: int) -> None:
     if dist.get_rank() != int(os.environ.get("DS_RELORA_FAULT_RANK", "1")):
         return
     if point == "hold":
-
         release, deadline = Path(os.environ["DS_RELORA_FAULT_RELEASE"]), time.time() + 600
         while not release.exists() and time.time() < deadline:
             time.sleep(0.05)

@@ -50,7 +50,6 @@ WRAPPED_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def preset_shape(name: str) -> Shape:
     key = name.lower()
     if key not in PRESETS:
-
         hint = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.0)
         raise ConfigError(
             f"unknown model preset '{name}': use one of {', '.join(PRESETS)}"
@@ -128,7 +127,6 @@ def resolve_attn_implementation(requested: str, compute_dtype: torch.dtype | Non
     if not torch.cuda.is_available():
         return "sdpa"
     if compute_dtype is None:
-
         compute_dtype = torch.bfloat16 if bf16_available() else torch.float32
     if compute_dtype in HALF_DTYPES and flash_attn_importable():
         return "flash_attention_2"
@@ -169,7 +167,6 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None, device: tor
     weight a second time, for nothing)."""
 
     from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
-
 
     partitioned = ds_config is not None and zero_stage(ds_config) == 3
     if partitioned:
@@ -249,7 +246,6 @@ def pretrained_weights(name_or_path: str):
     """The weights of a pretrained HF model (a local folder or a hub name), read per tensor from
     its safetensors files, so that each rank only ever holds one tensor beyond its shard. A model
     published only as ``pytorch_model*.bin`` is loaded whole once, as ``transformers`` does."""
-
 
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():

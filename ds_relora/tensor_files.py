@@ -51,7 +51,6 @@ class StreamingWriter:
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None,
                  digests: dict | None = None):
-
         self.path = Path(path)
         self.digests = digests
         self.tmp = self.path.with_name(self.path.name + ".tmp")

@@ -73,7 +73,6 @@ def _write_weights(folder: Path, config, out: Path, dtype: torch.dtype, max_shar
     ``max_shard_bytes`` with an index), one shard in memory at a time."""
     from safetensors.torch import save_file  # noqa: PLC0415  (safetensors is needed only when tensors are read or written)
 
-
     expected = _expected_shapes(config)
     seen, shards, current, size = {}, [], {}, 0
 

@@ -18,7 +18,6 @@ class _Ledger:
         self.host: dict[str, int] = {}
 
     def add(self, category: str, tensor) -> None:
-
         if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0 or tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()

@@ -234,7 +234,7 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
 
 def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
                     switch: bool) -> dict[str, int]:
-    """Host bytes a rank holds for a moment, beyond its model states (see ``train.state_io``):
+    """Host bytes a rank holds for a moment, beyond its model states (see ``checkpoint.state_io``):
 
     * init: ZeRO-3 builds partitioned (``zero.Init``), so one module is whole while it is
       constructed and one parameter while it is initialised (fp32, the largest: the embedding or

@@ -19,11 +19,9 @@ from ds_relora.checkpoint.meta import read_meta
 def load_any_model(path: str | Path):
     folder = Path(path)
     if (folder / META).is_file():
-
         return load_merged_model(folder)
     if (folder / "config.json").is_file():
         from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
-
 
         quiet_transformers_loading()
         return AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
@@ -39,7 +37,6 @@ def run_dtype(folder: str | Path) -> str | None:
 
     folder = Path(folder)
     if (folder / META).is_file():
-
         return read_meta(folder).compute_dtype
     try:
         config = json.loads((folder / "config.json").read_text())

@@ -123,7 +123,6 @@ def attention_ran(module, example: torch.Tensor) -> str:
     if seen:
         return "sdpa: " + ", ".join(sorted(set(seen)))
     if impl == "flash_attention_2":
-
         return f"flash_attention_2 (flash-attn {importlib.metadata.version('flash-attn')})"
     return f"{impl} (no SDPA call)"
 
@@ -138,7 +137,6 @@ class Bench:
     every backward is a boundary, so DeepSpeed's configured micro-batch is only bookkeeping)."""
 
     def __init__(self, preset: str, method: str, args, device: torch.device, meter):
-
         self.device, self.args, self.method, self.meter = device, args, method, meter
         self.retries = 0
         self.shape = preset_shape(preset)

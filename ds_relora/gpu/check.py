@@ -253,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         print("error: no CUDA GPU visible: run on a GPU machine, or pass --smoke for the CPU rehearsal", file=sys.stderr)

@@ -32,7 +32,6 @@ def _status_bytes(key: str) -> int | None:
 def host_peak_bytes() -> int:
     peak = _status_bytes("VmHWM")
     if peak is None:
-
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return peak
 

@@ -176,7 +176,6 @@ def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_bef
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be below train.total_steps={cfg.train.total_steps}"
         )
     if cfg.train.compile:
-
         check_compile_backend(cfg.train.compile_backend)
     micro, accum, global_batch = batch_layout(cfg, world_size)
     meta = read_data_meta(cfg.data.path)
@@ -225,7 +224,6 @@ def check_adapter_phase(cfg: RunConfig, hf) -> int:
 
     from transformers.pytorch_utils import Conv1D  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
 
-
     r = cfg.relora
     model = _meta_model(hf)
     patterns = [re.compile(t) for t in r.target_modules]
@@ -250,6 +248,5 @@ def expected_save_bytes(cfg: RunConfig, plan: RunPlan) -> int:
     model = _meta_model(plan.hf_config)
     full_phase = not plan.adapters or (plan.relora_start > 0 and not cfg.relora.warm_start_from)
     if not full_phase:
-
         get_method(cfg.train.method).wrap(model, cfg, seed=cfg.train.seed)
     return expected_checkpoint_bytes(model)
