@@ -321,6 +321,9 @@ def test_busy_port(fakebin):
 def test_busy_default_port_is_replaced_on_one_node(fakebin, launcher):
     # A second one-node run (or sweep) on the same machine must not collide on the default port.
     with socket.socket() as s:
+        # As the launcher's own check does: a connection of an earlier run still in TIME_WAIT on
+        # the port must not make this bind fail (the test would then listen elsewhere).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", L.DEFAULT_PORT))
         except OSError:
