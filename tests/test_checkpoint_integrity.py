@@ -51,7 +51,7 @@ def _flip_middle(path: Path) -> None:
 AGREE = textwrap.dedent('''
     import sys
     import torch.distributed as dist
-    from ds_relora.checkpoint.store import agree_on_resume
+    from ds_relora.checkpoint.choose import agree_on_resume
     dist.init_process_group("gloo")
     log = (lambda m: print(m, flush=True)) if dist.get_rank() == 0 else None
     print("CHOSEN", agree_on_resume("auto", sys.argv[1], log), flush=True)
@@ -62,7 +62,7 @@ AGREE = textwrap.dedent('''
 def test_a_byte_flipped_mid_shard_is_skipped_by_resume_and_refused_by_eval_and_export(tmp_path, capsys):
     from ds_relora.checkpoint.format import check_complete, verify
     from ds_relora.cli import main
-    from ds_relora.checkpoint.store import resolve_resume
+    from ds_relora.checkpoint.choose import resolve_resume
 
     ckpts = tmp_path / "run" / "checkpoints"
     numel = 3 << 20  # 12 MiB of fp32: its middle lies outside the first and last 4 MiB

@@ -59,7 +59,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_checkpoint(prepared
     """Mode: a 2 MiB tmpfs as run_dir; the first checkpoint (~2.8 MB) runs out of space in
     the middle. The worker is started by hand (no parent), so no free-space check precedes the
     save: the save itself must fail on one line and leave nothing that looks like a checkpoint."""
-    from ds_relora.checkpoint.store import resolve_resume
+    from ds_relora.checkpoint.choose import resolve_resume
 
     run_dir = tmpfs("full", "2m") / "run"
     cfg = tiny_run_config(prepared_data, run_dir, 2, train={"method": "full", "total_steps": 4, "save_every": 2},

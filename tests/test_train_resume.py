@@ -157,7 +157,7 @@ RESUME_AGREEMENT = textwrap.dedent('''
     import os, sys
     import torch.distributed as dist
     from ds_relora.errors import CheckpointError
-    from ds_relora.checkpoint.store import agree_on_resume
+    from ds_relora.checkpoint.choose import agree_on_resume
     dist.init_process_group("gloo")
     # Rank 1 runs on a "node" that does not see rank 0's relative run_dir (no shared filesystem).
     os.chdir(sys.argv[1] if dist.get_rank() == 0 else sys.argv[2])
@@ -308,7 +308,7 @@ def test_format_version_is_checked(runs, tmp_path):
 
 def test_damaged_files_are_detected_and_auto_falls_back(runs, tmp_path):
     from ds_relora.errors import CheckpointError
-    from ds_relora.checkpoint.store import resolve_resume
+    from ds_relora.checkpoint.choose import resolve_resume
 
     newest, older = _copy_ckpt(runs, tmp_path, 24), _copy_ckpt(runs, tmp_path, 16)
     shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -326,6 +326,7 @@ def test_damaged_files_are_detected_and_auto_falls_back(runs, tmp_path):
 
 def test_interrupted_swap_and_leftovers(runs, tmp_path, monkeypatch):
     from ds_relora.checkpoint import store as ck
+    from ds_relora.checkpoint.choose import resolve_resume
 
     folder = _copy_ckpt(runs, tmp_path, 16)
     root = folder.parent
@@ -345,10 +346,10 @@ def test_interrupted_swap_and_leftovers(runs, tmp_path, monkeypatch):
         ck._publish(staging, folder)
     monkeypatch.setattr(ck.os, "rename", real_rename)
     assert not folder.exists(), "the crash window: step-16 is renamed aside"
-    assert ck.resolve_resume("auto", tmp_path / "run") in (staging, root / "step-16.replaced")
+    assert resolve_resume("auto", tmp_path / "run") in (staging, root / "step-16.replaced")
     ck.clean_leftovers(root)
     assert sorted(p.name for p in root.iterdir()) == ["step-16"]
-    assert ck.resolve_resume("auto", tmp_path / "run") == folder
+    assert resolve_resume("auto", tmp_path / "run") == folder
 
 
 def test_resume_on_other_data_or_layout_is_refused(runs, prepared_data, tmp_path):

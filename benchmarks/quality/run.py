@@ -180,7 +180,7 @@ def train(run_dir: Path, config: dict, overrides: list[str], fresh: bool) -> flo
 
 def summarize(run_dir: Path) -> dict:
     from ds_relora.checkpoint.meta import read_meta
-    from ds_relora.checkpoint.store import complete_checkpoints
+    from ds_relora.checkpoint.choose import complete_checkpoints
     from ds_relora.run_folder import checkpoint_root, metrics_file
 
     records = _records(metrics_file(run_dir))

@@ -28,7 +28,7 @@ from ds_relora.errors import CheckpointError, UserError
 from ds_relora.study.lm_eval import RESULTS_FILE, read_task_scores
 from ds_relora.study.runner import STATE_FILE, point_state
 from ds_relora.study.sweep import POINT_FILE, POINTS_FILE, comparable
-from ds_relora.checkpoint.store import complete_checkpoints
+from ds_relora.checkpoint.choose import complete_checkpoints
 from ds_relora.checkpoint.store import write_atomic
 from ds_relora.study.plots import fit_power_law, plot_all
 

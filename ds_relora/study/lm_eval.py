@@ -125,7 +125,7 @@ def _read(path: Path) -> dict:
 
 def read_task_scores(run_dir: Path) -> dict[str, float]:
     """Scores of the newest checkpoint of ``run_dir`` that has lm-eval results (else the run folder's own)."""
-    from ds_relora.checkpoint.store import complete_checkpoints  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
+    from ds_relora.checkpoint.choose import complete_checkpoints  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
     for _, folder in reversed(complete_checkpoints(checkpoint_root(run_dir))):
         if (folder / RESULTS_FILE).is_file():

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
-from ds_relora.checkpoint.store import complete_checkpoints, write_atomic
+from ds_relora.checkpoint.choose import complete_checkpoints
+from ds_relora.durable import write_atomic
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE
 import fcntl
 

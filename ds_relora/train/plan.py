@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ds_relora.checkpoint.format import CheckpointMeta, data_fingerprint, read_meta
-from ds_relora.checkpoint.store import resolve_resume
+from ds_relora.checkpoint.choose import resolve_resume
 from ds_relora.config import RunConfig
 from ds_relora.data import read_data_meta
 from ds_relora.errors import ConfigError, DataError

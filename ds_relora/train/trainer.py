@@ -27,7 +27,8 @@ from ds_relora.methods.schedule import JaggedCosine
 from ds_relora.zero.frozen_base import apply_zero3_frozen_base
 from ds_relora.faults import fault_point
 from ds_relora.checkpoint.format import CheckpointMeta, open_weights
-from ds_relora.checkpoint.store import agree_on_resume, load_checkpoint, optimizer_update_count, save_checkpoint
+from ds_relora.checkpoint.choose import agree_on_resume
+from ds_relora.checkpoint.store import load_checkpoint, optimizer_update_count, save_checkpoint
 from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
 from ds_relora.checkpoint import elastic
 from ds_relora.zero.ds_config import compute_dtype, zero_stage
