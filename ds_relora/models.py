@@ -182,6 +182,7 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None, device: tor
     torch.manual_seed(seed)
     with context, _no_hf_init():
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
+        model.tie_weights()  # part of the initialisation skipped above (tie_word_embeddings)
     if not partitioned:
         model = model.float()
     init_weights(model, seed, getattr(hf_config, "initializer_range", 0.02))

@@ -290,12 +290,12 @@ def _copy_ckpt(runs, tmp_path, step=24):
 
 
 def test_format_version_is_checked(runs, tmp_path):
-    from ds_relora.checkpoint.format import read_meta
+    from ds_relora.checkpoint.format import FORMAT_VERSION, read_meta
     from ds_relora.errors import CheckpointError
 
     folder = _copy_ckpt(runs, tmp_path)
     meta = json.loads((folder / "meta.json").read_text())
-    for version, words in ((5, "upgrade ds_relora"), (1, "warm_start_from"), (None, "not written by")):
+    for version, words in ((FORMAT_VERSION + 1, "upgrade ds_relora"), (1, "warm_start_from"), (None, "not written by")):
         (folder / "meta.json").write_text(json.dumps({**meta, "format_version": version}))
         with pytest.raises(CheckpointError, match=words) as exc:
             read_meta(folder, for_resume=True)
