@@ -7,6 +7,12 @@ peer was gone) and ``ds-relora train``, which supervises the launcher, prints on
 rank that failed first and why. A rank killed outright (SIGKILL, out of memory) writes nothing; the
 summary then says that no rank recorded a cause. This module owns the record format and is its
 only reader.
+
+The same folder carries the two messages of a planned stop: ``stop`` (``ds-relora train`` got
+SIGUSR1/SIGTERM and asks the ranks to stop at the next step boundary; a file on the shared run
+folder reaches ranks on every node, which a signal to the launcher does not) and ``requeue`` (rank
+0 saved and the run stopped to be requeued; the ranks then leave with 0, so no launcher reports
+the planned stop as a failure, and ``ds-relora train`` turns it back into exit code 75).
 """
 
 from __future__ import annotations
@@ -69,3 +75,54 @@ def summary(run_dir: str | Path, code: int) -> str:
         return (f"a rank died without saying why (killed by a signal: out of memory, kill -9, a lost node?); "
                 f"rank(s) {stopped} stopped because a peer was gone; {end}")
     return f"no rank recorded an error ({end}): see the output above"
+
+
+STOP = "stop"
+REQUEUE = "requeue"
+
+
+def request_stop(run_dir: str | Path, why: str) -> bool:
+    """Ask every rank to stop at its next step boundary (read by train.job_limits). False when
+    the folder is not writable (the caller then falls back to passing the signal on)."""
+    try:
+        folder = _folder(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{STOP}.{os.getpid()}.tmp"
+        tmp.write_text(" ".join(why.split())[:300])
+        os.replace(tmp, folder / STOP)
+        return True
+    except OSError:
+        return False
+
+
+def stop_requested(run_dir: str | Path) -> str | None:
+    try:
+        return (_folder(run_dir) / STOP).read_text() or "stop requested"
+    except OSError:
+        return None
+
+
+def clear_stop(run_dir: str | Path) -> None:
+    try:
+        (_folder(run_dir) / STOP).unlink()
+    except OSError:
+        pass
+
+
+def record_requeue(run_dir: str | Path, step: int, reason: str) -> None:
+    """Rank 0, after the stop checkpoint of step ``step`` is complete. Never raises."""
+    try:
+        folder = _folder(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{REQUEUE}.tmp"
+        tmp.write_text(json.dumps({"step": step, "reason": reason, "host": socket.gethostname(), "time": time.time()}))
+        os.replace(tmp, folder / REQUEUE)
+    except OSError:
+        pass
+
+
+def requeue_recorded(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((_folder(run_dir) / REQUEUE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -158,6 +158,24 @@ def _record_exit(cfg, exc: BaseException, *, peer: bool) -> None:
     record(cfg.train.run_dir, rank, f"{type(exc).__name__}: {exc}", peer=peer)
 
 
+# Run folder of a planned stop under a supervisor (set by main, read at exit).
+_PLANNED_STOP: list = []
+SUPERVISED_ENV = "DS_RELORA_SUPERVISED"  # ds_relora.supervise.SUPERVISED_ENV
+
+
+def exit_code_for_launcher(code: int) -> int:
+    """0 for a planned stop that rank 0 recorded for ``ds-relora train``: every launcher between
+    (DeepSpeed's, srun --kill-on-bad-exit, mpirun) reports a non-zero rank as a failure and tears
+    the others down; ``ds-relora train`` gives the run its 75 from the record. Called after the
+    ranks left together, so rank 0's record is visible; without it (a failed write) the rank keeps 75."""
+    from .rank_exits import requeue_recorded
+    from .train.job_limits import REQUEUE_EXIT_CODE
+
+    if code == REQUEUE_EXIT_CODE and _PLANNED_STOP and requeue_recorded(_PLANNED_STOP[0]):
+        return 0
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_relora.worker")
     parser.add_argument("--config", required=True, help="resolved run config (written by ds-relora train)")
@@ -182,7 +200,16 @@ def main(argv: list[str] | None = None) -> int:
 
         lock = hold_in_workers(cfg.train.run_dir, args.run_lock)
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
-        code = Trainer(cfg).run().get("exit_code", 0)
+        result = Trainer(cfg).run()
+        code = result.get("exit_code", 0)
+        # Started by `ds-relora train` (its env, or its lock id where pdsh drops the env): rank 0
+        # records the planned stop, which `ds-relora train` turns into 75 (ds_relora.supervise).
+        if result.get("stopped") and (args.run_lock or os.environ.get(SUPERVISED_ENV) == "1"):
+            _PLANNED_STOP.append(cfg.train.run_dir)
+            if os.environ.get("RANK", "0") == "0":
+                from .rank_exits import record_requeue
+
+                record_requeue(cfg.train.run_dir, result["step"], "stopped to be requeued")
         if args.run_lock and os.environ.get("RANK", "0") == "0":
             mark_released(cfg.train.run_dir, args.run_lock)
         return code
@@ -219,4 +246,4 @@ if __name__ == "__main__":
     code = main()
     if code in (0, REQUEUE_EXIT_CODE):  # every rank finished (or stopped) at the same step
         shutdown_distributed()
-    sys.exit(code)
+    sys.exit(exit_code_for_launcher(code))

@@ -13,6 +13,7 @@ import re
 import signal
 import time
 
+from .. import rank_exits
 from ..errors import ConfigError
 
 # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry".
@@ -20,6 +21,9 @@ REQUEUE_EXIT_CODE = 75
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 # Larger code wins the all-reduce (MAX); names are what the log line and the metrics event say.
 REASONS = {1: "train.stop_after_steps", 2: "train.max_steps_per_job", 3: "train.time_limit", 4: "a stop signal"}
+# A stop request of `ds-relora train` (rank_exits.request_stop) is a file on the shared run folder:
+# looked at no more often than this, so a slow network filesystem costs one stat a second, not one a step.
+STOP_FILE_INTERVAL = 1.0
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
@@ -57,6 +61,9 @@ class JobLimits:
         self.stop_at = stop if stop is not None and start_step < stop else None
         self.signalled: str | None = None
         self._previous = {}
+        self.run_dir = getattr(train_cfg, "run_dir", None)
+        self._stop_checked = float("-inf")
+        self.requested: str | None = None
 
     def install_signal_handlers(self) -> None:
         for name in STOP_SIGNALS:
@@ -76,8 +83,16 @@ class JobLimits:
             os.kill(os.getpid(), signum)
         self.signalled = signal.Signals(signum).name
 
+    def _stop_requested(self) -> bool:
+        # Kept apart from ``signalled``: the same scheduler signal may also reach this rank, and
+        # that must not count as the second, insisting one.
+        if self.requested is None and self.run_dir and time.monotonic() - self._stop_checked >= STOP_FILE_INTERVAL:
+            self._stop_checked = time.monotonic()
+            self.requested = rank_exits.stop_requested(self.run_dir)
+        return self.requested is not None
+
     def local_code(self, step: int) -> int:
-        if self.signalled:
+        if self.signalled or self._stop_requested():
             return 4
         if self.time_limit is not None and time.monotonic() - self.started >= self.time_limit:
             return 3
