@@ -79,6 +79,86 @@ def return_freed_host_memory(threshold: int = 1 << 20) -> bool:
         return False
 
 
+# Set by mpirun (MPICH/Hydra, Intel MPI; Open MPI; PMIx launchers) in every rank.
+MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+MPI_LOCAL_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+REACH_TIMEOUT = 3.0  # seconds per address a rank tries to connect to rank 0's probe
+
+
+def host_addresses() -> list[str]:
+    """This node's IPv4 addresses in ``hostname -I`` order (what DeepSpeed's runner picks from)."""
+    import socket
+    import subprocess
+
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return [a for a in out if ":" not in a] or [socket.gethostbyname(socket.gethostname())]
+
+
+def _accept_all(sock) -> None:
+    try:
+        while True:
+            sock.accept()[0].close()
+    except OSError:  # closed by mpi_discovery
+        pass
+
+
+def mpi_discovery(port: int) -> None:
+    """RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR of an mpirun rank, before DeepSpeed's own MPI
+    discovery would run: that one overwrites MASTER_ADDR (launch.master_addr, passed with -x/-genv)
+    with the first address of rank 0's ``hostname -I``, which on a node with several networks may
+    be one the other nodes cannot reach (the rendezvous then hangs for the whole timeout). Without
+    a MASTER_ADDR, rank 0 offers all its addresses and every rank says which it reaches (a TCP
+    connect to a probe socket of rank 0, seconds per address); the first one every rank reaches is
+    used, and if there is none every rank stops with one line naming the addresses tried."""
+    import socket
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    local = next((os.environ[k] for k in MPI_LOCAL_VARS if os.environ.get(k, "").isdigit()), None)
+    if local is None:  # as DeepSpeed does: ranks on the same host, counted in rank order
+        names = comm.allgather(MPI.Get_processor_name())
+        local = str(sum(n == names[rank] for n in names[:rank]))
+    addr = os.environ.get("MASTER_ADDR")
+    if not addr:
+        probe = None
+        if rank == 0:
+            import threading
+
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.bind(("0.0.0.0", 0))
+            probe.listen(128)
+            # Accepted and closed at once: a full backlog would look like an unreachable address.
+            threading.Thread(target=_accept_all, args=(probe,), daemon=True).start()
+        offer = comm.bcast((socket.gethostname(), host_addresses(), probe.getsockname()[1]) if rank == 0 else None, root=0)
+        host0, candidates, probe_port = offer
+        reached = []
+        for cand in candidates:
+            try:
+                with socket.create_connection((cand, probe_port), timeout=REACH_TIMEOUT):
+                    reached.append(cand)
+            except OSError:
+                pass
+        everyone = comm.allgather((socket.gethostname(), reached))
+        if probe is not None:
+            try:
+                probe.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            except OSError:
+                pass
+            probe.close()
+        common = [c for c in candidates if all(c in r for _h, r in everyone)]
+        if not common:
+            missing = "; ".join(f"{h} reaches {', '.join(r) or 'none'}" for h, r in everyone if set(r) != set(candidates))
+            raise LaunchError(f"no address of rank 0's node {host0} ({', '.join(candidates)}) is reachable from every node "
+                              f"({missing}): set launch.master_addr to an address on a network all nodes share")
+        addr = common[0]
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=local, MASTER_ADDR=addr, MASTER_PORT=str(port))
+
+
 def init_distributed() -> None:
     return_freed_host_memory()
     import deepspeed
@@ -97,6 +177,8 @@ def init_distributed() -> None:
     timeout = datetime.timedelta(seconds=float(os.environ.get("DS_RELORA_DIST_TIMEOUT", "600")))
     # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT from this argument, not the env.
     port = int(os.environ.get("MASTER_PORT", "29500"))
+    if "RANK" not in os.environ and any(k in os.environ for k in MPI_RANK_VARS):
+        mpi_discovery(port)
     try:
         deepspeed.init_distributed(dist_backend=dist_backend(cuda), auto_mpi_discovery=True, verbose=False,
                                    timeout=timeout, distributed_port=port)

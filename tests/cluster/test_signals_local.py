@@ -74,15 +74,15 @@ def _last_step(run_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(prepared_data, tmp_path_factory):
+def runs(cluster_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("signals_local")
-    ref_cfg, ref_dir = _config(prepared_data, root, "ref")
+    ref_cfg, ref_dir = _config(cluster_data, root, "ref")
     ref = start_train(ref_cfg, root / "logs" / "ref", {})
     try:
         assert ref.wait(RUN_TIMEOUT) == 0, ref.log()
     finally:
         ref.kill()
-    cfg, run_dir = _config(prepared_data, root, "stopped")
+    cfg, run_dir = _config(cluster_data, root, "stopped")
     started = time.time()
     usr1 = _stop_with(signal.SIGUSR1, cfg, run_dir, 5, False, root / "logs")
     ckpts_after_usr1 = sorted(p.name for p in (run_dir / "checkpoints").iterdir())

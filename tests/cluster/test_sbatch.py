@@ -1,0 +1,152 @@
+"""``sbatch launchers/slurm_deepspeed.sbatch`` on 2 box nodes (1 rank each), for real: a signal to
+the job or a requeue from outside stops the ranks at a step boundary, the job checkpoints, exits
+75, is requeued, resumes and finishes; its per-step losses equal an uninterrupted run's bit for bit.
+
+The interrupted job holds rank 0 at step HOLD (fault point ``hold``) until the stop request is
+visible to it, so the stop step is exact. Modes:
+
+* ``hostfile``: one ``deepspeed --hostfile`` on the batch host reaches both nodes over pdsh/ssh;
+  ``scancel --batch --signal=USR1`` (the batch shell, as ``--signal=B:USR1@N`` does);
+* ``no_ssh``: srun starts ``deepspeed --no_ssh`` per node; ``scancel --full --signal=USR1``
+  (the batch shell and every process of the job, DeepSpeed's launchers included);
+* ``srun``: one srun task per rank; ``scontrol requeue`` from outside (SLURM's SIGTERM, then the
+  job starts again from the newest complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, read_metrics, tiny_run_config, write_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from box_procs import VENV_BIN, rank_env, start_train  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+STEPS = 12
+HOLD = 5
+SBATCH = REPO / "launchers" / "slurm_deepspeed.sbatch"
+JOB_TIMEOUT = 300
+# What every rank needs on every node; pdsh forwards only PYTHON*/NCCL*/UCX* and these lines.
+NODE_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
+
+
+def _config(data: Path, root: Path, name: str, launch: dict) -> tuple[Path, Path]:
+    run_dir = root / name
+    cfg = tiny_run_config(data, run_dir, 2, launch=launch)
+    cfg["train"]["total_steps"] = STEPS
+    cfg["relora"].update(warm_start_steps=4, reset_every=4)
+    return write_config(root / f"{name}.yaml", cfg), run_dir
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max((json.loads(ln)["step"] for ln in lines if ln.strip() and json.loads(ln)["type"] == "step"), default=0)
+
+
+def _job(box, job: str) -> dict:
+    out = box.run("node1", "scontrol", "show", "job", "-o", job, check=False).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _wait_job(box, job: str, pred, what: str, timeout: float, output: Path) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = _job(box, job)
+        if pred(info):
+            return info
+        time.sleep(0.5)
+    box.run("node1", "scancel", job, check=False)
+    text = output.read_text()[-6000:] if output.exists() else ""
+    raise AssertionError(f"job {job}: {what} not reached in {timeout:.0f} s: {_job(box, job)}\n{text}\n"
+                         f"slurmctld: {box.log('slurmctld.log')[-1500:]}")
+
+
+@pytest.fixture(scope="module")
+def reference(cluster_data, tmp_path_factory):
+    """The uninterrupted run: one node, 2 ranks (launcher=local). With 2 ranks every all-reduce is
+    one addition, so the launch path cannot change a bit."""
+    root = tmp_path_factory.mktemp("sbatch_ref")
+    cfg, run_dir = _config(cluster_data, root, "ref", {"launcher": "local", "num_gpus": 2})
+    proc = start_train(cfg, root / "logs", {})
+    try:
+        assert proc.wait(JOB_TIMEOUT) == 0, proc.log()
+    finally:
+        proc.kill()
+    return read_metrics(run_dir)[0]
+
+
+def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> dict:
+    cfg, run_dir = _config(data, root, mode, {"launcher": "slurm"})
+    jobdir = root / f"job-{mode}"
+    jobdir.mkdir()
+    release = root / f"release-{mode}"
+    fault = {"DS_RELORA_FAULT": f"hold:{HOLD}", "DS_RELORA_FAULT_RANK": "0", "DS_RELORA_FAULT_RELEASE": str(release)}
+    (jobdir / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in {**NODE_ENV, **fault}.items()))
+    env = rank_env({**NODE_ENV, **fault, "MODE": mode, "GPUS_PER_NODE": "1", "PYTHON": sys.executable,
+                    "DS_RELORA": str(VENV_BIN / "ds-relora"), "HOME": "/root",
+                    "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+    output = jobdir / "job.out"
+    started = time.time()
+    job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", "--requeue",
+                  "--open-mode=append", f"--chdir={jobdir}", f"--output={output}", str(SBATCH), str(cfg),
+                  env=env).stdout.strip().split(";")[0]
+    deadline = time.time() + JOB_TIMEOUT
+    while _last_step(run_dir) < HOLD - 1:
+        assert time.time() < deadline and _job(box, job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (
+            f"job {job} did not reach step {HOLD - 1}: {_job(box, job)}\n" + (output.read_text()[-6000:] if output.exists() else ""))
+        time.sleep(0.3)
+    stop_file = run_dir / ".ds-relora-exits" / "stop"
+    if how == "requeue":
+        box.run("node1", "scontrol", "requeue", job)
+        # SLURM's SIGTERM reaches the batch shell, which asks ds-relora train to stop the ranks.
+    else:
+        box.run("node1", "scancel", "--batch" if how == "batch" else "--full", "--signal=USR1", job)
+    t = time.time()
+    while not stop_file.exists() and time.time() - t < 30:
+        time.sleep(0.05)
+    stop_seen = stop_file.exists()
+    time.sleep(1.2)  # the ranks look at the request at most once a second
+    release.touch()
+    info = _wait_job(box, job, lambda i: i.get("JobState") == "COMPLETED" and i.get("Restarts") == "1",
+                     "COMPLETED after one requeue", JOB_TIMEOUT, output)
+    return {"run_dir": run_dir, "output": output.read_text(), "info": info, "stop_seen": stop_seen,
+            "seconds": time.time() - started, "job": job}
+
+
+CASES = [("hostfile", "batch"), ("no_ssh", "full"), ("srun", "requeue")]
+
+
+@pytest.fixture(scope="module")
+def jobs(box, cluster_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sbatch")
+    return {mode: _submit_and_interrupt(box, cluster_data, root, mode, how) for mode, how in CASES}
+
+
+@pytest.mark.parametrize("mode,how", CASES)
+def test_job_stops_at_a_step_boundary_is_requeued_and_resumes_bit_identically(jobs, reference, mode, how):
+    job = jobs[mode]
+    out = job["output"]
+    assert job["stop_seen"], f"no stop request was written\n{out[-6000:]}"
+    assert f"step {HOLD}: stopped by a stop signal, checkpoint saved; exit code 75" in out, out[-6000:]
+    assert "ds-relora stopped early to be requeued (exit 75)" in out or how == "requeue", out[-6000:]
+    # The requeue count, in the job's own output: one start, then the requeued one.
+    assert "requeued 0 time(s)" in out and "requeued 1 time(s)" in out, out[-6000:]
+    assert f"resumed from step-{HOLD}" in out, out[-6000:]
+    assert "exits with return code" not in out and "Traceback" not in out, out[-6000:]
+    losses, events = read_metrics(job["run_dir"])
+    assert [e["step"] for e in events if e["event"] == "resume"] == [HOLD]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)], out[-3000:]
+    assert job["info"]["ExitCode"] == "0:0", job["info"]
