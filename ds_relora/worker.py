@@ -156,6 +156,10 @@ def mpi_discovery(port: int) -> None:
             raise LaunchError(f"no address of rank 0's node {host0} ({', '.join(candidates)}) is reachable from every node "
                               f"({missing}): set launch.master_addr to an address on a network all nodes share")
         addr = common[0]
+        if rank == 0 and addr != candidates[0]:
+            skipped = ", ".join(c for c in candidates if c not in common)
+            print(f"mpirun: rank 0's node {host0} has addresses {', '.join(candidates)}; {skipped} not reachable from every "
+                  f"node: rendezvous on {addr} (set launch.master_addr to choose)", file=sys.stderr, flush=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=local, MASTER_ADDR=addr, MASTER_PORT=str(port))
 
 

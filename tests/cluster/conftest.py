@@ -40,3 +40,21 @@ def cluster_data():
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
     yield prepare_data(PrepareConfig(source=str(src), vocab_size=300, val_fraction=0.2), root / "data", log=lambda _m: None)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def reference(cluster_data, tmp_path_factory):
+    """Per-step losses of the uninterrupted run: one node, 2 ranks (launcher=local). With 2 ranks
+    every all-reduce is one addition, so no launch path may change a bit of them."""
+    from box_procs import start_train
+    from helpers import read_metrics
+    from runs import run_config
+
+    root = tmp_path_factory.mktemp("reference")
+    cfg, run_dir = run_config(cluster_data, root, "ref", {"launcher": "local", "num_gpus": 2})
+    proc = start_train(cfg, root / "logs", {})
+    try:
+        assert proc.wait(300) == 0, proc.log()
+    finally:
+        proc.kill()
+    return read_metrics(run_dir)[0]

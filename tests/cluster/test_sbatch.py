@@ -15,8 +15,6 @@ visible to it, so the stop step is exact. Modes:
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 import time
@@ -24,35 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_metrics, tiny_run_config, write_config
+from helpers import REPO, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from box_procs import VENV_BIN, rank_env, start_train  # noqa: E402
+from box_procs import VENV_BIN, rank_env  # noqa: E402
+from runs import BOX_PATH, NODE_ENV, STEPS, last_step, run_config  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-STEPS = 12
 HOLD = 5
 SBATCH = REPO / "launchers" / "slurm_deepspeed.sbatch"
 JOB_TIMEOUT = 300
-# What every rank needs on every node; pdsh forwards only PYTHON*/NCCL*/UCX* and these lines.
-NODE_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1"}
-
-
-def _config(data: Path, root: Path, name: str, launch: dict) -> tuple[Path, Path]:
-    run_dir = root / name
-    cfg = tiny_run_config(data, run_dir, 2, launch=launch)
-    cfg["train"]["total_steps"] = STEPS
-    cfg["relora"].update(warm_start_steps=4, reset_every=4)
-    return write_config(root / f"{name}.yaml", cfg), run_dir
-
-
-def _last_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    return max((json.loads(ln)["step"] for ln in lines if ln.strip() and json.loads(ln)["type"] == "step"), default=0)
 
 
 def _job(box, job: str) -> dict:
@@ -73,22 +52,8 @@ def _wait_job(box, job: str, pred, what: str, timeout: float, output: Path) -> d
                          f"slurmctld: {box.log('slurmctld.log')[-1500:]}")
 
 
-@pytest.fixture(scope="module")
-def reference(cluster_data, tmp_path_factory):
-    """The uninterrupted run: one node, 2 ranks (launcher=local). With 2 ranks every all-reduce is
-    one addition, so the launch path cannot change a bit."""
-    root = tmp_path_factory.mktemp("sbatch_ref")
-    cfg, run_dir = _config(cluster_data, root, "ref", {"launcher": "local", "num_gpus": 2})
-    proc = start_train(cfg, root / "logs", {})
-    try:
-        assert proc.wait(JOB_TIMEOUT) == 0, proc.log()
-    finally:
-        proc.kill()
-    return read_metrics(run_dir)[0]
-
-
 def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> dict:
-    cfg, run_dir = _config(data, root, mode, {"launcher": "slurm"})
+    cfg, run_dir = run_config(data, root, mode, {"launcher": "slurm"})
     jobdir = root / f"job-{mode}"
     jobdir.mkdir()
     release = root / f"release-{mode}"
@@ -96,14 +61,14 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
     (jobdir / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in {**NODE_ENV, **fault}.items()))
     env = rank_env({**NODE_ENV, **fault, "MODE": mode, "GPUS_PER_NODE": "1", "PYTHON": sys.executable,
                     "DS_RELORA": str(VENV_BIN / "ds-relora"), "HOME": "/root",
-                    "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+                    "PATH": f"{VENV_BIN}:{BOX_PATH}"})
     output = jobdir / "job.out"
     started = time.time()
     job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", "--requeue",
                   "--open-mode=append", f"--chdir={jobdir}", f"--output={output}", str(SBATCH), str(cfg),
                   env=env).stdout.strip().split(";")[0]
     deadline = time.time() + JOB_TIMEOUT
-    while _last_step(run_dir) < HOLD - 1:
+    while last_step(run_dir) < HOLD - 1:
         assert time.time() < deadline and _job(box, job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (
             f"job {job} did not reach step {HOLD - 1}: {_job(box, job)}\n" + (output.read_text()[-6000:] if output.exists() else ""))
         time.sleep(0.3)
@@ -128,15 +93,9 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
 CASES = [("hostfile", "batch"), ("no_ssh", "full"), ("srun", "requeue")]
 
 
-@pytest.fixture(scope="module")
-def jobs(box, cluster_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sbatch")
-    return {mode: _submit_and_interrupt(box, cluster_data, root, mode, how) for mode, how in CASES}
-
-
 @pytest.mark.parametrize("mode,how", CASES)
-def test_job_stops_at_a_step_boundary_is_requeued_and_resumes_bit_identically(jobs, reference, mode, how):
-    job = jobs[mode]
+def test_job_stops_at_a_step_boundary_is_requeued_and_resumes_bit_identically(box, cluster_data, reference, tmp_path, mode, how):
+    job = _submit_and_interrupt(box, cluster_data, tmp_path, mode, how)
     out = job["output"]
     assert job["stop_seen"], f"no stop request was written\n{out[-6000:]}"
     assert f"step {HOLD}: stopped by a stop signal, checkpoint saved; exit code 75" in out, out[-6000:]

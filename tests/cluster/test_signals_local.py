@@ -13,29 +13,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_metrics, tiny_run_config, write_config
+from helpers import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from box_procs import no_processes_mention, processes_mentioning, start_train  # noqa: E402
+from runs import STEPS, run_config  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-STEPS = 16
-RUN_TIMEOUT = 150
-
-
-def _config(data: Path, root: Path, name: str) -> tuple[Path, Path]:
-    run_dir = root / name
-    cfg = tiny_run_config(data, run_dir, 2, launch={"launcher": "local", "num_gpus": 2})
-    cfg["train"]["total_steps"] = STEPS
-    cfg["relora"].update(warm_start_steps=4, reset_every=4)
-    return write_config(root / f"{name}.yaml", cfg), run_dir
+RUN_TIMEOUT = 200
 
 
 def _stop_with(sig: int, cfg: Path, run_dir: Path, hold_step: int, resume: bool, logdir: Path):
@@ -76,28 +67,22 @@ def _last_step(run_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def runs(cluster_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("signals_local")
-    ref_cfg, ref_dir = _config(cluster_data, root, "ref")
-    ref = start_train(ref_cfg, root / "logs" / "ref", {})
-    try:
-        assert ref.wait(RUN_TIMEOUT) == 0, ref.log()
-    finally:
-        ref.kill()
-    cfg, run_dir = _config(cluster_data, root, "stopped")
+    cfg, run_dir = run_config(cluster_data, root, "stopped", {"launcher": "local", "num_gpus": 2})
     started = time.time()
     usr1 = _stop_with(signal.SIGUSR1, cfg, run_dir, 5, False, root / "logs")
     ckpts_after_usr1 = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    term = _stop_with(signal.SIGTERM, cfg, run_dir, 10, True, root / "logs")
+    term = _stop_with(signal.SIGTERM, cfg, run_dir, 9, True, root / "logs")
     ckpts_after_term = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     last = start_train(cfg, root / "logs" / "last", {}, resume=True)
     try:
         last_code = last.wait(RUN_TIMEOUT)
     finally:
         last.kill()
-    return {"ref": ref_dir, "run": run_dir, "usr1": usr1, "term": term, "last": (last_code, last), "cfg": cfg,
+    return {"run": run_dir, "usr1": usr1, "term": term, "last": (last_code, last), "cfg": cfg,
             "ckpts": (ckpts_after_usr1, ckpts_after_term), "seconds": time.time() - started}
 
 
-@pytest.mark.parametrize("which,step", [("usr1", 5), ("term", 10)])
+@pytest.mark.parametrize("which,step", [("usr1", 5), ("term", 9)])
 def test_signal_to_ds_relora_train_stops_every_rank_at_a_step_boundary_with_75(runs, which, step):
     code, proc, _ = runs[which]
     out = proc.stdout + proc.stderr
@@ -117,11 +102,11 @@ def test_no_rank_outlives_the_stopped_run(runs, which):
     assert runs[which][2] == [], f"alive 10 s after ds-relora train returned {runs[which][0]}"
 
 
-def test_stopped_and_resumed_run_has_the_uninterrupted_losses_bit_for_bit(runs):
+def test_stopped_and_resumed_run_has_the_uninterrupted_losses_bit_for_bit(runs, reference):
     code, proc = runs["last"]
     assert code == 0, proc.log()
-    ref, _ = read_metrics(runs["ref"])
+    ref = reference
     got, events = read_metrics(runs["run"])
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
-    assert [e["step"] for e in events if e["event"] == "resume"] == [5, 10]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [5, 9]
