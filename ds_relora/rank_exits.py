@@ -52,6 +52,30 @@ def record(run_dir: str | Path, rank: int, reason: str, *, peer: bool) -> None:
         pass
 
 
+def register(run_dir: str | Path, rank: int) -> None:
+    """Rank ``rank`` runs here (host, pid): names the node of a rank that later dies without a
+    record (a lost node, kill -9). Never raises."""
+    info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    try:
+        folder = _folder(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".started-{rank}.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, folder / f"started-{rank}.json")
+    except OSError:
+        pass
+
+
+def started(run_dir: str | Path) -> list[dict]:
+    out = []
+    for path in sorted(_folder(run_dir).glob("started-*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(out, key=lambda r: r["rank"])
+
+
 def read(run_dir: str | Path) -> list[dict]:
     records = []
     for path in sorted(_folder(run_dir).glob("rank-*.json")):
@@ -72,7 +96,13 @@ def summary(run_dir: str | Path, code: int) -> str:
                 f"{end}")
     if records:
         stopped = ", ".join(str(r["rank"]) for r in sorted(records, key=lambda r: r["rank"]))
-        return (f"a rank died without saying why (killed by a signal: out of memory, kill -9, a lost node?); "
+        said = {r["rank"] for r in records}
+        silent = [r for r in started(run_dir) if r["rank"] not in said]
+        hosts = sorted({r["host"] for r in silent})
+        who = (f"rank(s) {', '.join(str(r['rank']) for r in silent)} on {', '.join(hosts)} died without saying why"
+               if silent else "a rank died without saying why")
+        lost = f" (all of node {hosts[0]} is gone?)" if len(hosts) == 1 and not any(r["host"] == hosts[0] for r in records) else ""
+        return (f"{who}{lost} (killed by a signal: out of memory, kill -9, a lost node?); "
                 f"rank(s) {stopped} stopped because a peer was gone; {end}")
     return f"no rank recorded an error ({end}): see the output above"
 

@@ -281,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_worker()
         init_distributed()
+        from .rank_exits import register
         from .run_lock import hold_in_workers, mark_released
+
+        register(cfg.train.run_dir, int(os.environ.get("RANK", "0")))
         from .train.trainer import Trainer
 
         lock = hold_in_workers(cfg.train.run_dir, args.run_lock)

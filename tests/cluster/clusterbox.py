@@ -77,6 +77,22 @@ class Box:
         self._down = True
         subprocess.run(["bash", str(HERE / "down.sh"), str(self.dir)], capture_output=True, timeout=120)
 
+    def revive(self, node: str, timeout: float = 60) -> None:
+        """Start ``node`` again after all its processes were killed (its network namespace stays)."""
+        (self.dir / "run" / f"ready.{node}").unlink(missing_ok=True)
+        env = {**os.environ, "PYPREFIX": os.path.realpath(sys.base_prefix), "PATH": f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"}
+        log = open(self.dir / "log" / f"{node}.init.log", "a")
+        holder = subprocess.Popen(["ip", "netns", "exec", f"{self.prefix}-{node}", "unshare", "--uts", "--mount",
+                                   "--propagation", "private", "bash", str(HERE / "node-init.sh"), node, str(self.dir)],
+                                  env=env, stdout=log, stderr=log, start_new_session=True)
+        (self.dir / "run" / f"holder.{node}").write_text(str(holder.pid))
+        deadline = time.time() + timeout
+        while not (self.dir / "run" / f"ready.{node}").exists():
+            if time.time() > deadline or holder.poll() is not None:
+                raise RuntimeError(f"{node} did not come back: {self.log(f'{node}.init.log')[-1500:]}")
+            time.sleep(0.1)
+        self.run(node, "scontrol", "update", f"nodename={node}", "state=resume", check=False)
+
     def cmd(self, node: str, *argv: str) -> list[str]:
         return ["bash", str(HERE / "on"), str(self.dir), node, *argv]
 
