@@ -14,7 +14,8 @@ other nodes' ranks at all. Instead the first one writes a stop request into the 
 every rank reads at its step boundary; the ranks checkpoint and leave, and the run ends with 75.
 A second such signal is passed on (the sender insists). The launcher is started with SIGUSR1
 ignored, so one that reaches it directly (``scancel --full``, a signal to the process group)
-does not end it either; the ranks install their own handler.
+does not end it either; the ranks install their own handler. Signals within SAME_EVENT_S of the
+first count as that one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from . import rank_exits
@@ -31,6 +33,10 @@ PASSED_ON = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 STOPPING = (signal.SIGTERM, signal.SIGUSR1)
 REQUEUE_EXIT_CODE = 75  # train.job_limits.REQUEUE_EXIT_CODE, without importing torch here
 SUPERVISED_ENV = "DS_RELORA_SUPERVISED"
+# Stop signals this close to the first are one event arriving twice (scancel --full or a requeue
+# signals every process of the job, and the batch script passes its own copy on), not a second,
+# insisting one: train.job_limits.SAME_EVENT_S.
+SAME_EVENT_S = 5.0
 
 
 def run_supervised(cmd: list[str], env: dict[str, str], run_dir: str | Path | None) -> int:
@@ -46,9 +52,11 @@ def run_supervised(cmd: list[str], env: dict[str, str], run_dir: str | Path | No
 
     def stop(signum, frame):
         name = signal.Signals(signum).name
+        if stops and time.monotonic() - stops[0] < SAME_EVENT_S:
+            return None  # the same stop, by another path: SLURM signals the script and this process
         if stops or run_dir is None or not rank_exits.request_stop(run_dir, f"{name} to ds-relora train (pid {os.getpid()})"):
             return pass_on(signum, frame)
-        stops.append(name)
+        stops.append(time.monotonic())
         print(f"ds-relora train: {name}: the ranks stop at the next step boundary, save a checkpoint and exit "
               f"with {REQUEUE_EXIT_CODE} (send it again to stop them now)", file=sys.stderr, flush=True)
 

@@ -24,6 +24,9 @@ REASONS = {1: "train.stop_after_steps", 2: "train.max_steps_per_job", 3: "train.
 # A stop request of `ds-relora train` (rank_exits.request_stop) is a file on the shared run folder:
 # looked at no more often than this, so a slow network filesystem costs one stat a second, not one a step.
 STOP_FILE_INTERVAL = 1.0
+# A stop signal this soon after the first is the same event delivered twice (to the task by
+# slurmstepd and again by srun or the batch script), not a second, insisting one.
+SAME_EVENT_S = 5.0
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
@@ -64,6 +67,7 @@ class JobLimits:
         self.run_dir = getattr(train_cfg, "run_dir", None)
         self._stop_checked = float("-inf")
         self.requested: str | None = None
+        self._signalled_at = float("-inf")
 
     def install_signal_handlers(self) -> None:
         for name in STOP_SIGNALS:
@@ -78,10 +82,13 @@ class JobLimits:
 
     def _on_signal(self, signum, _frame) -> None:
         if self.signalled is not None:
+            if time.monotonic() - self._signalled_at < SAME_EVENT_S:
+                return  # the same stop by another path (SLURM signals the task, srun forwards it)
             # A second signal: the user (or the scheduler) insists; stop now the default way.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.signalled = signal.Signals(signum).name
+        self._signalled_at = time.monotonic()
 
     def _stop_requested(self) -> bool:
         # Kept apart from ``signalled``: the same scheduler signal may also reach this rank, and
