@@ -9,8 +9,9 @@ visible to it, so the stop step is exact. Modes:
   ``scancel --batch --signal=USR1`` (the batch shell, as ``--signal=B:USR1@N`` does);
 * ``no_ssh``: srun starts ``deepspeed --no_ssh`` per node; ``scancel --full --signal=USR1``
   (the batch shell and every process of the job, DeepSpeed's launchers included);
-* ``srun``: one srun task per rank; ``scontrol requeue`` from outside (SLURM's SIGTERM, then the
-  job starts again from the newest complete checkpoint).
+* ``srun``: one srun task per rank; ``scontrol requeue`` from outside (SLURM's SIGTERM to the
+  whole job, srun ends its tasks at once; the job starts again from the newest complete
+  checkpoint, and still ends with the uninterrupted losses).
 """
 
 from __future__ import annotations
@@ -98,14 +99,20 @@ def test_job_stops_at_a_step_boundary_is_requeued_and_resumes_bit_identically(bo
     job = _submit_and_interrupt(box, cluster_data, tmp_path, mode, how)
     out = job["output"]
     assert job["stop_seen"], f"no stop request was written\n{out[-6000:]}"
-    assert f"step {HOLD}: stopped by a stop signal, checkpoint saved; exit code 75" in out, out[-6000:]
-    assert "ds-relora stopped early to be requeued (exit 75)" in out or how == "requeue", out[-6000:]
     # The requeue count, in the job's own output: one start, then the requeued one.
     assert "requeued 0 time(s)" in out and "requeued 1 time(s)" in out, out[-6000:]
-    assert f"resumed from step-{HOLD}" in out, out[-6000:]
     assert "exits with return code" not in out and "Traceback" not in out, out[-6000:]
     losses, events = read_metrics(job["run_dir"])
-    assert [e["step"] for e in events if e["event"] == "resume"] == [HOLD]
+    resumed = [e["step"] for e in events if e["event"] == "resume"]
+    if how == "requeue":
+        # SLURM's SIGTERM reaches srun too, which ends its tasks at once ("forcing job
+        # termination"): the job restarts from the newest complete checkpoint, never a partial one.
+        assert len(resumed) == 1 and resumed[0] in (4, HOLD), (resumed, out[-6000:])
+    else:
+        assert f"step {HOLD}: stopped by a stop signal, checkpoint saved; exit code 75" in out, out[-6000:]
+        assert "ds-relora stopped early to be requeued (exit 75)" in out, out[-6000:]
+        assert resumed == [HOLD], out[-6000:]
+    assert f"resumed from step-{resumed[0]}" in out, out[-6000:]
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)], out[-3000:]
     assert job["info"]["ExitCode"] == "0:0", job["info"]
