@@ -43,12 +43,13 @@ def _kill_node(box, node: str) -> int:
 def test_lost_node_is_named_and_the_run_resumes_on_the_remaining_node(box, cluster_data, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
-    (tmp_path / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in NODE_ENV.items()))
     launch = {"launcher": "deepspeed", "num_nodes": 2, "num_gpus": 1, "hostfile": str(hostfile), "master_addr": "node1"}
     # The global batch is fixed, so the resume on one rank sees the same batches (elastic resume).
     cfg, run_dir = run_config(cluster_data, tmp_path, "lost", launch, global_batch_size=8)
     release = tmp_path / "release"
     fault = {"DS_RELORA_FAULT": f"hold:{HOLD}", "DS_RELORA_FAULT_RANK": "0", "DS_RELORA_FAULT_RELEASE": str(release)}
+    # pdsh passes on only these lines (read from the launcher's working folder) to both nodes.
+    (tmp_path / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in {**NODE_ENV, **fault}.items()))
     env = rank_env({**NODE_ENV, **fault, "HOME": "/root", "PATH": f"{VENV_BIN}:{BOX_PATH}"})
     cmd = box.cmd("node1", "bash", "-c", f"cd {tmp_path} && exec {VENV_BIN / 'ds-relora'} train --config {cfg}")
     proc = Proc(cmd, env, tmp_path / "logs" / "lost")
