@@ -101,9 +101,12 @@ def summary(run_dir: str | Path, code: int) -> str:
         hosts = sorted({r["host"] for r in silent})
         who = (f"rank(s) {', '.join(str(r['rank']) for r in silent)} on {', '.join(hosts)} died without saying why"
                if silent else "a rank died without saying why")
-        lost = f" (all of node {hosts[0]} is gone?)" if len(hosts) == 1 and not any(r["host"] == hosts[0] for r in records) else ""
-        return (f"{who}{lost} (killed by a signal: out of memory, kill -9, a lost node?); "
-                f"rank(s) {stopped} stopped because a peer was gone; {end}")
+        # No rank of that host is left to say anything: more likely the node than one process.
+        if len(hosts) == 1 and not any(r["host"] == hosts[0] for r in records):
+            cause = f"node {hosts[0]} lost, or its ranks killed by the out-of-memory killer or kill -9"
+        else:
+            cause = "killed by a signal: out of memory, kill -9, a lost node?"
+        return f"{who} ({cause}); rank(s) {stopped} stopped because a peer was gone; {end}"
     return f"no rank recorded an error ({end}): see the output above"
 
 
