@@ -91,7 +91,23 @@ class Box:
             if time.time() > deadline or holder.poll() is not None:
                 raise RuntimeError(f"{node} did not come back: {self.log(f'{node}.init.log')[-1500:]}")
             time.sleep(0.1)
-        self.run(node, "scontrol", "update", f"nodename={node}", "state=resume", check=False)
+        self.wait_idle()
+
+    def wait_idle(self, timeout: float = 90) -> None:
+        """Until SLURM shows every node idle again: a node whose slurmd was unreachable for a
+        while (a test that cut its network, a revived node) is DOWN until it registers again."""
+        deadline = time.time() + timeout
+        while True:
+            states = self.run("node1", "sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split("\n")
+            states = [ln.split() for ln in states if ln.strip()]
+            if len(states) == self.nodes and all(st == "idle" for _n, st in states):
+                return
+            if time.time() > deadline:
+                raise AssertionError(f"SLURM nodes not idle after {timeout:.0f} s: {states}")
+            for name, st in states:
+                if st.startswith(("down", "drain")):
+                    self.run("node1", "scontrol", "update", f"nodename={name}", "state=resume", check=False)
+            time.sleep(1)
 
     def cmd(self, node: str, *argv: str) -> list[str]:
         return ["bash", str(HERE / "on"), str(self.dir), node, *argv]

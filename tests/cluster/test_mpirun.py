@@ -32,7 +32,8 @@ HOLD = 3
 
 @pytest.fixture(scope="module")
 def split_box(box):
-    """node2's mgmt link leaves the bridge for this module: eth0 of node1 is unreachable from node2."""
+    """node2's mgmt link leaves the bridge for this module: eth0 of node1 is unreachable from node2
+    (SLURM, which runs on eth0, loses node2 meanwhile)."""
     sw = f"{box.prefix}-sw"
     import subprocess
 
@@ -44,6 +45,8 @@ def split_box(box):
         yield box
     finally:
         subprocess.run(["ip", "-n", sw, "link", "set", "n2a", "master", "br0"], check=False)
+        # SLURM's own traffic runs on eth0: slurmctld marked node2 DOWN meanwhile.
+        box.wait_idle()
 
 
 def _mpirun_train(box, data: Path, root: Path, name: str, master_addr: str | None):

@@ -64,6 +64,7 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
                     "DS_RELORA": str(VENV_BIN / "ds-relora"), "HOME": "/root",
                     "PATH": f"{VENV_BIN}:{BOX_PATH}"})
     output = jobdir / "job.out"
+    box.wait_idle()  # a job submitted while a node is DOWN would wait for it
     started = time.time()
     job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", "--requeue",
                   "--open-mode=append", f"--chdir={jobdir}", f"--output={output}", str(SBATCH), str(cfg),
