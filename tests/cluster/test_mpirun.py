@@ -75,6 +75,7 @@ def _mpirun_train(box, data: Path, root: Path, name: str, master_addr: str | Non
         release.touch()
         code = proc.wait(max(1.0, deadline - time.time()))
     finally:
+        release.touch()  # a rank left holding would keep its node busy for the next test
         proc.kill()
     return {"code": code, "proc": proc, "run_dir": run_dir, "sockets": sockets, "seconds": time.time() - started}
 

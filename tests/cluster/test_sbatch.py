@@ -69,25 +69,31 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
     job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", "--requeue",
                   "--open-mode=append", f"--chdir={jobdir}", f"--output={output}", str(SBATCH), str(cfg),
                   env=env).stdout.strip().split(";")[0]
-    deadline = time.time() + JOB_TIMEOUT
-    while last_step(run_dir) < HOLD - 1:
-        assert time.time() < deadline and _job(box, job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (
-            f"job {job} did not reach step {HOLD - 1}: {_job(box, job)}\n" + (output.read_text()[-6000:] if output.exists() else ""))
-        time.sleep(0.3)
-    stop_file = run_dir / ".ds-relora-exits" / "stop"
-    if how == "requeue":
-        box.run("node1", "scontrol", "requeue", job)
-        # SLURM's SIGTERM reaches the batch shell, which asks ds-relora train to stop the ranks.
-    else:
-        box.run("node1", "scancel", "--batch" if how == "batch" else "--full", "--signal=USR1", job)
-    t = time.time()
-    while not stop_file.exists() and time.time() - t < 30:
-        time.sleep(0.05)
-    stop_seen = stop_file.exists()
-    time.sleep(1.2)  # the ranks look at the request at most once a second
-    release.touch()
-    info = _wait_job(box, job, lambda i: i.get("JobState") == "COMPLETED" and i.get("Restarts") == "1",
-                     "COMPLETED after one requeue", JOB_TIMEOUT, output)
+    try:
+        deadline = time.time() + JOB_TIMEOUT
+        while last_step(run_dir) < HOLD - 1:
+            assert time.time() < deadline and _job(box, job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (
+                f"job {job} did not reach step {HOLD - 1}: {_job(box, job)}\n" + (output.read_text()[-6000:] if output.exists() else ""))
+            time.sleep(0.3)
+        stop_file = run_dir / ".ds-relora-exits" / "stop"
+        if how == "requeue":
+            box.run("node1", "scontrol", "requeue", job)
+            # SLURM's SIGTERM reaches the batch shell, which asks ds-relora train to stop the ranks.
+        else:
+            box.run("node1", "scancel", "--batch" if how == "batch" else "--full", "--signal=USR1", job)
+        t = time.time()
+        while not stop_file.exists() and time.time() - t < 30:
+            time.sleep(0.05)
+        stop_seen = stop_file.exists()
+        time.sleep(1.2)  # the ranks look at the request at most once a second
+        release.touch()
+        info = _wait_job(box, job, lambda i: i.get("JobState") == "COMPLETED" and i.get("Restarts") == "1",
+                         "COMPLETED after one requeue", JOB_TIMEOUT, output)
+    except BaseException:
+        # Never leave a held job behind: it would keep both nodes from the next test.
+        release.touch()
+        box.run("node1", "scancel", job, check=False)
+        raise
     return {"run_dir": run_dir, "output": output.read_text(), "info": info, "stop_seen": stop_seen,
             "seconds": time.time() - started, "job": job}
 

@@ -64,6 +64,7 @@ def test_lost_node_is_named_and_the_run_resumes_on_the_remaining_node(box, clust
         code = proc.wait(RUN_TIMEOUT)
         took = time.time() - killed_at
     finally:
+        release.touch()
         proc.kill()
         box.revive("node2")
     out = proc.stdout + proc.stderr
