@@ -1,8 +1,9 @@
 """A planned stop through ``ds-relora train`` on one host, 2 ranks, launcher=local (DeepSpeed's
 runner + launch.py): SIGUSR1 or SIGTERM sent to ``ds-relora train`` alone (what a batch script or
 ``kill`` does) makes both ranks stop at a step boundary, checkpoint and leave; the run ends with
-75 and no launcher error line, and no rank outlives it. Resumed twice, the run's per-step losses
-equal an uninterrupted run's bit for bit.
+75 and no launcher error line, and no rank outlives it. Stopped by SIGUSR1 at step 5 and resumed,
+then stopped by SIGTERM at step 9, the run's per-step losses equal an uninterrupted run's bit for
+bit.
 
 Each interrupted run holds rank 0 at a chosen step (fault point ``hold``) until the stop request
 is visible to it, so the stop step is exact and the signal cannot arrive after the run ended.
@@ -23,7 +24,7 @@ from helpers import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from box_procs import no_processes_mention, processes_mentioning, start_train  # noqa: E402
-from runs import STEPS, run_config  # noqa: E402
+from runs import run_config  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 RUN_TIMEOUT = 200
@@ -73,12 +74,7 @@ def runs(cluster_data, tmp_path_factory):
     ckpts_after_usr1 = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     term = _stop_with(signal.SIGTERM, cfg, run_dir, 9, True, root / "logs")
     ckpts_after_term = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    last = start_train(cfg, root / "logs" / "last", {}, resume=True)
-    try:
-        last_code = last.wait(RUN_TIMEOUT)
-    finally:
-        last.kill()
-    return {"run": run_dir, "usr1": usr1, "term": term, "last": (last_code, last), "cfg": cfg,
+    return {"run": run_dir, "usr1": usr1, "term": term, "cfg": cfg,
             "ckpts": (ckpts_after_usr1, ckpts_after_term), "seconds": time.time() - started}
 
 
@@ -103,10 +99,9 @@ def test_no_rank_outlives_the_stopped_run(runs, which):
 
 
 def test_stopped_and_resumed_run_has_the_uninterrupted_losses_bit_for_bit(runs, reference):
-    code, proc = runs["last"]
-    assert code == 0, proc.log()
-    ref = reference
+    # Steps 1-5 from the first job, 6-9 from the resumed one (which the USR1 run's request did not
+    # stop early: it was cleared); running on to the end is the sbatch tests' part.
     got, events = read_metrics(runs["run"])
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
-    assert [e["step"] for e in events if e["event"] == "resume"] == [5, 9]
+    assert sorted(got) == list(range(1, 10))
+    assert [got[s] for s in range(1, 10)] == [reference[s] for s in range(1, 10)]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [5]
