@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import socket
+import subprocess
 import sys
+import threading
 
 from .errors import LaunchError
+from .rank_exits import record_requeue, register, requeue_recorded
 
 
 # How the process group is started on a GPU, and why pure NCCL: every collective ds_relora
@@ -87,9 +91,6 @@ REACH_TIMEOUT = 3.0  # seconds per address a rank tries to connect to rank 0's p
 
 def host_addresses() -> list[str]:
     """This node's IPv4 addresses in ``hostname -I`` order (what DeepSpeed's runner picks from)."""
-    import socket
-    import subprocess
-
     try:
         out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
     except (OSError, subprocess.SubprocessError):
@@ -113,9 +114,7 @@ def mpi_discovery(port: int) -> None:
     a MASTER_ADDR, rank 0 offers all its addresses and every rank says which it reaches (a TCP
     connect to a probe socket of rank 0, seconds per address); the first one every rank reaches is
     used, and if there is none every rank stops with one line naming the addresses tried."""
-    import socket
-
-    from mpi4py import MPI
+    from mpi4py import MPI  # optional: only mpirun ranks get here
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -127,8 +126,6 @@ def mpi_discovery(port: int) -> None:
     if not addr:
         probe = None
         if rank == 0:
-            import threading
-
             probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             probe.bind(("0.0.0.0", 0))
             probe.listen(128)
@@ -254,8 +251,7 @@ def exit_code_for_launcher(code: int) -> int:
     (DeepSpeed's, srun --kill-on-bad-exit, mpirun) reports a non-zero rank as a failure and tears
     the others down; ``ds-relora train`` gives the run its 75 from the record. Called after the
     ranks left together, so rank 0's record is visible; without it (a failed write) the rank keeps 75."""
-    from .rank_exits import requeue_recorded
-    from .train.job_limits import REQUEUE_EXIT_CODE
+    from .train.job_limits import REQUEUE_EXIT_CODE  # the train package: not needed before a run
 
     if code == REQUEUE_EXIT_CODE and _PLANNED_STOP and requeue_recorded(_PLANNED_STOP[0]):
         return 0
@@ -281,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_worker()
         init_distributed()
-        from .rank_exits import register
         from .run_lock import hold_in_workers, mark_released
 
         register(cfg.train.run_dir, int(os.environ.get("RANK", "0")))
@@ -296,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         if result.get("stopped") and (args.run_lock or os.environ.get(SUPERVISED_ENV) == "1"):
             _PLANNED_STOP.append(cfg.train.run_dir)
             if os.environ.get("RANK", "0") == "0":
-                from .rank_exits import record_requeue
-
                 record_requeue(cfg.train.run_dir, result["step"], "stopped to be requeued")
         if args.run_lock and os.environ.get("RANK", "0") == "0":
             mark_released(cfg.train.run_dir, args.run_lock)
