@@ -7,6 +7,12 @@ peer was gone) and ``ds-relora train``, which supervises the launcher, prints on
 rank that failed first and why. A rank killed outright (SIGKILL, out of memory) writes nothing; the
 summary then says that no rank recorded a cause. This module owns the record format and is its
 only reader.
+
+The same folder carries the two messages of a planned stop: ``stop`` (``ds-relora train`` got
+SIGUSR1/SIGTERM and asks the ranks to stop at the next step boundary; a file on the shared run
+folder reaches ranks on every node, which a signal to the launcher does not) and ``requeue`` (rank
+0 saved and the run stopped to be requeued; the ranks then leave with 0, so no launcher reports
+the planned stop as a failure, and ``ds-relora train`` turns it back into exit code 75).
 """
 
 from __future__ import annotations
@@ -46,6 +52,30 @@ def record(run_dir: str | Path, rank: int, reason: str, *, peer: bool) -> None:
         pass
 
 
+def register(run_dir: str | Path, rank: int) -> None:
+    """Rank ``rank`` runs here (host, pid): names the node of a rank that later dies without a
+    record (a lost node, kill -9). Never raises."""
+    info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    try:
+        folder = _folder(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".started-{rank}.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, folder / f"started-{rank}.json")
+    except OSError:
+        pass
+
+
+def started(run_dir: str | Path) -> list[dict]:
+    out = []
+    for path in sorted(_folder(run_dir).glob("started-*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(out, key=lambda r: r["rank"])
+
+
 def read(run_dir: str | Path) -> list[dict]:
     records = []
     for path in sorted(_folder(run_dir).glob("rank-*.json")):
@@ -66,6 +96,66 @@ def summary(run_dir: str | Path, code: int) -> str:
                 f"{end}")
     if records:
         stopped = ", ".join(str(r["rank"]) for r in sorted(records, key=lambda r: r["rank"]))
-        return (f"a rank died without saying why (killed by a signal: out of memory, kill -9, a lost node?); "
-                f"rank(s) {stopped} stopped because a peer was gone; {end}")
+        said = {r["rank"] for r in records}
+        silent = [r for r in started(run_dir) if r["rank"] not in said]
+        hosts = sorted({r["host"] for r in silent})
+        who = (f"rank(s) {', '.join(str(r['rank']) for r in silent)} on {', '.join(hosts)} died without saying why"
+               if silent else "a rank died without saying why")
+        # No rank of that host is left to say anything: more likely the node than one process.
+        if len(hosts) == 1 and not any(r["host"] == hosts[0] for r in records):
+            cause = f"node {hosts[0]} lost, or its ranks killed by the out-of-memory killer or kill -9"
+        else:
+            cause = "killed by a signal: out of memory, kill -9, a lost node?"
+        return f"{who} ({cause}); rank(s) {stopped} stopped because a peer was gone; {end}"
     return f"no rank recorded an error ({end}): see the output above"
+
+
+STOP = "stop"
+REQUEUE = "requeue"
+
+
+def request_stop(run_dir: str | Path, why: str) -> bool:
+    """Ask every rank to stop at its next step boundary (read by train.job_limits). False when
+    the folder is not writable (the caller then falls back to passing the signal on)."""
+    try:
+        folder = _folder(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{STOP}.{os.getpid()}.tmp"
+        tmp.write_text(" ".join(why.split())[:300])
+        os.replace(tmp, folder / STOP)
+        return True
+    except OSError:
+        return False
+
+
+def stop_requested(run_dir: str | Path) -> str | None:
+    try:
+        return (_folder(run_dir) / STOP).read_text() or "stop requested"
+    except OSError:
+        return None
+
+
+def clear_stop(run_dir: str | Path) -> None:
+    try:
+        (_folder(run_dir) / STOP).unlink()
+    except OSError:
+        pass
+
+
+def record_requeue(run_dir: str | Path, step: int, reason: str) -> None:
+    """Rank 0, after the stop checkpoint of step ``step`` is complete. Never raises."""
+    try:
+        folder = _folder(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{REQUEUE}.tmp"
+        tmp.write_text(json.dumps({"step": step, "reason": reason, "host": socket.gethostname(), "time": time.time()}))
+        os.replace(tmp, folder / REQUEUE)
+    except OSError:
+        pass
+
+
+def requeue_recorded(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((_folder(run_dir) / REQUEUE).read_text())
+    except (OSError, ValueError):
+        return None

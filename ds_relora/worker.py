@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import socket
+import subprocess
 import sys
+import threading
 
 from ds_relora.errors import LaunchError
 import ctypes
 import ctypes.util
-from ds_relora.rank_exits import record
+from ds_relora.rank_exits import record, record_requeue, register, requeue_recorded
 from ds_relora.config import load_config
 from ds_relora.disk import disk_error, is_disk_error
 from ds_relora.errors import UserError
@@ -85,6 +88,83 @@ def return_freed_host_memory(threshold: int = 1 << 20) -> bool:
         return False
 
 
+# Set by mpirun (MPICH/Hydra, Intel MPI; Open MPI; PMIx launchers) in every rank.
+MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+MPI_LOCAL_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+REACH_TIMEOUT = 3.0  # seconds per address a rank tries to connect to rank 0's probe
+
+
+def host_addresses() -> list[str]:
+    """This node's IPv4 addresses in ``hostname -I`` order (what DeepSpeed's runner picks from)."""
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return [a for a in out if ":" not in a] or [socket.gethostbyname(socket.gethostname())]
+
+
+def _accept_all(sock) -> None:
+    try:
+        while True:
+            sock.accept()[0].close()
+    except OSError:  # closed by mpi_discovery
+        pass
+
+
+def mpi_discovery(port: int) -> None:
+    """RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR of an mpirun rank, before DeepSpeed's own MPI
+    discovery would run: that one overwrites MASTER_ADDR (launch.master_addr, passed with -x/-genv)
+    with the first address of rank 0's ``hostname -I``, which on a node with several networks may
+    be one the other nodes cannot reach (the rendezvous then hangs for the whole timeout). Without
+    a MASTER_ADDR, rank 0 offers all its addresses and every rank says which it reaches (a TCP
+    connect to a probe socket of rank 0, seconds per address); the first one every rank reaches is
+    used, and if there is none every rank stops with one line naming the addresses tried."""
+    from mpi4py import MPI  # noqa: PLC0415  (optional dependency: only mpirun ranks get here)
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    local = next((os.environ[k] for k in MPI_LOCAL_VARS if os.environ.get(k, "").isdigit()), None)
+    if local is None:  # as DeepSpeed does: ranks on the same host, counted in rank order
+        names = comm.allgather(MPI.Get_processor_name())
+        local = str(sum(n == names[rank] for n in names[:rank]))
+    addr = os.environ.get("MASTER_ADDR")
+    if not addr:
+        probe = None
+        if rank == 0:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.bind(("0.0.0.0", 0))
+            probe.listen(128)
+            # Accepted and closed at once: a full backlog would look like an unreachable address.
+            threading.Thread(target=_accept_all, args=(probe,), daemon=True).start()
+        offer = comm.bcast((socket.gethostname(), host_addresses(), probe.getsockname()[1]) if rank == 0 else None, root=0)
+        host0, candidates, probe_port = offer
+        reached = []
+        for cand in candidates:
+            try:
+                with socket.create_connection((cand, probe_port), timeout=REACH_TIMEOUT):
+                    reached.append(cand)
+            except OSError:
+                pass
+        everyone = comm.allgather((socket.gethostname(), reached))
+        if probe is not None:
+            try:
+                probe.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            except OSError:
+                pass
+            probe.close()
+        common = [c for c in candidates if all(c in r for _h, r in everyone)]
+        if not common:
+            missing = "; ".join(f"{h} reaches {', '.join(r) or 'none'}" for h, r in everyone if set(r) != set(candidates))
+            raise LaunchError(f"no address of rank 0's node {host0} ({', '.join(candidates)}) is reachable from every node "
+                              f"({missing}): set launch.master_addr to an address on a network all nodes share")
+        addr = common[0]
+        if rank == 0 and addr != candidates[0]:
+            skipped = ", ".join(c for c in candidates if c not in common)
+            print(f"mpirun: rank 0's node {host0} has addresses {', '.join(candidates)}; {skipped} not reachable from every "
+                  f"node: rendezvous on {addr} (set launch.master_addr to choose)", file=sys.stderr, flush=True)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=local, MASTER_ADDR=addr, MASTER_PORT=str(port))
+
+
 def init_distributed() -> None:
     return_freed_host_memory()
     import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
@@ -103,6 +183,8 @@ def init_distributed() -> None:
     timeout = datetime.timedelta(seconds=float(os.environ.get("DS_RELORA_DIST_TIMEOUT", "600")))
     # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT from this argument, not the env.
     port = int(os.environ.get("MASTER_PORT", "29500"))
+    if "RANK" not in os.environ and any(k in os.environ for k in MPI_RANK_VARS):
+        mpi_discovery(port)
     try:
         deepspeed.init_distributed(dist_backend=dist_backend(cuda), auto_mpi_discovery=True, verbose=False,
                                    timeout=timeout, distributed_port=port)
@@ -163,6 +245,23 @@ def _record_exit(cfg, exc: BaseException, *, peer: bool) -> None:
     record(cfg.train.run_dir, rank, f"{type(exc).__name__}: {exc}", peer=peer)
 
 
+# Run folder of a planned stop under a supervisor (set by main, read at exit).
+_PLANNED_STOP: list = []
+SUPERVISED_ENV = "DS_RELORA_SUPERVISED"  # ds_relora.launch.supervise.SUPERVISED_ENV
+
+
+def exit_code_for_launcher(code: int) -> int:
+    """0 for a planned stop that rank 0 recorded for ``ds-relora train``: every launcher between
+    (DeepSpeed's, srun --kill-on-bad-exit, mpirun) reports a non-zero rank as a failure and tears
+    the others down; ``ds-relora train`` gives the run its 75 from the record. Called after the
+    ranks left together, so rank 0's record is visible; without it (a failed write) the rank keeps 75."""
+    from ds_relora.train.job_limits import REQUEUE_EXIT_CODE  # noqa: PLC0415  (the train package loads torch: not needed before a run)
+
+    if code == REQUEUE_EXIT_CODE and _PLANNED_STOP and requeue_recorded(_PLANNED_STOP[0]):
+        return 0
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds_relora.worker")
     parser.add_argument("--config", required=True, help="resolved run config (written by ds-relora train)")
@@ -178,11 +277,19 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_worker()
         init_distributed()
+        register(cfg.train.run_dir, int(os.environ.get("RANK", "0")))
         from ds_relora.train.trainer import Trainer  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 
         lock = hold_in_workers(cfg.train.run_dir, args.run_lock)
         # exit_code 75 (train.job_limits.REQUEUE_EXIT_CODE): stopped early to be requeued.
-        code = Trainer(cfg).run().get("exit_code", 0)
+        result = Trainer(cfg).run()
+        code = result.get("exit_code", 0)
+        # Started by `ds-relora train` (its env, or its lock id where pdsh drops the env): rank 0
+        # records the planned stop, which `ds-relora train` turns into 75 (ds_relora.launch.supervise).
+        if result.get("stopped") and (args.run_lock or os.environ.get(SUPERVISED_ENV) == "1"):
+            _PLANNED_STOP.append(cfg.train.run_dir)
+            if os.environ.get("RANK", "0") == "0":
+                record_requeue(cfg.train.run_dir, result["step"], "stopped to be requeued")
         if args.run_lock and os.environ.get("RANK", "0") == "0":
             mark_released(cfg.train.run_dir, args.run_lock)
         return code
@@ -219,4 +326,4 @@ if __name__ == "__main__":
     code = main()
     if code in (0, REQUEUE_EXIT_CODE):  # every rank finished (or stopped) at the same step
         shutdown_distributed()
-    sys.exit(code)
+    sys.exit(exit_code_for_launcher(code))

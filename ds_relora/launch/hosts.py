@@ -125,11 +125,26 @@ def slurm_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     for k, v in out.items():
         if not v.isdigit():
             raise LaunchError(f"SLURM gives {k}={v!r}, not a number: run this under srun, not directly in the batch script")
+    out["LOCAL_RANK"] = _task_device(env, int(out["LOCAL_RANK"]))
     hosts = expand_nodelist(_slurm_var(env, "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
     job = _slurm_var(env, "SLURM_JOB_ID", "SLURM_JOBID")
     out["MASTER_ADDR"] = env.get("MASTER_ADDR") or hosts[0]
     out["MASTER_PORT"] = str(check_port(env.get("MASTER_PORT") or slurm_port(job), "MASTER_PORT"))
     return out
+
+
+def _task_device(env: Mapping[str, str], local_id: int) -> str:
+    """LOCAL_RANK for an srun task: the worker and DeepSpeed use GPU ``LOCAL_RANK`` of the GPUs
+    the task sees. With per-task binding (--gpus-per-task=1, --gpu-bind) every task sees just its
+    own GPU, as device 0, while SLURM_LOCALID still counts the tasks of the node."""
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible or local_id < len(visible):
+        return str(local_id)
+    if len(visible) == 1:
+        return "0"
+    raise LaunchError(f"this srun task (SLURM_LOCALID={local_id}) sees {len(visible)} GPUs (CUDA_VISIBLE_DEVICES="
+                      f"{','.join(visible)}) but ds_relora runs one rank per GPU: use --gpus-per-task=1, or "
+                      "--gpus-per-node without per-task binding")
 
 
 def check_port(port: int | str, what: str = "launch.master_port") -> int:

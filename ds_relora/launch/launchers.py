@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -195,9 +196,22 @@ class _Ctx:
         for a in self.args + list(self.l.extra_args):
             if SHELL_SPECIAL.search(a):
                 raise LaunchError(f"argument {a!r} contains shell characters that pdsh re-interprets on the other nodes: rename the path/value")
-        dropped = sorted(k for k in self.env if k.startswith(PDSH_DROPPED))
+        listed = _deepspeed_env_names()
+        dropped = sorted(k for k in self.env if k.startswith(PDSH_DROPPED) and k not in listed)
         if dropped:
             self.issues.append(f"not forwarded to other nodes by pdsh: {', '.join(dropped)}; put NAME=VALUE lines in ./.deepspeed_env")
+
+
+def _deepspeed_env_names() -> set[str]:
+    """Names DeepSpeed's runner exports to every node from ./.deepspeed_env and ~/.deepspeed_env."""
+    names = set()
+    for folder in (os.path.expanduser("~"), "."):
+        try:
+            lines = Path(folder, ".deepspeed_env").read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        names.update(ln.split("=", 1)[0].strip() for ln in lines if "=" in ln)
+    return names
 
 
 def _local(c: _Ctx) -> LaunchPlan:
@@ -394,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             node = _slurm_var(os.environ, "SLURM_NODEID")
             if node != "0":
                 check_master_reachable(a.master_addr, a.master_port, a.wait)
+            # DeepSpeed's launchers have no SIGUSR1 handler: SLURM's USR1 to the job's tasks
+            # (--signal=USR1@N, scancel --signal=USR1) would end them and orphan the ranks, which
+            # install their own handler (an ignored signal stays ignored across exec).
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             _exec_task([node if x == "$SLURM_NODEID" else x for x in cmd], {})
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+from ds_relora import rank_exits
 from ds_relora.config import parse_duration
 
 # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry".
@@ -19,6 +20,12 @@ REQUEUE_EXIT_CODE = 75
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 # Larger code wins the all-reduce (MAX); names are what the log line and the metrics event say.
 REASONS = {1: "train.stop_after_steps", 2: "train.max_steps_per_job", 3: "train.time_limit", 4: "a stop signal"}
+# A stop request of `ds-relora train` (rank_exits.request_stop) is a file on the shared run folder:
+# looked at no more often than this, so a slow network filesystem costs one stat a second, not one a step.
+STOP_FILE_INTERVAL = 1.0
+# A stop signal this soon after the first is the same event delivered twice (to the task by
+# slurmstepd and again by srun or the batch script), not a second, insisting one.
+SAME_EVENT_S = 5.0
 
 class JobLimits:
     """Per-rank stop state; :meth:`agreed_code` is collective."""
@@ -34,6 +41,10 @@ class JobLimits:
         self.stop_at = stop if stop is not None and start_step < stop else None
         self.signalled: str | None = None
         self._previous = {}
+        self.run_dir = getattr(train_cfg, "run_dir", None)
+        self._stop_checked = float("-inf")
+        self.requested: str | None = None
+        self._signalled_at = float("-inf")
 
     def install_signal_handlers(self) -> None:
         for name in STOP_SIGNALS:
@@ -48,13 +59,24 @@ class JobLimits:
 
     def _on_signal(self, signum, _frame) -> None:
         if self.signalled is not None:
+            if time.monotonic() - self._signalled_at < SAME_EVENT_S:
+                return  # the same stop by another path (SLURM signals the task, srun forwards it)
             # A second signal: the user (or the scheduler) insists; stop now the default way.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.signalled = signal.Signals(signum).name
+        self._signalled_at = time.monotonic()
+
+    def _stop_requested(self) -> bool:
+        # Kept apart from ``signalled``: the same scheduler signal may also reach this rank, and
+        # that must not count as the second, insisting one.
+        if self.requested is None and self.run_dir and time.monotonic() - self._stop_checked >= STOP_FILE_INTERVAL:
+            self._stop_checked = time.monotonic()
+            self.requested = rank_exits.stop_requested(self.run_dir)
+        return self.requested is not None
 
     def local_code(self, step: int) -> int:
-        if self.signalled:
+        if self.signalled or self._stop_requested():
             return 4
         if self.time_limit is not None and time.monotonic() - self.started >= self.time_limit:
             return 3
