@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from ds_relora.launch import hosts as H
 from ds_relora.launch import launchers as L
+from ds_relora.launch import preflight as P
 from ds_relora.config import LaunchConfig
 from ds_relora.errors import LaunchError
 from ds_relora.launch.hosts import free_port
@@ -128,11 +130,11 @@ def test_mpi_mpich(fakebin, hostfile):
 def test_mpi_single_node_and_flavor_detection(fakebin):
     cmd = L.build_launch(cfg(launcher="mpi", num_gpus=2, mpi_flavor="mpich"), ARGS, fakebin).commands[0]
     assert names(cmd)[:5] == ["mpirun", "-np", "2", "-ppn", "2"] and "-hosts" not in cmd
-    assert L.detect_mpi_flavor("mpirun", fakebin) == "openmpi"
-    one_line_error(L.detect_mpi_flavor, "mpirun", {**fakebin, "FAKE_MPI": "something else 1.0"}, match="mpi_flavor")
+    assert P.detect_mpi_flavor("mpirun", fakebin) == "openmpi"
+    one_line_error(P.detect_mpi_flavor, "mpirun", {**fakebin, "FAKE_MPI": "something else 1.0"}, match="mpi_flavor")
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent))
     if mpirun:  # the venv's MPICH wheel
-        assert L.detect_mpi_flavor(mpirun, os.environ) == "mpich"
+        assert P.detect_mpi_flavor(mpirun, os.environ) == "mpich"
 
 
 def test_slurm_srun_mode(fakebin):
@@ -205,13 +207,13 @@ def test_expand_nodelist_errors(expr):
 
 def test_slurm_env():
     env = {**SLURM, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
-    assert L.slurm_env(env) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "node01",
+    assert H.slurm_env(env) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "node01",
                                 "MASTER_PORT": str(L.slurm_port("4242"))}
     assert 1024 <= L.slurm_port("4242") <= 65535 and L.slurm_port("4242") != L.slurm_port("4243")
-    got = L.slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "31000"})
+    got = H.slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "31000"})
     assert got["MASTER_ADDR"] == "10.0.0.1" and got["MASTER_PORT"] == "31000"
-    one_line_error(L.slurm_env, {k: v for k, v in env.items() if k != "SLURM_PROCID"}, match="SLURM_PROCID is not set")
-    one_line_error(L.slurm_env, {**env, "SLURM_LOCALID": "x"}, match="not a number")
+    one_line_error(H.slurm_env, {k: v for k, v in env.items() if k != "SLURM_PROCID"}, match="SLURM_PROCID is not set")
+    one_line_error(H.slurm_env, {**env, "SLURM_LOCALID": "x"}, match="not a number")
 
 
 def _run_helper(args, env, **kw):
@@ -232,10 +234,10 @@ def test_slurm_task_wrappers():
 
 def test_write_and_parse_hostfile(tmp_path):
     path = tmp_path / "sub" / "hf"
-    assert L.write_hostfile(["a", "b"], 8, path) == "a slots=8\nb slots=8\n"
+    assert H.write_hostfile(["a", "b"], 8, path) == "a slots=8\nb slots=8\n"
     assert L.parse_hostfile(path) == {"a": 8, "b": 8}
-    one_line_error(L.write_hostfile, ["a", "a"], 8, path, match="duplicates")
-    one_line_error(L.write_hostfile, [], 8, path, match="no hosts")
+    one_line_error(H.write_hostfile, ["a", "a"], 8, path, match="duplicates")
+    one_line_error(H.write_hostfile, [], 8, path, match="no hosts")
     res = _run_helper(["hostfile", "g[1-2]", "--slots", "4"], {})
     assert res.stdout == "g1 slots=4\ng2 slots=4\n"
 
@@ -344,12 +346,12 @@ def test_check_master_reachable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        L.check_master_reachable("127.0.0.1", s.getsockname()[1], timeout=2)
+        P.check_master_reachable("127.0.0.1", s.getsockname()[1], timeout=2)
     port = free_port()  # nothing listens: refused until the deadline, then a one-line error
     t0 = time.monotonic()
-    msg = one_line_error(L.check_master_reachable, "127.0.0.1", port, timeout=1.0, match="cannot reach master")
+    msg = one_line_error(P.check_master_reachable, "127.0.0.1", port, timeout=1.0, match="cannot reach master")
     assert time.monotonic() - t0 < 5 and f"127.0.0.1:{port}" in msg and "check --master_addr/firewall" in msg
-    one_line_error(L.check_master_reachable, "no-such-host.invalid", port, timeout=1.0, match="does not resolve")
+    one_line_error(P.check_master_reachable, "no-such-host.invalid", port, timeout=1.0, match="does not resolve")
 
 
 def test_cli_error_is_one_line_exit_2():

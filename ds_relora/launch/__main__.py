@@ -2,6 +2,6 @@
 
 import sys
 
-from ds_relora.launch.launchers import main
+from ds_relora.launch.node import main
 
 sys.exit(main())

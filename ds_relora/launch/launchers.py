@@ -8,26 +8,22 @@ port, master address, missing executable) raises a one-line LaunchError before a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import errno
 import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ds_relora.run_folder import config_file
 from ds_relora.config import LaunchConfig
-from ds_relora.errors import LaunchError, UserError
+from ds_relora.errors import LaunchError
 from ds_relora.quiet import verbose_requested
-from ds_relora.launch.hosts import _slurm_var, _write_hostfile_text, check_port, expand_nodelist, free_port, hostfile_text, parse_hostfile, slurm_env, slurm_port, write_hostfile
+from ds_relora.launch.hosts import _slurm_var, _write_hostfile_text, check_port, expand_nodelist, free_port, hostfile_text, parse_hostfile, slurm_port
+from ds_relora.launch.preflight import _port_busy, _resolves, check_master_reachable, detect_mpi_flavor
 from ds_relora.launch.supervise import run_supervised
 from ds_relora.config import load_config
 
@@ -78,25 +74,7 @@ class LaunchPlan:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- environment checks
-
-def _resolves(addr: str) -> str | None:
-    try:
-        socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
-        return None
-    except (socket.gaierror, UnicodeError) as exc:
-        return f"master address {addr!r} does not resolve from this node ({exc}): set launch.master_addr to rank 0's IP or resolvable name"
-
-
-def _port_busy(port: int) -> str | None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-            return None
-        except OSError:
-            return f"master port {port} is already in use on this node: pick another with --set launch.master_port=N"
-
+# ---------------------------------------------------------------- environment checks (see also preflight)
 
 def _single_node_port(c: _Ctx, always_free: bool = False) -> int:
     """The rendezvous port of a one-node run. Left at the default and busy (a second run or sweep on
@@ -120,42 +98,6 @@ def _which(name: str, env: Mapping[str, str]) -> str | None:
     if found:
         return name if shutil.which(name) == found else found
     return shutil.which(name, path=VENV_BIN)
-
-
-def check_master_reachable(addr: str, port: int, timeout: float = 60.0) -> None:
-    """Return once ``addr:port`` accepts a TCP connection; raise LaunchError after ``timeout`` s.
-
-    A refused connection is retried (rank 0 may still be importing torch); an unreachable
-    network fails at once, so a node behind a firewall stops in seconds instead of hanging in
-    the rendezvous for the whole process-group timeout.
-    """
-    if err := _resolves(addr):
-        raise LaunchError(err)
-    deadline, last = time.monotonic() + timeout, "timed out"
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            with socket.create_connection((addr, port), timeout=max(0.2, min(left, 3.0))):
-                return
-        except OSError as exc:
-            last = os.strerror(exc.errno) if exc.errno else "timed out"
-            fatal = exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
-        if fatal or time.monotonic() >= deadline:
-            raise LaunchError(f"cannot reach master {addr}:{port} from this node ({last}): check --master_addr/firewall")
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-
-def detect_mpi_flavor(mpirun: str = "mpirun", env: Mapping[str, str] = os.environ) -> str:
-    """'openmpi' or 'mpich' (Hydra: MPICH, Intel MPI, MVAPICH) from ``mpirun --version``."""
-    try:
-        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20, env=dict(env)).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise LaunchError(f"`{mpirun} --version` failed ({exc}): set launch.mpi_flavor to openmpi or mpich") from None
-    if re.search(r"Open MPI|OpenRTE|Open RTE|PRRTE", out):
-        return "openmpi"
-    if re.search(r"HYDRA|MPICH|Intel\(R\) MPI|MVAPICH", out, re.I):
-        return "mpich"
-    raise LaunchError(f"cannot tell which MPI `{mpirun} --version` belongs to: set launch.mpi_flavor to openmpi or mpich")
 
 
 # ---------------------------------------------------------------- command builders
@@ -364,57 +306,3 @@ def main_dry_run(config: str | None, overrides: Sequence[str] = (), env: Mapping
     # Same worker argument as `ds-relora train`, which writes the resolved config there.
     args = list(worker_args) if worker_args is not None else ["--config", str(config_file(cfg.train.run_dir))]
     return build_launch(cfg.launch, args, env, strict=False).describe()
-
-
-# ---------------------------------------------------------------- `python -m ds_relora.launch`
-
-def _exec_task(cmd: list[str], extra_env: dict[str, str]) -> None:
-    if not cmd:
-        raise LaunchError("no command after '--': write `python -m ds_relora.launch slurm-exec -- python -m ds_relora.worker ...`")
-    os.execvpe(cmd[0], cmd, {**os.environ, **extra_env})
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ds_relora.launch", description="launch helpers of ds_relora")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("dry-run", help="print the launch plan of a run config")
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE")
-    p = sub.add_parser("hostfile", help="print or write 'host slots=N' lines")
-    p.add_argument("hosts", nargs="?", help="a,b or a SLURM nodelist like gpu[01-04]; default $SLURM_JOB_NODELIST")
-    p.add_argument("--slots", type=int, required=True)
-    p.add_argument("-o", "--output", help="file to write (default: print)")
-    for name in ("check-master", "slurm-node", "slurm-exec"):
-        p = sub.add_parser(name, help="fail fast when rank 0's port is unreachable" if name == "check-master" else "(runs in srun tasks)")
-        if name != "slurm-exec":
-            p.add_argument("--master-addr", required=True)
-            p.add_argument("--master-port", type=int, required=True)
-            p.add_argument("--wait", type=float, default=float(os.environ.get("DS_RELORA_MASTER_WAIT", "120")))
-        if name != "check-master":
-            p.add_argument("command", nargs=argparse.REMAINDER)
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "dry-run":
-            print(main_dry_run(a.config, [s for group in a.set for s in group]))
-        elif a.cmd == "hostfile":
-            hosts = expand_nodelist(a.hosts or _slurm_var(os.environ, "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
-            print(write_hostfile(hosts, a.slots, a.output) if a.output else hostfile_text(hosts, a.slots), end="")
-        elif a.cmd == "check-master":
-            check_master_reachable(a.master_addr, check_port(a.master_port, "--master-port"), a.wait)
-        else:
-            cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
-            if a.cmd == "slurm-exec":
-                _exec_task(cmd, slurm_env(os.environ))
-            node = _slurm_var(os.environ, "SLURM_NODEID")
-            if node != "0":
-                check_master_reachable(a.master_addr, a.master_port, a.wait)
-            # DeepSpeed's launchers have no SIGUSR1 handler: SLURM's USR1 to the job's tasks
-            # (--signal=USR1@N, scancel --signal=USR1) would end them and orphan the ranks, which
-            # install their own handler (an ignored signal stays ignored across exec).
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-            _exec_task([node if x == "$SLURM_NODEID" else x for x in cmd], {})
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
