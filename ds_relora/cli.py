@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import typing
 from pathlib import Path
 
-from ds_relora import __version__
-from ds_relora.config import Method, TrainConfig, resolve_config_path
-from ds_relora.errors import UserError
-from ds_relora.run_folder import LOCK, checkpoint_root, config_file
-from ds_relora.config import load_config
-from ds_relora.config import dump_config
-from ds_relora.disk import check_free_space, check_writable
-from ds_relora.launch.launchers import build_launch, run_plan
-from ds_relora import rank_exits
-from ds_relora import run_lock
+from ds_relora import __version__, rank_exits, run_lock
 from ds_relora.checkpoint.meta import META, read_meta
-from ds_relora.config import RunConfig
+from ds_relora.config import Method, RunConfig, TrainConfig, dump_config, load_config, resolve_config_path
 from ds_relora.config_base import field_docs
+from ds_relora.disk import check_free_space, check_writable, disk_error, is_disk_error
+from ds_relora.errors import UserError
+from ds_relora.launch.launchers import build_launch, run_plan
+from ds_relora.run_folder import LOCK, checkpoint_root, config_file
 from ds_relora.study.cli import add_study_commands
-from ds_relora.study.lm_eval import add_task_args
+from ds_relora.study.lm_eval import add_task_args, cmd_eval_tasks
 from ds_relora.worker import main as worker_main
-from ds_relora.study.lm_eval import cmd_eval_tasks
-import dataclasses
-from ds_relora.disk import disk_error, is_disk_error
+
 
 def _load(args):
 

@@ -7,18 +7,17 @@ LLaMA-7B's and 13B LLaMA-13B's; tiny/9m/20m/35m are debug and CPU-benchmark size
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
+import zlib
+from pathlib import Path
 
 import torch
 
 from ds_relora.errors import ConfigError
-from ds_relora.zero.ds_config import zero_stage
-import zlib
-from ds_relora.zero.state import full_shape, set_module_value
-from pathlib import Path
 from ds_relora.tensor_files import TensorSet
-import difflib
-from ds_relora.zero.ds_config import bf16_available
+from ds_relora.zero.ds_config import bf16_available, zero_stage
+from ds_relora.zero.state import full_shape, set_module_value
 
 
 @dataclasses.dataclass(frozen=True)

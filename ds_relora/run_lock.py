@@ -13,6 +13,7 @@ a lock left by a crashed run is taken over at once, with a one-line notice.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -24,7 +25,6 @@ from typing import Callable
 
 from ds_relora.errors import UserError
 from ds_relora.run_folder import LOCK as LOCK_NAME  # the lock file's name, owned by run_folder
-import fcntl
 
 # Filesystems without flock (some Lustre/NFS mounts): the run goes on without the guard.
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}

@@ -8,6 +8,8 @@ deepspeed launcher) is accepted and ignored: LOCAL_RANK comes from the environme
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import os
 import socket
@@ -15,16 +17,12 @@ import subprocess
 import sys
 import threading
 
-from ds_relora.errors import LaunchError
-import ctypes
-import ctypes.util
-from ds_relora.rank_exits import record, record_requeue, register, requeue_recorded
 from ds_relora.config import load_config
 from ds_relora.disk import disk_error, is_disk_error
-from ds_relora.errors import UserError
+from ds_relora.errors import LaunchError, UserError
 from ds_relora.quiet import quiet_worker
+from ds_relora.rank_exits import record, record_requeue, register, requeue_recorded
 from ds_relora.run_lock import hold_in_workers, mark_released
-
 
 # How the process group is started on a GPU, and why pure NCCL: every collective ds_relora
 # issues runs on ``engine.device`` tensors (tests/test_device.py audits that), DeepSpeed's own
@@ -169,7 +167,6 @@ def init_distributed() -> None:
     return_freed_host_memory()
     import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
     import torch  # noqa: PLC0415  (torch takes seconds to import; this module is on the CLI's start-up path)
-
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     cuda = get_accelerator().device_name() == "cuda" and torch.cuda.is_available()

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from ds_relora.checkpoint.format import CheckpointMeta, has_moments, open_moments, open_weights
-from ds_relora.errors import CheckpointError
-from ds_relora.zero.state import MOMENTS, set_moment
-from ds_relora.display import plural
 from ds_relora.checkpoint.state_io import load_weights
+from ds_relora.display import plural
+from ds_relora.errors import CheckpointError
 from ds_relora.methods import load_adapter_buffers
+from ds_relora.zero.state import MOMENTS, set_moment
 
 
 def needs_elastic(meta: CheckpointMeta, world_size: int, stage: int) -> bool:

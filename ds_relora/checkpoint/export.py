@@ -13,10 +13,10 @@ import torch
 
 from ds_relora import __version__
 from ds_relora.checkpoint.format import check_intact, fsync_dir, fsync_tree, hf_config_file, public_mode
-from ds_relora.errors import CheckpointError
 from ds_relora.checkpoint.weights import iter_effective_weights
-from ds_relora.tensor_files import nbytes, shard_name, write_index
 from ds_relora.disk import check_free_space, disk_error, is_disk_error
+from ds_relora.errors import CheckpointError
+from ds_relora.tensor_files import nbytes, shard_name, write_index
 
 
 def _checkpoint_config(folder: Path):

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
-from ds_relora.errors import CheckpointError
-from ds_relora.zero.state import MOMENTS, _z3_local_slice, full_shape, get_master, get_moment, is_zero3_param, set_master, set_module_value
-from ds_relora.tensor_files import StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
-from ds_relora.methods import adapter_buffers
 from ds_relora.disk import is_disk_error
+from ds_relora.errors import CheckpointError
+from ds_relora.methods import adapter_buffers
+from ds_relora.tensor_files import StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
+from ds_relora.zero.state import MOMENTS, _z3_local_slice, full_shape, get_master, get_moment, is_zero3_param, set_master, set_module_value
 
 
 def _full_value(engine, p, wanted: bool) -> torch.Tensor | None:

@@ -28,15 +28,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ds_relora.checkpoint.format import HF_CONFIG, REPLACED, STAGING, STEP_FOLDER, CheckpointMeta, HashingFile, best_folder_per_step, expected_checkpoint_bytes, fsync_dir, fsync_tree, write_atomic, write_meta
+from ds_relora.checkpoint.choose import complete_checkpoints
+from ds_relora.checkpoint.format import (
+    HF_CONFIG,
+    REPLACED,
+    STAGING,
+    STEP_FOLDER,
+    CheckpointMeta,
+    HashingFile,
+    best_folder_per_step,
+    expected_checkpoint_bytes,
+    fsync_dir,
+    fsync_tree,
+    open_weights,
+    write_atomic,
+    write_meta,
+)
+from ds_relora.checkpoint.state_io import load_weights, write_state
 from ds_relora.disk import disk_error, is_disk_error
 from ds_relora.errors import CheckpointError
 from ds_relora.faults import fault_point
-from ds_relora.checkpoint.format import open_weights
-from ds_relora.checkpoint.choose import complete_checkpoints
-from ds_relora.checkpoint.state_io import load_weights, write_state
-from ds_relora.run_folder import CONFIG
 from ds_relora.methods import load_adapter_buffers
+from ds_relora.run_folder import CONFIG
 
 __all__ = ["write_atomic", "save_checkpoint", "load_checkpoint"]
 

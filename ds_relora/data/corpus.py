@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import logging
 import os
 import sysconfig
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ds_relora.errors import DataError
-import json
 
 # Builder name of ``datasets.load_dataset`` per extension; "text" means one file = one document.
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}

@@ -22,11 +22,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ds_relora.config import PrepareConfig
+from ds_relora.data.dataset import SPLITS
+from ds_relora.data.tokenize_pool import Chunk, encode_documents, encode_in_order
+from ds_relora.data.tokenizer import encode_batch, id_bound, token_dtype
 from ds_relora.errors import DataError
 from ds_relora.faults import fault_point_local
-from ds_relora.data.tokenize_pool import Chunk, encode_documents, encode_in_order
-from ds_relora.data.dataset import SPLITS
-from ds_relora.data.tokenizer import encode_batch, id_bound, token_dtype
 
 Log = Callable[[str], None]
 

@@ -45,12 +45,12 @@ from typing import Callable, Iterator
 
 from ds_relora.config import PrepareConfig
 from ds_relora.config_base import to_dict
-from ds_relora.errors import ConfigError, DataError
 from ds_relora.data import tokenize_pool
 from ds_relora.data.corpus import open_documents, resolve_local_files, stdlib_files
 from ds_relora.data.dataset import FORMAT_VERSION
 from ds_relora.data.packing import PROGRESS_FILE, no_documents, pack, write_durable
 from ds_relora.data.tokenizer import MIN_BPE_VOCAB, load_pretrained_tokenizer, train_bpe
+from ds_relora.errors import ConfigError, DataError
 
 Log = Callable[[str], None]
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 
-from ds_relora.errors import CheckpointError, UserError
-from ds_relora.checkpoint.weights import META
-import json
-from ds_relora.data import PackedDataset
 from ds_relora.checkpoint.export import load_merged_model
-from ds_relora.quiet import quiet_transformers_loading
 from ds_relora.checkpoint.meta import read_meta
+from ds_relora.checkpoint.weights import META
+from ds_relora.data import PackedDataset
+from ds_relora.errors import CheckpointError, UserError
+from ds_relora.quiet import quiet_transformers_loading
 
 
 def load_any_model(path: str | Path):

@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ds_relora.checkpoint.weights import EffectiveWeights
 from ds_relora.errors import CheckpointError
 from ds_relora.models import WRAPPED_TYPES
-from ds_relora.checkpoint.weights import EffectiveWeights
-import torch
 
 DEFAULT_THRESHOLD = 0.1
 

@@ -4,23 +4,22 @@ method's largest micro-batch (tokens/s, MFU, peak memory), and which attention k
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import time
 
 import torch
-
-from ds_relora.estimate.flops import flops_per_token, params
-from ds_relora.methods import DEFAULT_METHOD, get_method
-from ds_relora.models import preset_shape
-from torch.nn.attention import SDPBackend
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-import importlib.metadata
+from torch.nn.attention import SDPBackend
+
 from ds_relora.config import RunConfig
-from ds_relora.models import WRAPPED_TYPES, build_model, llama_config
-from ds_relora.methods.schedule import JaggedCosine
+from ds_relora.estimate.flops import flops_per_token, params
+from ds_relora.methods import DEFAULT_METHOD, get_method
 from ds_relora.methods.lora_layer import wrap_model
-from ds_relora.zero.ds_config import SHIPPED, build_ds_config
+from ds_relora.methods.schedule import JaggedCosine
+from ds_relora.models import WRAPPED_TYPES, build_model, llama_config, preset_shape
 from ds_relora.train.engine import build_engine, compile_engine
+from ds_relora.zero.ds_config import SHIPPED, build_ds_config
 
 _SDPA_NAMES = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "mem-efficient", "CUDNN_ATTENTION": "cudnn",
                "MATH": "math", "OVERRIDEABLE": "overrideable"}

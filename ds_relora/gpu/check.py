@@ -22,27 +22,26 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
+import torch
+
+from ds_relora import __version__
 from ds_relora.checkpoint.format import META
+from ds_relora.config import PrepareConfig, RunConfig, from_dict
+from ds_relora.data import prepare_data
+from ds_relora.gpu.bench import CudaMemory, RehearsalMemory, pair_estimate_s, release_memory, throughput_pair
 from ds_relora.launch.hosts import free_port
 from ds_relora.methods import DEFAULT_METHOD
-from ds_relora.run_folder import checkpoint_root, metrics_file
+from ds_relora.models import resolve_attn_implementation
 from ds_relora.quiet import quiet_worker
+from ds_relora.run_folder import checkpoint_root, metrics_file
+from ds_relora.train.trainer import Trainer
 from ds_relora.worker import init_distributed
 from ds_relora.zero.ds_config import SHIPPED
-from ds_relora.config import RunConfig, from_dict
-from ds_relora.gpu.bench import release_memory
-from ds_relora.train.trainer import Trainer
-import tempfile
-import torch
-from ds_relora import __version__
-from ds_relora.config import PrepareConfig
-from ds_relora.data import prepare_data
-from ds_relora.gpu.bench import CudaMemory, RehearsalMemory, pair_estimate_s, throughput_pair
-from ds_relora.models import resolve_attn_implementation
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 STAGES = {"zero0": "zero0.json", "zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}

@@ -18,14 +18,22 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ds_relora.run_folder import config_file
-from ds_relora.config import LaunchConfig
+from ds_relora.config import LaunchConfig, load_config
 from ds_relora.errors import LaunchError
-from ds_relora.quiet import verbose_requested
-from ds_relora.launch.hosts import _slurm_var, _write_hostfile_text, check_port, expand_nodelist, free_port, hostfile_text, parse_hostfile, slurm_port
+from ds_relora.launch.hosts import (
+    _slurm_var,
+    _write_hostfile_text,
+    check_port,
+    expand_nodelist,
+    free_port,
+    hostfile_text,
+    parse_hostfile,
+    slurm_port,
+)
 from ds_relora.launch.preflight import _port_busy, _resolves, check_master_reachable, detect_mpi_flavor
 from ds_relora.launch.supervise import run_supervised
-from ds_relora.config import load_config
+from ds_relora.quiet import verbose_requested
+from ds_relora.run_folder import config_file
 
 WORKER = "ds_relora.worker"
 DEFAULT_PORT = LaunchConfig().master_port

@@ -15,6 +15,7 @@ from ds_relora.launch.hosts import _slurm_var, check_port, expand_nodelist, host
 from ds_relora.launch.launchers import main_dry_run
 from ds_relora.launch.preflight import check_master_reachable
 
+
 def _exec_task(cmd: list[str], extra_env: dict[str, str]) -> None:
     if not cmd:
         raise LaunchError("no command after '--': write `python -m ds_relora.launch slurm-exec -- python -m ds_relora.worker ...`")

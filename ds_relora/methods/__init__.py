@@ -4,7 +4,17 @@ Importing this package registers ``full``, ``control``, ``lora``, ``relora``, ``
 ``remora`` and ``galore``."""
 
 from ds_relora.methods import full, galore, lora, mora  # noqa: F401  (registers the methods)
-from ds_relora.methods.base import METHODS, MergeableLayer, Method, ScheduleSpec, adapter_buffers, get_method, load_adapter_buffers, register, shard_delta
+from ds_relora.methods.base import (
+           METHODS,
+           MergeableLayer,
+           Method,
+           ScheduleSpec,
+           adapter_buffers,
+           get_method,
+           load_adapter_buffers,
+           register,
+           shard_delta,
+)
 
 # The project's own method: what `estimate-memory`, the throughput pair and the GPU check run when
 # not told otherwise. Code outside this package names methods only through these constants.

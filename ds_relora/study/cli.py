@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 from ds_relora.errors import ConfigError, UserError
-from ds_relora.study.sweep import load_sweep, read_points, sweep_dir
-from ds_relora.study.sweep import expand, write_points
-from ds_relora.study.sweep import POINTS_FILE
+from ds_relora.study.sweep import POINTS_FILE, expand, load_sweep, read_points, sweep_dir, write_points
 
 
 def _sweep_folder_and_runs(args) -> tuple[Path, list[Path]]:

@@ -22,15 +22,15 @@ from typing import Optional
 
 import yaml
 
-from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
+from ds_relora.checkpoint.choose import complete_checkpoints
 from ds_relora.checkpoint.meta import CheckpointMeta, read_meta
+from ds_relora.checkpoint.store import write_atomic
 from ds_relora.errors import CheckpointError, UserError
+from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
 from ds_relora.study.lm_eval import RESULTS_FILE, read_task_scores
+from ds_relora.study.plots import fit_power_law, plot_all
 from ds_relora.study.runner import STATE_FILE, point_state
 from ds_relora.study.sweep import POINT_FILE, POINTS_FILE, comparable
-from ds_relora.checkpoint.choose import complete_checkpoints
-from ds_relora.checkpoint.store import write_atomic
-from ds_relora.study.plots import fit_power_law, plot_all
 
 PEAK_KEY = re.compile(r"^peak_.*_(mb|mib)$")
 

@@ -21,8 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from ds_relora.run_folder import checkpoint_root
 from ds_relora.errors import UserError
+from ds_relora.run_folder import checkpoint_root
 
 RESULTS_FILE = "lm_eval.json"
 INSTALL_HINT = "pip install 'ds_relora[eval]' (lm-eval and accelerate)"

@@ -10,6 +10,7 @@ A point is done when its final checkpoint (``checkpoints/step-<total_steps>`` wi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -21,11 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
 from ds_relora.checkpoint.choose import complete_checkpoints
 from ds_relora.durable import write_atomic
+from ds_relora.run_folder import checkpoint_root, config_file, metrics_file
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE
-import fcntl
 
 STATE_FILE = "sweep_state.json"
 STATUSES = ("done", "running", "failed", "partial", "pending")

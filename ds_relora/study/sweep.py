@@ -29,14 +29,12 @@ from typing import Any, Optional
 
 import yaml
 
-from ds_relora.run_folder import config_file, is_started
-from ds_relora.config import RunConfig, to_dict
+from ds_relora.config import RunConfig, dump_config, resolve_config_path, to_dict
 from ds_relora.config_base import doc, from_dict
 from ds_relora.errors import ConfigError, UserError
-from ds_relora.config import resolve_config_path
 from ds_relora.launch.launchers import build_launch
+from ds_relora.run_folder import config_file, is_started
 from ds_relora.study.budgets import BudgetSpec, DeriveSpec, apply_budget, apply_derive
-from ds_relora.config import dump_config
 
 # Run-control fields: they change how a point is run, not what it trains, so changing them
 # between two sweep invocations does not make an existing run folder stale.

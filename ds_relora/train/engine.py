@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
+from torch._dynamo import list_backends
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import default_param_groups
 from ds_relora.methods.schedule import JaggedCosine, make_scheduler
-from torch._dynamo import list_backends
-import gc
 
 
 def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,

@@ -9,13 +9,13 @@ are gathered into one ``memory`` event of the metrics log.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ds_relora.device import comm_device
-import resource
 
 
 def _status_bytes(key: str) -> int | None:

@@ -11,27 +11,25 @@ choice, and the trainer then acts on the plan without deciding anything again.
 from __future__ import annotations
 
 import dataclasses
-
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
-from ds_relora.checkpoint.format import CheckpointMeta, data_fingerprint, read_meta
+import torch
+from torch import nn
+
 from ds_relora.checkpoint.choose import resolve_resume
+from ds_relora.checkpoint.format import CheckpointMeta, data_fingerprint, expected_checkpoint_bytes, read_meta
 from ds_relora.config import RunConfig
 from ds_relora.data import read_data_meta
 from ds_relora.errors import ConfigError, DataError
-from ds_relora.models import llama_config, preset_shape, resolve_attn_implementation
-from ds_relora.zero.optim_reset import check_reset_args
 from ds_relora.methods import get_method
 from ds_relora.methods.schedule import JaggedCosine
-from ds_relora.train.resume import ResumePoint, check_resume, check_same_model, resume_layout
-from ds_relora.zero.ds_config import batch_layout, build_ds_config
-from ds_relora.zero.ds_config import compute_dtype, zero_stage
-import torch
-import re
-from torch import nn
-from ds_relora.checkpoint.format import expected_checkpoint_bytes
+from ds_relora.models import llama_config, preset_shape, resolve_attn_implementation
 from ds_relora.train.engine import check_compile_backend
+from ds_relora.train.resume import ResumePoint, check_resume, check_same_model, resume_layout
+from ds_relora.zero.ds_config import batch_layout, build_ds_config, compute_dtype, zero_stage
+from ds_relora.zero.optim_reset import check_reset_args
 
 
 @dataclasses.dataclass

@@ -16,30 +16,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ds_relora import __version__
+from ds_relora.checkpoint import elastic
+from ds_relora.checkpoint.choose import agree_on_resume
+from ds_relora.checkpoint.format import CheckpointMeta, open_weights
+from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
+from ds_relora.checkpoint.store import load_checkpoint, optimizer_update_count, save_checkpoint
 from ds_relora.config import RunConfig, dump_config
 from ds_relora.config_base import to_dict
 from ds_relora.data import DistributedBatchIterator, PackedDataset, validation_batches
 from ds_relora.device import comm_device, host_scalars
 from ds_relora.display import human, plural
-from ds_relora.models import build_model, describe_params, pretrained_weights
+from ds_relora.faults import fault_point
 from ds_relora.methods import Method, get_method
 from ds_relora.methods.schedule import JaggedCosine
-from ds_relora.zero.frozen_base import apply_zero3_frozen_base
-from ds_relora.faults import fault_point
-from ds_relora.checkpoint.format import CheckpointMeta, open_weights
-from ds_relora.checkpoint.choose import agree_on_resume
-from ds_relora.checkpoint.store import load_checkpoint, optimizer_update_count, save_checkpoint
-from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
-from ds_relora.checkpoint import elastic
-from ds_relora.zero.ds_config import compute_dtype, zero_stage
+from ds_relora.models import build_model, describe_params, pretrained_weights
+from ds_relora.run_folder import checkpoint_root
 from ds_relora.train.engine import build_engine, compile_engine, record_grad_norm_without_zero, release_engine
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE, JobLimits
 from ds_relora.train.metrics import MetricsLogger
 from ds_relora.train.phase_memory import PhaseMemory
-from ds_relora.train.prefetch import StepPrefetcher
 from ds_relora.train.plan import plan_run
-from ds_relora.run_folder import checkpoint_root
-from ds_relora import __version__
+from ds_relora.train.prefetch import StepPrefetcher
+from ds_relora.zero.ds_config import compute_dtype, zero_stage
+from ds_relora.zero.frozen_base import apply_zero3_frozen_base
 
 
 def _all_reduce_mean(value: torch.Tensor, world: int) -> torch.Tensor:
