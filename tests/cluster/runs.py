@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ds_relora.launch.hosts import free_port
 from harness.configs import tiny_run_config, write_config
 
 STEPS = 12
@@ -17,6 +18,10 @@ BOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def run_config(data: Path, root: Path, name: str, launch: dict, **train) -> tuple[Path, Path]:
     run_dir = root / name
+    if launch.get("launcher") == "local" and "master_port" not in launch:
+        # Not the default 29500 on the host: its TIME_WAIT sockets would make tests/test_launch.py's
+        # busy-port check, which runs later in the same session, see it free.
+        launch = {**launch, "master_port": free_port()}
     cfg = tiny_run_config(data, run_dir, 2, launch=launch)
     cfg["train"].update(total_steps=STEPS, **train)
     cfg["relora"].update(warm_start_steps=4, reset_every=4)
