@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the rank runner lives with the tests' harness
 from harness.ranks import RESULT_TAG, RanksFailed, results, run_workers  # noqa: E402
+from ds_relora.display import human_bytes  # noqa: E402, F401  (the benchmarks print sizes like the CLI)
 
 # A private JIT-extension cache: DeepSpeed compiles its CPU shm op on first use, and a compile
 # killed elsewhere on a shared machine leaves a lock that makes every later start wait forever.
@@ -168,9 +169,3 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

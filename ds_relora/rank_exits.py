@@ -40,28 +40,28 @@ def record(run_dir: str | Path, rank: int, reason: str, *, peer: bool) -> None:
     """Rank ``rank`` is failing with ``reason`` (``peer``: only because another rank is gone).
     Never raises: a rank on its way out must not fail again on a full or read-only disk."""
     line = " ".join(str(reason).split())[:300]
-    info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-            "reason": line, "peer": peer}
-    try:
-        folder = _folder(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".rank-{rank}.json.tmp"
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, folder / f"rank-{rank}.json")
-    except OSError:
-        pass
+    _write(run_dir, f"rank-{rank}.json", {**_whoami(rank), "reason": line, "peer": peer})
 
 
 def register(run_dir: str | Path, rank: int) -> None:
     """Rank ``rank`` runs here (host, pid): names the node of a rank that later dies without a
     record (a lost node, kill -9). Never raises."""
-    info = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    _write(run_dir, f"started-{rank}.json", _whoami(rank))
+
+
+def _whoami(rank: int) -> dict:
+    return {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+
+
+def _write(run_dir: str | Path, name: str, info: dict) -> None:
+    """One record, replaced whole (a reader never sees half of it); a full or read-only disk is
+    ignored: a rank on its way out must not fail again."""
     try:
         folder = _folder(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".started-{rank}.json.tmp"
+        tmp = folder / f".{name}.tmp"
         tmp.write_text(json.dumps(info))
-        os.replace(tmp, folder / f"started-{rank}.json")
+        os.replace(tmp, folder / name)
     except OSError:
         pass
 

@@ -4,19 +4,19 @@ and the check that nothing of a run is left running."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from harness import REPO
+from harness.launches import FOREIGN
+from harness.launches import FOREIGN_PREFIXES as HARNESS_FOREIGN_PREFIXES
+from harness.launches import Proc as LaunchedProc
 
 VENV_BIN = Path(sys.executable).parent
 DS_RELORA = [str(VENV_BIN / "ds-relora")] if (VENV_BIN / "ds-relora").is_file() else [sys.executable, "-m", "ds_relora.cli"]
-# Variables a surrounding launcher may have set: they would change how the ranks find each other.
-FOREIGN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
-FOREIGN_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "DS_RELORA_")
+# A surrounding launcher's variables (the harness's list) and our own fault/test switches.
+FOREIGN_PREFIXES = (*HARNESS_FOREIGN_PREFIXES, "DS_RELORA_")
 
 
 def rank_env(extra: dict | None = None) -> dict:
@@ -31,53 +31,19 @@ def rank_env(extra: dict | None = None) -> dict:
     return base
 
 
-class Proc:
-    """One command in its own session; stdout/stderr in ``logdir``."""
+class Proc(LaunchedProc):
+    """One command in its own session, output in ``logdir`` (the harness's process, waited on by a
+    timeout in seconds rather than a deadline)."""
 
     def __init__(self, cmd: list[str], env: dict, logdir: Path):
-        logdir.mkdir(parents=True, exist_ok=True)
-        self.cmd = cmd
-        self._out, self._err = open(logdir / "out", "w+"), open(logdir / "err", "w+")
-        self.p = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=self._out, stderr=self._err,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        super().__init__("run", cmd, env, logdir)
         self.pid = self.p.pid
 
     def poll(self):
-        return self.p.poll()
+        return self.rc
 
     def wait(self, timeout: float) -> int:
-        try:
-            return self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"still running after {timeout:.0f} s: killed\n{self.log()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL the whole session (launcher, ranks), even after the leader exited."""
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def _read(self, f) -> str:
-        f.flush()
-        f.seek(0)
-        return f.read()
-
-    @property
-    def stdout(self) -> str:
-        return self._read(self._out)
-
-    @property
-    def stderr(self) -> str:
-        return self._read(self._err)
-
-    def log(self) -> str:
-        return f"--- {' '.join(self.cmd)}\n--- stdout\n{self.stdout[-6000:]}\n--- stderr\n{self.stderr[-6000:]}"
+        return super().wait(time.time() + timeout)
 
 
 def start_train(config: Path, logdir: Path, extra_env: dict, resume: bool = False) -> Proc:
