@@ -66,24 +66,23 @@ def _write(run_dir: str | Path, name: str, info: dict) -> None:
         pass
 
 
-def started(run_dir: str | Path) -> list[dict]:
+def _read_all(run_dir: str | Path, pattern: str) -> list[dict]:
+    """Every record matching ``pattern``; one cut short by a dying rank is skipped."""
     out = []
-    for path in sorted(_folder(run_dir).glob("started-*.json")):
+    for path in sorted(_folder(run_dir).glob(pattern)):
         try:
             out.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    return sorted(out, key=lambda r: r["rank"])
+    return out
+
+
+def started(run_dir: str | Path) -> list[dict]:
+    return sorted(_read_all(run_dir, "started-*.json"), key=lambda r: r["rank"])
 
 
 def read(run_dir: str | Path) -> list[dict]:
-    records = []
-    for path in sorted(_folder(run_dir).glob("rank-*.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return records
+    return _read_all(run_dir, "rank-*.json")
 
 
 def summary(run_dir: str | Path, code: int) -> str:
@@ -144,14 +143,7 @@ def clear_stop(run_dir: str | Path) -> None:
 
 def record_requeue(run_dir: str | Path, step: int, reason: str) -> None:
     """Rank 0, after the stop checkpoint of step ``step`` is complete. Never raises."""
-    try:
-        folder = _folder(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{REQUEUE}.tmp"
-        tmp.write_text(json.dumps({"step": step, "reason": reason, "host": socket.gethostname(), "time": time.time()}))
-        os.replace(tmp, folder / REQUEUE)
-    except OSError:
-        pass
+    _write(run_dir, REQUEUE, {"step": step, "reason": reason, "host": socket.gethostname(), "time": time.time()})
 
 
 def requeue_recorded(run_dir: str | Path) -> dict | None:
