@@ -26,7 +26,15 @@ import hashlib
 import re
 from pathlib import Path
 
-from ds_relora.checkpoint.meta import FORMAT_VERSION, META, RESUMABLE_VERSIONS, WEIGHTS_READABLE_VERSIONS, CheckpointMeta, read_meta  # noqa: F401  (the format's names, re-exported)
+from ds_relora.checkpoint.meta import (  # noqa: F401  (the format's names, re-exported)
+    FORMAT_VERSION,
+    META,
+    RESUMABLE_VERSIONS,
+    SETS_ONLY_VERSION,
+    WEIGHTS_READABLE_VERSIONS,
+    CheckpointMeta,
+    read_meta,
+)
 from ds_relora.durable import WHOLE_HASH, HashingFile, fsync_dir, fsync_tree, public_mode, whole_file_hash, write_atomic  # noqa: F401  (re-exported for the checkpoint's writers)
 from ds_relora.errors import CheckpointError
 
