@@ -154,8 +154,10 @@ def prune(root: Path, keep_last: int, newest: Path) -> list[Path]:
     for step, old in complete_checkpoints(root)[:-keep_last]:
         if old == newest:
             continue
-        aside = root / f"{PRUNED}{old.name}"
-        shutil.rmtree(aside, ignore_errors=True)  # an interrupted delete of the same name
+        aside, n = root / f"{PRUNED}{old.name}", 0
+        while aside.exists():  # an interrupted delete of the same name: the thread takes both
+            n += 1
+            aside = root / f"{PRUNED}{old.name}.{n}"
         os.rename(old, aside)
         moved.append(aside)
     fsync_dir(root)
