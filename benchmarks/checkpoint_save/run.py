@@ -64,11 +64,13 @@ def disk_bandwidth(folder: Path, size: int, rank: int, world: int) -> tuple[floa
 
 
 def worker(args) -> None:
-    from benchmarks.common import init_distributed
-
-    rank, world = init_distributed()
     import torch
     import torch.distributed as dist
+
+    from ds_relora.worker import init_distributed
+
+    init_distributed()  # as a training rank starts (no JIT-compiled shared-memory op on CPU)
+    rank, world = dist.get_rank(), dist.get_world_size()
 
     from ds_relora.checkpoint.format import CheckpointMeta, expected_checkpoint_bytes
     from ds_relora.checkpoint.store import save_checkpoint, wait_for_pruning

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def clean_leftovers(root: Path) -> None:
 
 def _publish(staging: Path, final: Path) -> None:
     """Rename the complete ``staging`` to ``final``; an existing complete ``final`` is moved
-    aside first and deleted only once the new one is in place."""
+    aside first and handed to :func:`prune`'s delete only once the new one is in place."""
     if final.exists():
         aside = final.with_name(final.name + REPLACED)
         shutil.rmtree(aside, ignore_errors=True)
@@ -115,7 +116,7 @@ def _publish(staging: Path, final: Path) -> None:
         fsync_dir(final.parent)
         os.rename(staging, final)
         fsync_dir(final.parent)
-        shutil.rmtree(aside)
+        _set_aside(aside)  # deleted by prune's background thread, outside the collectives
     else:
         os.rename(staging, final)
         fsync_dir(final.parent)
@@ -143,25 +144,33 @@ PRUNED = ".pruned-"
 _pruners: list[threading.Thread] = []
 
 
+def _set_aside(folder: Path) -> Path:
+    """Rename ``folder`` out of the step-N names (a metadata operation: instant at any size)."""
+    aside, n = folder.parent / f"{PRUNED}{folder.name}", 0
+    while aside.exists():  # an interrupted delete of the same name: the thread takes both
+        n += 1
+        aside = folder.parent / f"{PRUNED}{folder.name}.{n}"
+    os.rename(folder, aside)
+    return aside
+
+
 def prune(root: Path, keep_last: int, newest: Path) -> list[Path]:
     """Rank 0, after the save's last collective: move every complete checkpoint but the newest
-    ``keep_last`` (never ``newest``, the one just written, even when a damaged higher step
-    exists) out of the step-N names, and delete them (and leftovers of an interrupted delete) in a
-    background thread. Returns the folders it moved."""
-    if keep_last <= 0:
-        return []
+    ``keep_last`` (0 keeps all; never ``newest``, the one just written, even when a damaged
+    higher step exists) out of the step-N names, and delete them (with a replaced folder of the
+    same step and leftovers of an interrupted delete) in a background thread. Returns the folders
+    it moved. A failure is one line on stderr, not an error: the run goes on, the other ranks are
+    already past the save."""
     moved = []
-    for step, old in complete_checkpoints(root)[:-keep_last]:
-        if old == newest:
-            continue
-        aside, n = root / f"{PRUNED}{old.name}", 0
-        while aside.exists():  # an interrupted delete of the same name: the thread takes both
-            n += 1
-            aside = root / f"{PRUNED}{old.name}.{n}"
-        os.rename(old, aside)
-        moved.append(aside)
-    fsync_dir(root)
-    doomed = sorted(p for p in root.iterdir() if p.name.startswith(PRUNED) and p.is_dir())
+    try:
+        old = complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []
+        moved = [_set_aside(folder) for _, folder in old if folder != newest]
+        fsync_dir(root)
+        doomed = sorted(p for p in root.iterdir() if p.name.startswith(PRUNED) and p.is_dir())
+    except OSError as exc:
+        print(f"checkpoint: could not prune old checkpoints under {root} ({exc}); delete them by hand "
+              "or lower train.keep_last", file=sys.stderr, flush=True)
+        return moved
     if doomed:
         # Not a daemon: the interpreter finishes the delete before the process exits.
         thread = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
