@@ -113,7 +113,7 @@ class BackgroundWriter:
     removed; the rest of the queue is dropped) and is returned by :meth:`finish`; ``put`` never
     blocks the caller on a failed writer, so a rank keeps taking part in collective gathers."""
 
-    def __init__(self, writers: dict[str, StreamingWriter], depth: int = 2):
+    def __init__(self, writers: dict[str, StreamingWriter], depth: int = 1):
         self.writers = writers
         self.error: BaseException | None = None
         self.queue: queue.Queue = queue.Queue(maxsize=depth)

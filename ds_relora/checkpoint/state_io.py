@@ -63,7 +63,7 @@ def _visit_order(sizes: list[int], owners: list[int], world: int) -> list[int]:
 
 @torch.no_grad()
 def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | None = None,
-                errors: list | None = None, depth: int = 2) -> dict[str, list[str]]:
+                errors: list | None = None, depth: int = 1) -> dict[str, list[str]]:
     """Collective: write the weights set (and the moments set) into ``folder``; returns the
     shard files this rank wrote. Rank 0 writes the two index files. Each shard's size and hash
     go into ``digests``. With ``errors`` given, a disk error (no space, read-only) is appended
@@ -73,7 +73,8 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     Each rank writes its own shards from a background thread (:class:`BackgroundWriter`, a queue
     of ``depth`` tensors) while the gathers go on in :func:`_visit_order`, so every rank's disk is
     busy at once. Peak extra host memory per rank: ``depth + 2`` tensors (the queue, the one
-    being written, the one being gathered), each one parameter or one of its moments."""
+    being written, the one being gathered), each one parameter or one of its moments: 3 x the
+    largest by default, the figure ``estimate-memory`` plans for the save."""
 
     rank, world = dist.get_rank(), dist.get_world_size()
     params = list(engine.module.named_parameters())
