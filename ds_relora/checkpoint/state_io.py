@@ -126,8 +126,9 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     try:
         for i in _visit_order(sizes, owners, world):
             keep = owners[i] == rank
-            if i >= len(params):
-                put(WEIGHTS, weight_entries[i][0], _buffer_value(buffers[i - len(params)][1]))
+            if i >= len(params):  # an adapter buffer: every rank holds it whole, its owner writes it
+                if keep:
+                    put(WEIGHTS, weight_entries[i][0], _buffer_value(buffers[i - len(params)][1]))
                 continue
             name, p = params[i]
             value = _full_value(engine, p, keep)
