@@ -44,7 +44,7 @@ def write_fsync(path: Path, size: int) -> float:
         f.flush()
         os.fsync(f.fileno())
     seconds = time.perf_counter() - start
-    path.unlink()
+    path.unlink(missing_ok=True)
     return seconds
 
 
