@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -101,6 +103,64 @@ class StreamingWriter:
         except OSError:  # flushing the buffer fails again on a full disk; the file goes anyway
             pass
         self.tmp.unlink(missing_ok=True)
+
+
+class BackgroundWriter:
+    """Feeds tensors to :class:`StreamingWriter` s (by key) from one background thread through a
+    queue of ``depth`` tensors, so a rank's disk writes (and their hashing and fsync) overlap the
+    gathers of the next tensors. Peak extra host memory: ``depth`` queued tensors plus the one
+    being written. The first error in the thread stops the writing (the writers' temp files are
+    removed; the rest of the queue is dropped) and is returned by :meth:`finish`; ``put`` never
+    blocks the caller on a failed writer, so a rank keeps taking part in collective gathers."""
+
+    def __init__(self, writers: dict[str, StreamingWriter], depth: int = 1):
+        self.writers = writers
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, key: str, name: str, tensor: torch.Tensor) -> None:
+        if self.error is None:
+            self.queue.put((key, name, tensor))
+
+    def _abort(self) -> None:
+        for w in self.writers.values():
+            if not w.file.closed:
+                w.abort()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            if self.error is not None:
+                continue  # drained: the caller may have queued more before it saw the error
+            key, name, tensor = item
+            try:
+                self.writers[key].write(name, tensor)
+            except BaseException as exc:  # handed to the caller's thread by finish
+                self.error = exc
+                self._abort()
+        if self.error is None:
+            try:
+                for w in self.writers.values():
+                    w.close()  # fsync, rename, digest: in this thread too
+            except BaseException as exc:  # handed to the caller's thread by finish
+                self.error = exc
+                self._abort()
+
+    def finish(self, abort: bool = False) -> BaseException | None:
+        """Write what is queued and close every file (``abort``: remove them instead); the
+        thread's first error, or None."""
+        if abort and self.error is None:
+            self.error = RuntimeError("aborted")
+        self.queue.put(None)
+        self.thread.join()
+        if abort:
+            self._abort()
+            return None
+        return self.error
 
 
 def owners_by_bytes(sizes: list[int], parts: int) -> list[int]:

@@ -79,7 +79,7 @@ def test_two_nodes_no_ssh_each_run_their_own_rank(two_node_run):
     # ... while both nodes write their own shards into the shared checkpoint folder
     final = run_dir / "checkpoints" / f"step-{STEPS}"
     for rank in (0, 1):
-        assert (final / f"rng_rank{rank}.pt").is_file() and (final / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        assert (final / f"rng_rank{rank}.pt").is_file() and (final / f"model-{rank + 1:05d}-of-00002.safetensors").is_file()
     assert json.loads((final / "meta.json").read_text())["world_size"] == 2
 
 

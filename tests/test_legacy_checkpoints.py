@@ -113,5 +113,5 @@ def test_old_checkpoint_resumes_evaluates_and_exports(version, tmp_path, capsys)
 
     # What the resumed run wrote is read back by the one reader.
     new = read_meta(run_dir / "checkpoints" / "step-8", for_resume=True)
-    assert new.format_version == 5 and new.step == 8 and new.method == "relora"
+    assert new.format_version == 6 and new.step == 8 and new.method == "relora"
     assert new.method_settings["lora_scale"] == 2.0 and new.data_position()["consumed_samples"] == 32

@@ -311,11 +311,11 @@ def test_damaged_files_are_detected_and_auto_falls_back(runs, tmp_path):
     from ds_relora.checkpoint.choose import resolve_resume
 
     newest, older = _copy_ckpt(runs, tmp_path, 24), _copy_ckpt(runs, tmp_path, 16)
-    shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard = newest / "optimizer-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])  # a power loss before the data reached the disk
     lines = []
     assert resolve_resume("auto", tmp_path / "run", lines.append) == older
-    assert len(lines) == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt has 1000 bytes" in lines[0]
+    assert len(lines) == 1 and "optimizer-00002-of-00002.safetensors has 1000 bytes" in lines[0]
     with pytest.raises(CheckpointError, match="is damaged"):
         resolve_resume(str(newest), tmp_path / "run")
     rng = older / "rng_rank0.pt"

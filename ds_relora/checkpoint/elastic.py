@@ -1,7 +1,8 @@
-"""Resume on another number of ranks or another ZeRO stage.
+"""Restoring a run's state from a checkpoint's whole-tensor sets, on any number of ranks and any
+ZeRO stage: since format 6 the one way every resume restores (same layout or not).
 
 DeepSpeed's optimizer checkpoint is per rank and per stage (and its universal checkpoints do not
-restore frozen params). Every ds_relora checkpoint also holds the whole fp32 value of every
+restore frozen params), so format 6 no longer writes it. Every ds_relora checkpoint holds the whole fp32 value of every
 parameter (the weights set: masters of the trainable ones, frozen W, adapters, adapter buffers)
 and the Adam moments of every trainable one (the moments set), written through ``zero_state`` as
 whole tensors and read back one parameter at a time. From those two files any stage and world size rebuilds
@@ -10,11 +11,13 @@ exactly the same optimizer state:
 * the module tensors and the fp32 masters get the saved values (each rank writes its own shard);
 * Adam's state is created for every flat partition at the saved step count (torch's own layout:
   a scalar ``step``, zero moments) and then the saved moments are written into each fragment;
-* the LR scheduler and DeepSpeed's step counters come from ``meta.json`` (the data position
-  too, as on every resume: :meth:`~ds_relora.checkpoint.meta.CheckpointMeta.data_position`).
+* the LR scheduler's position, DeepSpeed's step counters and an fp16 loss scaler come from
+  ``meta.json`` (:func:`engine_counters` writes them; the data position too, as on every
+  resume: :meth:`~ds_relora.checkpoint.meta.CheckpointMeta.data_position`).
 
-What it does not restore: the per-rank RNG streams (another world size has other ranks), so
-adapter dropout masks after an elastic resume differ from an uninterrupted run's.
+The per-rank RNG streams are restored by the caller only on the same world size
+(:func:`ds_relora.checkpoint.store.load_checkpoint`); on another one the ranks are other ranks,
+so adapter dropout masks after an elastic resume differ from an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -33,8 +36,47 @@ from ds_relora.zero.state import MOMENTS, set_moment
 
 
 def needs_elastic(meta: CheckpointMeta, world_size: int, stage: int) -> bool:
-    """A resume that DeepSpeed's own per-rank checkpoint cannot serve."""
+    """A resume on another layout than the checkpoint's (another world size or ZeRO stage)."""
     return meta.world_size != world_size or meta.zero_stage != stage
+
+
+# The fp16 dynamic loss scaler's changing numbers (DeepSpeed's fp16/loss_scaler.py).
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler(engine):
+    return getattr(engine.optimizer, "loss_scaler", None) if engine.fp16_enabled() else None
+
+
+def engine_counters(engine) -> dict:
+    """What DeepSpeed's own checkpoint files held besides tensors, for ``meta.json``: its step
+    counters, the LR scheduler's position and (fp16 only) the loss scaler's state."""
+    scaler = _loss_scaler(engine)
+    return {
+        "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
+        "skipped_steps": int(engine.skipped_steps), "scheduler_epoch": int(engine.lr_scheduler.last_epoch),
+        "loss_scaler": None if scaler is None else {k: getattr(scaler, k) for k in _SCALER_FIELDS if hasattr(scaler, k)},
+    }
+
+
+def _restore_counters(engine, meta: CheckpointMeta) -> None:
+    """The LR scheduler's position and DeepSpeed's counters (before format 6: derived from the
+    step, as no config of that time skipped updates)."""
+    updates = int(meta.step) - int(meta.phase_offset)
+    counters = meta.engine_counters or {"global_steps": updates, "global_samples": updates * int(meta.global_batch),
+                                        "skipped_steps": 0, "scheduler_epoch": updates, "loss_scaler": None}
+    scheduler = engine.lr_scheduler
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": we set its position
+        scheduler.last_epoch = int(counters["scheduler_epoch"]) - 1
+        scheduler.step()
+    engine.global_steps = int(counters["global_steps"])
+    engine.global_samples = int(counters["global_samples"])
+    engine.skipped_steps = int(counters["skipped_steps"])
+    scaler = _loss_scaler(engine)
+    for key, value in (counters.get("loss_scaler") or {}).items():
+        if scaler is not None and key in _SCALER_FIELDS:
+            setattr(scaler, key, value)
 
 
 def check_elastic(folder: Path, meta: CheckpointMeta, world_size: int, stage: int) -> None:
@@ -65,8 +107,9 @@ def _init_adam_state(engine, step: int) -> None:
 
 @torch.no_grad()
 def restore(engine, folder: Path, meta: CheckpointMeta) -> None:
-    """Load a checkpoint of any stage / world size into ``engine`` (collective): weights, Adam
-    state, LR scheduler and DeepSpeed's step counters."""
+    """Load a checkpoint of any stage / world size into ``engine`` (collective): weights, adapter
+    buffers, Adam state, LR scheduler and DeepSpeed's step counters. A method whose optimizer
+    keeps state that is not shaped like its params takes it back here, after the moments."""
 
     folder = Path(folder)
     weights = open_weights(folder)
@@ -83,11 +126,4 @@ def restore(engine, folder: Path, meta: CheckpointMeta) -> None:
                         raise CheckpointError(f"{folder} has no Adam moment {name}.{key}: the checkpoint is damaged "
                                               "or of another method; resume from another step-N folder")
                     set_moment(engine, p, key, moments[f"{name}.{key}"].to(engine.device))
-    updates = int(meta.step) - int(meta.phase_offset)
-    scheduler = engine.lr_scheduler
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": we set its position
-        scheduler.last_epoch = updates - 1
-        scheduler.step()
-    engine.global_steps = updates
-    engine.global_samples = updates * int(meta.global_batch)
+    _restore_counters(engine, meta)

@@ -26,7 +26,15 @@ import hashlib
 import re
 from pathlib import Path
 
-from ds_relora.checkpoint.meta import FORMAT_VERSION, META, RESUMABLE_VERSIONS, WEIGHTS_READABLE_VERSIONS, CheckpointMeta, read_meta  # noqa: F401  (the format's names, re-exported)
+from ds_relora.checkpoint.meta import (  # noqa: F401  (the format's names, re-exported)
+    FORMAT_VERSION,
+    META,
+    RESUMABLE_VERSIONS,
+    SETS_ONLY_VERSION,
+    WEIGHTS_READABLE_VERSIONS,
+    CheckpointMeta,
+    read_meta,
+)
 from ds_relora.durable import WHOLE_HASH, HashingFile, fsync_dir, fsync_tree, public_mode, whole_file_hash, write_atomic  # noqa: F401  (re-exported for the checkpoint's writers)
 from ds_relora.errors import CheckpointError
 
@@ -95,8 +103,8 @@ def file_digest(path: Path) -> str:
 def file_manifest(folder: Path, streamed: dict[str, dict] | None = None) -> dict[str, dict]:
     """{relative path: {size, xxh3_128}} of every file under ``folder`` but ``meta.json``. The
     hashes in ``streamed`` (taken while the files were written, by whichever rank wrote them) are
-    used as they are; only the files written without one (configs, indexes, tokenizer, DeepSpeed's
-    recovery scripts: small) are read here."""
+    used as they are; only the files written without one (configs, indexes, tokenizer: small) are
+    read here."""
     folder = Path(folder)
     streamed = streamed or {}
     out = {}
@@ -177,16 +185,15 @@ def verify_share(meta: CheckpointMeta, rank: int, world: int) -> set[str]:
 
 
 def expected_checkpoint_bytes(module) -> int:
-    """About what one checkpoint of ``module`` takes on disk: every parameter in fp32 (weights
-    set), the trainable ones' two Adam moments (moments set), and DeepSpeed's state of the
-    trainable ones (fp32 master, two moments, the module's copy): 4 N + 24 T bytes, an upper
-    bound (DeepSpeed's module copy is bf16 on bf16 runs)."""
+    """What one checkpoint of ``module`` takes on disk, its tensors alone: every parameter in fp32
+    (weights set) and the trainable ones' two Adam moments (moments set): 4 N + 8 T bytes (plus
+    the small files: RNG, meta, config, tokenizer, index; format 6 holds no second copy)."""
     total = trainable = 0
     for p in module.parameters():
         n = int(getattr(p, "ds_numel", 0) or p.numel())
         total += n
         trainable += n if p.requires_grad else 0
-    return 4 * total + 24 * trainable
+    return 4 * total + 8 * trainable
 
 
 def check_complete(folder: Path, *, hashes: bool = True) -> CheckpointMeta:

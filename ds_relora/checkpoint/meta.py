@@ -6,7 +6,7 @@ Every consumer (the trainer's resume, the pre-launch plan, elastic restore, eval
 spectrum, the study tools) reads attributes of this record, never keys of the JSON, so a field's
 name, type and the default an older format gets for it are written down once, here.
 
-Formats 1-5 are read. A field an older format did not write gets the default below, which is
+Formats 1-6 are read. A field an older format did not write gets the default below, which is
 what the code of that time assumed when the key was missing. Keys this record does not name are
 the method's own (``Method.meta``: ``lora_scale``, ``mora_compression``, ``galore_scale``) and
 stay together in :attr:`CheckpointMeta.method_settings`, which the method's ``fold`` reads.
@@ -21,16 +21,21 @@ from typing import Any, Optional
 
 from ds_relora.errors import CheckpointError
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # Format 3 writes the weights and the moments as Hugging Face sharded sets, each shard by the rank
 # that holds it; formats 1 and 2 had one file of each, written by rank 0 (and format 2 is resumed
 # as well). Format 1 had no manifest or data fingerprint: its weights can still be read
 # (eval/export/spectrum/warm start), it cannot be resumed. Format 4 is format 3 with whole-file
 # hashes in the manifest. Format 5 is format 4 with the data position only here (DeepSpeed's
 # client_state no longer carries a copy): code that read it from there refuses format 5 in one
-# line instead of failing on a missing key.
-WEIGHTS_READABLE_VERSIONS = (1, 2, 3, 4, 5)
-RESUMABLE_VERSIONS = (2, 3, 4, 5)
+# line instead of failing on a missing key. Format 6 drops DeepSpeed's own files (a second copy of
+# the masters and moments): the whole-tensor sets are the only copy of the state, every resume
+# restores through them, and meta.json carries the engine's counters DeepSpeed's files held.
+WEIGHTS_READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+RESUMABLE_VERSIONS = (2, 3, 4, 5, 6)
+# The first format without DeepSpeed's per-rank files: older ones resume at their own world size
+# and stage through DeepSpeed's loader (it restores exactly what they hold).
+SETS_ONLY_VERSION = 6
 META = "meta.json"
 
 
@@ -82,6 +87,12 @@ class CheckpointMeta:
     optimizer_step: Optional[int] = None
     """Adam's step count of the current phase; None before the moments set existed (such a
     checkpoint cannot be resumed on another world size or stage)."""
+    engine_counters: Optional[dict] = None
+    """What DeepSpeed's own files held besides the tensors, restored on resume: ``global_steps``,
+    ``global_samples``, ``skipped_steps`` (fp16 overflow skips), ``scheduler_epoch`` (the LR
+    scheduler's ``last_epoch``: it does not step on a skipped update) and ``loss_scaler`` (the
+    fp16 dynamic loss scaler's numbers, None without one). None before format 6: derived from
+    :attr:`step` and :attr:`phase_offset` (no skipped steps)."""
     data_path: Optional[str] = None
     """``data.path`` of the run: ``ds-relora eval``'s default data."""
     params: Optional[dict] = None

@@ -3,8 +3,9 @@ tensor sets, one parameter at a time, so that no rank ever holds the whole model
 
 * :func:`write_state` (a save): every parameter's fp32 value (the optimizer's master of a
   trainable one, the module tensor of a frozen one) and its Adam moments are gathered in turn;
-  the rank that owns it (contiguous runs of about equal bytes, one per rank) streams it into its
-  own shard and the others drop it. Peak extra host memory per rank: one parameter.
+  the rank that owns it (contiguous runs of about equal bytes, one per rank) queues it for its
+  own shard's background writer and the others drop it; the gathers interleave the owners, so
+  every rank writes at the same time. Peak extra host memory per rank: a few parameters.
 * :func:`load_weights` (warm start, elastic resume, continued pre-training): each parameter is
   read from the memory-mapped set and every rank writes only its own shard (module and master).
 * :func:`local_snapshot` / :func:`restore_snapshot` (the warm-start switch): this rank's fp32
@@ -23,7 +24,7 @@ from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
 from ds_relora.disk import is_disk_error
 from ds_relora.errors import CheckpointError
 from ds_relora.methods import adapter_buffers
-from ds_relora.tensor_files import StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
+from ds_relora.tensor_files import BackgroundWriter, StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
 from ds_relora.zero.state import MOMENTS, _z3_local_slice, full_shape, get_master, get_moment, is_zero3_param, set_master, set_module_value
 
 
@@ -44,14 +45,36 @@ def _buffer_value(buf: torch.Tensor) -> torch.Tensor:
     return (buf.float() if buf.is_floating_point() else buf).detach()
 
 
+def _visit_order(sizes: list[int], owners: list[int], world: int) -> list[int]:
+    """The order every rank gathers the tensors in: each owner's own ones in their file order,
+    interleaved so that the next tensor is always one of the owner with the fewest bytes so far.
+    Every rank then has its next write queued while the others gather theirs, and all ranks
+    write at once (the owners' runs are contiguous, so file order alone would let them write in
+    turn)."""
+    queues = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    done, order = [0] * world, []
+    while any(queues):
+        r = min((r for r in range(world) if queues[r]), key=lambda r: (done[r], r))
+        i = queues[r].pop(0)
+        done[r] += sizes[i]
+        order.append(i)
+    return order
+
+
 @torch.no_grad()
 def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | None = None,
-                errors: list | None = None) -> dict[str, list[str]]:
+                errors: list | None = None, depth: int = 1) -> dict[str, list[str]]:
     """Collective: write the weights set (and the moments set) into ``folder``; returns the
     shard files this rank wrote. Rank 0 writes the two index files. Each shard's size and hash
     go into ``digests``. With ``errors`` given, a disk error (no space, read-only) is appended
     there and this rank stops writing but keeps taking part in the gathers: a rank that left
-    them would hang the others; the caller agrees on the errors afterwards."""
+    them would hang the others; the caller agrees on the errors afterwards.
+
+    Each rank writes its own shards from a background thread (:class:`BackgroundWriter`, a queue
+    of ``depth`` tensors) while the gathers go on in :func:`_visit_order`, so every rank's disk is
+    busy at once. Peak extra host memory per rank: ``depth + 2`` tensors (the queue, the one
+    being written, the one being gathered), each one parameter or one of its moments: 3 x the
+    largest by default, the figure ``estimate-memory`` plans for the save."""
 
     rank, world = dist.get_rank(), dist.get_world_size()
     params = list(engine.module.named_parameters())
@@ -67,9 +90,17 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     count = len(shard_of)
     mine = [i for i, o in enumerate(owners) if o == rank]
 
+    def disk_error(exc: BaseException, path) -> bool:
+        """Record a disk error (the caller agrees on it); False for anything else (raised)."""
+        if errors is None or not isinstance(exc, OSError) or not is_disk_error(exc):
+            return False
+        exc.filename = exc.filename or str(path)  # a failed write() names no file
+        errors.append(exc)
+        return True
+
     writers: dict[str, StreamingWriter] = {}
     written = {WEIGHTS: [], MOMENTS_SET: []}
-    failed = []
+    opened = True
     try:
         if mine:
             name = shard_name(WEIGHTS, shard_of[rank], count)
@@ -81,30 +112,25 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
                 writers[MOMENTS_SET] = StreamingWriter(folder / name, own_moments, {"format": "pt"}, digests)
                 written[MOMENTS_SET].append(name)
     except OSError as exc:
-        if errors is None or not is_disk_error(exc):
-            raise
-        exc.filename = exc.filename or str(folder)
-        failed.append(exc)
         for w in writers.values():
             w.abort()
+        if not disk_error(exc, folder):
+            raise
+        writers, opened = {}, False
+    background = BackgroundWriter(writers, depth)
 
     def put(key: str, name: str, value: torch.Tensor) -> None:
-        if failed:
-            return
-        try:
-            writers[key].write(name, value)
-        except OSError as exc:
-            if errors is None or not is_disk_error(exc):
-                raise
-            exc.filename = exc.filename or str(writers[key].path)
-            failed.append(exc)
-            for w in writers.values():  # its temp files go: the space is what ran out
-                if not w.file.closed:
-                    w.abort()
+        if opened:
+            background.put(key, name, value.detach().to("cpu"))  # a GPU value leaves the device here
 
     try:
-        for i, (name, p) in enumerate(params):
+        for i in _visit_order(sizes, owners, world):
             keep = owners[i] == rank
+            if i >= len(params):  # an adapter buffer: every rank holds it whole, its owner writes it
+                if keep:
+                    put(WEIGHTS, weight_entries[i][0], _buffer_value(buffers[i - len(params)][1]))
+                continue
+            name, p = params[i]
             value = _full_value(engine, p, keep)
             if keep:
                 put(WEIGHTS, name, value)
@@ -114,23 +140,15 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
                 if keep:
                     put(MOMENTS_SET, key_name, moment if moment is not None else torch.zeros(full_shape(p)))
                 del moment
-        for i, (name, buf) in enumerate(buffers, start=len(params)):
-            if owners[i] == rank:
-                put(WEIGHTS, name, _buffer_value(buf))
-        if not failed:
-            for w in writers.values():
-                w.close()
-    except BaseException as exc:
-        for w in writers.values():
-            if not w.file.closed:
-                w.abort()
-        if errors is not None and is_disk_error(exc):
-            exc.filename = exc.filename or str(folder)
-            failed.append(exc)
-        else:
-            raise
-    if failed:
-        errors.append(failed[0])
+    except BaseException:
+        background.finish(abort=True)
+        raise
+    error = background.finish()
+    if error is not None:
+        if not disk_error(error, folder):
+            raise error
+        return written
+    if not opened:
         return written
     if rank == 0:
         try:
@@ -140,10 +158,8 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
                     total = sum(nbytes(s, d) for group in entries for _, d, s in group)
                     write_index(folder, prefix, weight_map, total)
         except OSError as exc:
-            if errors is None or not is_disk_error(exc):
+            if not disk_error(exc, folder):
                 raise
-            exc.filename = exc.filename or str(folder)
-            errors.append(exc)
     return written
 
 

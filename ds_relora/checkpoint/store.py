@@ -1,27 +1,34 @@
 """Saving, finding and loading checkpoints: ``run_dir/checkpoints/step-N/``.
 
-Each folder holds DeepSpeed's own checkpoint of the trainable state (exact resume at the same
-world size; the frozen params are read back from the weights set), one RNG
-file per rank, the weights and Adam moments as whole tensors in Hugging Face's sharded
-safetensors layout (every parameter by its HF name in fp32, adapters included, each shard
-written by the rank that holds it; stage-independent: export, eval, spectrum, warm starts and
-elastic resumes read them), the resolved run config, the HF model config (``config.json``) and
-the tokenizer. The folder format itself (meta.json, manifest,
+Each folder holds one copy of the state: the weights and Adam moments as whole tensors in
+Hugging Face's sharded safetensors layout (every parameter by its HF name in fp32, adapters
+included, each shard written by the rank that holds it, all ranks at once; stage-independent:
+every resume, export, eval, spectrum and warm start reads them), one RNG file per rank, the
+resolved run config, the HF model config (``config.json``) and the tokenizer; ``meta.json``
+carries the step counters and LR position DeepSpeed's own files held. Format 6 writes no
+DeepSpeed files (before it they were a second copy of the masters and moments); older
+checkpoints that have them still resume through DeepSpeed's loader. The folder format itself (meta.json, manifest,
 format_version, fsync, staging names) is owned by :mod:`ds_relora.checkpoint.format`.
 
-Every file a rank streams (its tensor shards, DeepSpeed's states, its RNG) is hashed as it is
+Every file a rank streams (its tensor shards, its RNG) is hashed as it is
 written and the hashes are gathered into rank 0's manifest; on resume each rank hashes its share
 of the chosen checkpoint, and a mismatch anywhere makes every rank skip it together. A disk
 error (full, quota, read-only) on any rank fails the save on every rank with one line; the
 half-written ``step-N.saving`` is deleted and never trusted.
+
+Pruning (``keep_last``) runs after the save's last collective, on rank 0: the folders to drop are
+renamed out of the ``step-N`` namespace at once (a resume never picks a half-deleted one) and
+deleted by a background thread, so a slow delete on a parallel filesystem holds no rank in a
+collective. The checkpoint just written is never pruned.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +36,11 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.checkpoint.choose import complete_checkpoints
+from ds_relora.checkpoint.elastic import restore
 from ds_relora.checkpoint.format import (
     HF_CONFIG,
     REPLACED,
+    SETS_ONLY_VERSION,
     STAGING,
     STEP_FOLDER,
     CheckpointMeta,
@@ -99,7 +108,7 @@ def clean_leftovers(root: Path) -> None:
 
 def _publish(staging: Path, final: Path) -> None:
     """Rename the complete ``staging`` to ``final``; an existing complete ``final`` is moved
-    aside first and deleted only once the new one is in place."""
+    aside first and handed to :func:`prune`'s delete only once the new one is in place."""
     if final.exists():
         aside = final.with_name(final.name + REPLACED)
         shutil.rmtree(aside, ignore_errors=True)
@@ -107,14 +116,15 @@ def _publish(staging: Path, final: Path) -> None:
         fsync_dir(final.parent)
         os.rename(staging, final)
         fsync_dir(final.parent)
-        shutil.rmtree(aside)
+        _set_aside(aside)  # deleted by prune's background thread, outside the collectives
     else:
         os.rename(staging, final)
         fsync_dir(final.parent)
 
 
 def _torch_save(obj, path: Path, zipfile: bool = True) -> dict:
-    """``torch.save`` hashing the bytes on their way to the file: the file's size and hash."""
+    """``torch.save`` hashing the bytes on their way to the file, then fsynced: the file's size
+    and hash."""
     with open(path, "wb") as f:
         out = HashingFile(f)
         try:
@@ -123,38 +133,57 @@ def _torch_save(obj, path: Path, zipfile: bool = True) -> dict:
             if out.error is not None:  # the disk error torch wrapped
                 raise out.error from None
             raise
+        f.flush()
+        os.fsync(f.fileno())
     return out.record()
 
 
-@contextlib.contextmanager
-def _hashing_deepspeed_writes(engine, staging: Path, digests: dict, errors: list):
-    """DeepSpeed's own files go through its checkpoint engine's ``save``: with the plain torch
-    engine, write them through :class:`HashingFile` (other engines: their files are read back
-    for the manifest). A disk error is recorded, not raised: DeepSpeed's save ends in a barrier
-    the other ranks are already waiting in."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if type(ce).__name__ != "TorchCheckpointEngine":
-        yield
-        return
+# Where pruned checkpoints wait for their background delete: outside the ``step-N`` names, so
+# neither a resume nor clean_leftovers ever sees them.
+PRUNED = ".pruned-"
+_pruners: list[threading.Thread] = []
 
-    def save(state_dict, path):
-        path = Path(path)
-        try:
-            record = _torch_save(state_dict, path, bool(ce.zipfile_serialization))
-        except OSError as exc:
-            if not is_disk_error(exc):
-                raise
-            exc.filename = exc.filename or str(path)
-            errors.append(exc)
-            return
-        # DeepSpeed writes flat into the tag folder: recorded by the name relative to it.
-        digests[path.relative_to(staging).as_posix()] = record
 
-    ce.save = save
+def _set_aside(folder: Path) -> Path:
+    """Rename ``folder`` out of the step-N names (a metadata operation: instant at any size)."""
+    aside, n = folder.parent / f"{PRUNED}{folder.name}", 0
+    while aside.exists():  # an interrupted delete of the same name: the thread takes both
+        n += 1
+        aside = folder.parent / f"{PRUNED}{folder.name}.{n}"
+    os.rename(folder, aside)
+    return aside
+
+
+def prune(root: Path, keep_last: int, newest: Path) -> list[Path]:
+    """Rank 0, after the save's last collective: move every complete checkpoint but the newest
+    ``keep_last`` (0 keeps all; never ``newest``, the one just written, even when a damaged
+    higher step exists) out of the step-N names, and delete them (with a replaced folder of the
+    same step and leftovers of an interrupted delete) in a background thread. Returns the folders
+    it moved. A failure is one line on stderr, not an error: the run goes on, the other ranks are
+    already past the save."""
+    moved = []
     try:
-        yield
-    finally:
-        del ce.save  # the class's own method again
+        old = complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []
+        moved = [_set_aside(folder) for _, folder in old if folder != newest]
+        fsync_dir(root)
+        doomed = sorted(p for p in root.iterdir() if p.name.startswith(PRUNED) and p.is_dir())
+    except OSError as exc:
+        print(f"checkpoint: could not prune old checkpoints under {root} ({exc}); delete them by hand "
+              "or lower train.keep_last", file=sys.stderr, flush=True)
+        return moved
+    if doomed:
+        # Not a daemon: the interpreter finishes the delete before the process exits.
+        thread = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+                                  name="checkpoint-prune")
+        thread.start()
+        _pruners.append(thread)
+    return moved
+
+
+def wait_for_pruning() -> None:
+    """Block until every background delete this process started has finished."""
+    while _pruners:
+        _pruners.pop().join()
 
 
 def _agree_on_errors(errors: list, staging: Path, needed: int) -> None:
@@ -177,8 +206,9 @@ def _agree_on_errors(errors: list, staging: Path, needed: int) -> None:
 
 def save_checkpoint(engine, root: Path, step: int, *, meta: CheckpointMeta, config_yaml: str,
                     hf_config, tokenizer_dir: Path | None, keep_last: int) -> Path:
-    """Collective: every rank must call it at the same step. Writes ``step-N.saving``, fsyncs
-    every file on the rank that wrote it, then rank 0 writes meta.json and renames the folder."""
+    """Collective: every rank must call it at the same step. Writes ``step-N.saving``, each rank
+    fsyncing the files it wrote, then rank 0 writes meta.json and renames the folder; after the
+    last collective rank 0 prunes old checkpoints in the background (:func:`prune`)."""
     rank = dist.get_rank()
     root = Path(root)
     final, staging = root / f"step-{step}", root / f"step-{step}{STAGING}"
@@ -199,37 +229,27 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: CheckpointMeta, conf
         def prepare():
             root.mkdir(parents=True, exist_ok=True)
             clean_leftovers(root)
+            staging.mkdir()
         disk_step(prepare, root)
     _agree_on_errors(errors, staging, needed)
-    # Frozen W (ReLoRA's base, most of the model) is written once, in the weights set: DeepSpeed
-    # would store it again in its module file and, on ZeRO 1-3, once more per rank.
-    with _hashing_deepspeed_writes(engine, staging, digests, errors):
-        try:
-            engine.save_checkpoint(str(root), tag=staging.name, save_latest=False,
-                                   exclude_frozen_parameters=True)
-        except OSError as exc:  # outside the checkpoint engine (its makedirs, the recovery scripts)
-            if is_disk_error(exc):
-                if rank == 0:
-                    shutil.rmtree(staging, ignore_errors=True)
-                raise disk_error(exc, needed=needed, setting="train.run_dir") from None
-            raise
-    if not errors:
-        def rng():
-            digests[f"rng_rank{rank}.pt"] = _torch_save(rng_state(), staging / f"rng_rank{rank}.pt")
-        disk_step(rng, staging / f"rng_rank{rank}.pt")
-    # The whole-tensor sets, each shard streamed by the rank that owns it (one parameter at a time).
+
+    def rng():
+        digests[f"rng_rank{rank}.pt"] = _torch_save(rng_state(), staging / f"rng_rank{rank}.pt")
+    disk_step(rng, staging / f"rng_rank{rank}.pt")
+    # The whole-tensor sets: every rank streams the shards it owns, all at once (fsynced as closed).
     write_state(engine, staging, with_moments=optimizer_update_count(engine) > 0, digests=digests,
                 errors=errors)
     if rank == 0 and not errors:
         def small_files():
             write_atomic(staging / CONFIG, config_yaml)
-            hf_config.to_json_file(str(staging / HF_CONFIG))
+            write_atomic(staging / HF_CONFIG, hf_config.to_json_string())  # what to_json_file writes, fsynced
             if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
                 shutil.copytree(tokenizer_dir, staging / "tokenizer", dirs_exist_ok=True)
+                fsync_tree(staging / "tokenizer")
+            # The folder's entries (every rank's renamed shards) are fsynced by write_meta's
+            # write_atomic, after the collective that follows every rank's last write.
         disk_step(small_files, staging)
     fault_point("save", step)
-    if not errors:
-        disk_step(lambda: fsync_tree(staging), staging)  # each rank syncs what it wrote (shared filesystem: everything, cheaply)
     _agree_on_errors(errors, staging, needed)
     streamed = [None] * dist.get_world_size()
     dist.all_gather_object(streamed, digests)
@@ -237,29 +257,36 @@ def save_checkpoint(engine, root: Path, step: int, *, meta: CheckpointMeta, conf
         def publish():
             write_meta(staging, meta, {k: v for d in streamed for k, v in d.items()})
             _publish(staging, final)
-            if keep_last > 0:
-                for _, old in complete_checkpoints(root)[:-keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
         disk_step(publish, staging)
     _agree_on_errors(errors, staging, needed)
+    if rank == 0:
+        prune(root, keep_last, final)  # after the last collective: no rank waits for the delete
     return final
 
 
-def load_checkpoint(engine, folder: Path) -> None:
-    """Restore engine, scheduler, frozen params, adapter buffers and this rank's RNG from a
-    checkpoint of this world size and ZeRO stage (the plan sends any other to
-    :func:`ds_relora.checkpoint.elastic.restore`). Collective. The data position is the meta's
-    (:meth:`~ds_relora.checkpoint.meta.CheckpointMeta.data_position`); DeepSpeed's client state,
-    where older checkpoints kept a second copy of it, is not read."""
-    # Its module file lacks the frozen params (saved once, in the weights set: each rank reads its shard).
+def load_checkpoint(engine, folder: Path, meta: CheckpointMeta, *, same_layout: bool) -> None:
+    """Restore a checkpoint into ``engine`` (collective): weights, adapter buffers, Adam state,
+    LR scheduler and DeepSpeed's counters from the whole-tensor sets
+    (:func:`ds_relora.checkpoint.elastic.restore`, any world size and stage), and on the layout
+    it was written with (``same_layout``) this rank's RNG too. The data position is the meta's
+    (:meth:`~ds_relora.checkpoint.meta.CheckpointMeta.data_position`)."""
+    if same_layout and (meta.format_version or 0) < SETS_ONLY_VERSION:
+        _load_deepspeed_files(engine, folder)
+    else:
+        restore(engine, folder, meta)
+    rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
+    if same_layout and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def _load_deepspeed_files(engine, folder: Path) -> None:
+    """Formats 2-5 on their own layout: DeepSpeed's files restore exactly what they hold (its
+    client state, where older checkpoints kept a second copy of the data position, is not read);
+    its module file lacks the frozen params, read from the weights set (each rank its shard)."""
     _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {folder}: the folder is damaged; resume from an older step-N")
-
     weights = open_weights(folder)
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
     load_weights(engine.module, weights, source=str(folder), skip=trainable)
     load_adapter_buffers(engine.module, weights)  # MoRA's patterns, GaLore's projectors
-    rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))

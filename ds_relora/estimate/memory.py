@@ -240,7 +240,9 @@ def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage:
       constructed and one parameter while it is initialised (fp32, the largest: the embedding or
       the head); other stages build the whole fp32 model on every rank (4 P);
     * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time
-      (ZeRO-3's fp32 getter all-reduces a full-size buffer): ~3 x 4 bytes of the largest param;
+      (the fp32 getters all-reduce a full-size buffer), while the tensor before it waits in the
+      background writer's queue and the one before that is being written: 3 x 4 bytes of the
+      largest param;
     * the warm-start switch: this rank's fp32 shards of the full-rank model (4 P / N on ZeRO-3;
       4 P on ZeRO 0-2, which hold the whole model anyway), next to the full-rank engine.
     """

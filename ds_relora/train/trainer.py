@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ds_relora import __version__
-from ds_relora.checkpoint import elastic
 from ds_relora.checkpoint.choose import agree_on_resume
+from ds_relora.checkpoint.elastic import engine_counters
 from ds_relora.checkpoint.format import CheckpointMeta, open_weights
 from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
 from ds_relora.checkpoint.store import load_checkpoint, optimizer_update_count, save_checkpoint
@@ -159,6 +159,7 @@ class Trainer:
             method_settings=self.method.meta(self.cfg) if adapters else {},
             consumed_samples=data["consumed_samples"], tokens_seen=self.tokens_seen,
             **self.plan.layout(self.seq_len), data_state=data, optimizer_step=optimizer_update_count(self.engine),
+            engine_counters=engine_counters(self.engine),
             data_path=self.cfg.data.path, params=self.params,
         )
 
@@ -209,13 +210,12 @@ class Trainer:
         self._build_phase(phase, offset, weights=weights)
         self.resumed_at = None
         if resume is not None:
+            load_checkpoint(self.engine, resume.folder, meta, same_layout=not resume.elastic)
             if resume.elastic:
-                elastic.restore(self.engine, resume.folder, meta)
                 self.metrics_note = (f"resumed {resume.folder} (written by {plural(meta.world_size, 'rank')} on "
                                      f"ZeRO-{meta.zero_stage}) on {plural(self.world, 'rank')} on "
                                      f"ZeRO-{zero_stage(self.plan.ds_config)}")
             else:
-                load_checkpoint(self.engine, resume.folder)
                 self.metrics_note = f"resumed from {resume.folder.name}"
             # The one copy of the data position, the meta's (same and elastic resumes alike).
             self.iterator.load_state_dict(meta.data_position())

@@ -1,0 +1,76 @@
+"""A checkpoint holds one copy of the state (no DeepSpeed files; within 5% of the tensors' own
+bytes), every rank writes at the same time, and pruning old checkpoints holds no rank in a
+collective (tests/workers/checkpoint_save_worker.py)."""
+
+import re
+
+import pytest
+import torch
+
+from harness.ranks import results, run_workers
+
+WORKER = "tests/workers/checkpoint_save_worker.py"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saves") / "checkpoints"
+    (record,) = results(run_workers([WORKER, str(root)], 2, timeout=300))
+    return record
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_is_one_copy_of_the_state(saved):
+    files = saved["files"]
+    assert not [f for f in files if re.search(r"zero_pp_rank|mp_rank|optim_states|model_states|latest", f)], files
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "optimizer-00001-of-00002.safetensors",
+            "optimizer-00002-of-00002.safetensors", "rng_rank0.pt", "rng_rank1.pt", "meta.json"} <= set(files)
+    # fp32 params + Adam moments of the trainable ones (4 N + 8 T), plus the RNG and meta files.
+    minimum = saved["expected"] + sum(size for f, size in files.items() if f.startswith("rng_rank") or f == "meta.json")
+    assert sum(files.values()) <= 1.05 * minimum, (sum(files.values()), minimum)
+
+
+@pytest.mark.distributed
+def test_pruning_keeps_the_newest_and_holds_no_rank_in_a_collective(saved):
+    # Every delete of a pruned folder ran off the main thread and was still held while both ranks
+    # left the save and met in the next barrier.
+    assert saved["held"] and all(h == {"released": True, "main_thread": False} for h in saved["held"]), saved["held"]
+    assert "step-1" not in saved["listing_while_held"], "pruned folders leave the step-N names at once"
+    assert saved["listing"] == ["step-2", "step-3"], "keep_last=2: the newest two stay, the delete finished"
+
+
+def test_gathers_interleave_the_owners_so_every_rank_writes_at_once():
+    from ds_relora.checkpoint.state_io import _visit_order
+    from ds_relora.tensor_files import owners_by_bytes
+
+    sizes = [4, 4, 4, 4, 4, 4]
+    owners = owners_by_bytes(sizes, 2)
+    assert owners == [0, 0, 0, 1, 1, 1]
+    assert _visit_order(sizes, owners, 2) == [0, 3, 1, 4, 2, 5]
+    # A big first tensor: the other rank's small ones are gathered while its owner writes it.
+    sizes = [12, 2, 2, 2, 2, 2, 2]
+    owners = owners_by_bytes(sizes, 2)
+    assert owners == [0, 1, 1, 1, 1, 1, 1]
+    assert _visit_order(sizes, owners, 2) == [0, 1, 2, 3, 4, 5, 6]
+    order = _visit_order([3, 1, 1, 1, 3, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1], 2)
+    assert sorted(order) == list(range(8))
+    assert [i for i in order if i < 4] == [0, 1, 2, 3] and [i for i in order if i >= 4] == [4, 5, 6, 7], "file order kept"
+
+
+def test_background_writer_failure_removes_its_files_and_reports_the_error(tmp_path):
+    from ds_relora.tensor_files import BackgroundWriter, StreamingWriter
+
+    entries = [("a", torch.float32, (3,)), ("b", torch.float32, (2,))]
+    writer = BackgroundWriter({"w": StreamingWriter(tmp_path / "x.safetensors", entries)}, depth=1)
+    writer.put("w", "b", torch.zeros(2))  # out of the declared order
+    writer.put("w", "a", torch.zeros(3))
+    error = writer.finish()
+    assert isinstance(error, RuntimeError) and "expected a" in str(error)
+    assert list(tmp_path.iterdir()) == []
+
+    digests = {}
+    writer = BackgroundWriter({"w": StreamingWriter(tmp_path / "y.safetensors", entries, digests=digests)}, depth=1)
+    writer.put("w", "a", torch.arange(3.0))
+    writer.put("w", "b", torch.ones(2))
+    assert writer.finish() is None
+    assert [p.name for p in tmp_path.iterdir()] == ["y.safetensors"] and "y.safetensors" in digests
