@@ -235,6 +235,7 @@ class GaLoreMethod(AdapterMethod):
 
     name = "galore"
     writes_base = True  # each projector change merges C into W
+    full_gradient_probe = True  # one layer's fp64 G and its SVD per rank at a time (_update_projectors)
     resume_keys = ("galore.rank", "galore.scale", "relora.rank", "relora.target_modules")
 
     def validate(self, cfg, zero_stage: int) -> None:
@@ -277,6 +278,9 @@ class GaLoreMethod(AdapterMethod):
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": rest, "weight_decay": 0.0, "eps_scale": 1.0}] if rest else []
         return groups + [{"params": cs, "weight_decay": 0.0, "eps_scale": cfg.galore.scale}]
+
+    def before_step_phase(self, step: int) -> str | None:
+        return "projector update" if step % self.gap == 0 else None
 
     def before_step(self, engine, step: int, micro_batches):
         """Before the phase's update ``step`` (0-based): galore-torch's eps for it, and on every
