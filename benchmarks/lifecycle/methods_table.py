@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 MiB = 2**20
@@ -33,10 +34,19 @@ MiB = 2**20
 # plus PROJECTION_DEFAULTS (a projector update at step 0 and none after, like galore's).
 METHOD_SETTINGS = {
     "full": {},
-    "relora": {"relora": {"warm_start_steps": 2}},  # 2 full-rank steps, save, switch, ReLoRA steps with a merge
+    # 2 full-rank steps, save, switch, 4 ReLoRA steps with a merge (a whole number of cycles after the switch).
+    "relora": {"relora": {"warm_start_steps": 2}, "train": {"total_steps": 6}},
     "galore": {"galore": {"update_proj_gap": 1000}},  # one projector update (step 0): each SVD is minutes on CPU
 }
 PROJECTION_DEFAULTS: dict = {}
+
+
+def available_mib() -> float:
+    """MemAvailable of this machine (shared: each heavy run checks it before it starts)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
 
 
 def method_config(base: dict, method: str) -> dict:
@@ -77,7 +87,7 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
     base = max(max(e["host_start_mib"]) for e in events if e["phase"] == "init")
     rows: dict[str, tuple[float, float, float]] = {}
     engine = "full" if any(e["phase"] == "train full" for e in events) else "adapters"
-    stepped, steps_seen = False, 0
+    stepped = False
     for e in events:
         phase = e["phase"]
         if phase == "init":
@@ -85,8 +95,7 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
         elif phase.startswith("train "):
             if phase == "train adapters" and engine == "full":
                 engine, stepped = "adapters", False
-            steps_seen += 1
-            name = "first steps" if steps_seen == 1 else f"steps ({phase[6:]})"
+            name = "steps (full rank)" if phase == "train full" else f"steps ({phase[6:]})"
             transient = plan["activations"] + window
         elif phase == "switch":
             name, transient = "switch", plan["switch"]
@@ -148,9 +157,19 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
             # Config-sized, not model-sized: the reduce bucket and the all-gather (ZeRO-2) or
             # prefetch bucket plus the params gathered in flight (ZeRO-3).
             window = 4 * (2 * args.bucket + (args.max_live if stage == 3 else 0)) / MiB
+            plan = planner(shape, method, stage, args.ranks, args.rank, args.vocab, args.seq)
+            need = args.ranks * 1.2 * (1000 + max(plan["full"][1] if cfg["relora"].get("warm_start_steps") else 0, plan["adapters"][1])
+                                       + max(plan["build"], plan["save"], plan["switch"], plan["projector update"]))
+            free = available_mib()
+            print(f"\n{run}: {free:,.0f} MiB available, about {need:,.0f} MiB needed", flush=True)
+            if free < need and not args.reuse:
+                print(f"{run}: skipped (not enough free memory now)", flush=True)
+                continue
             events, wall = run_train(cfg, out / run, args.reuse)
             last = max((out / run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
             export = run_export(last, out / f"{run}_export")
-            plan = planner(shape, method, stage, args.ranks, args.rank, args.vocab, args.seq)
             print("\n".join(table(method, stage, events, export[0], plan, window, layer_mib)))
             print(f"train {wall:.0f} s, export {export[1]:.0f} s", flush=True)
+            if not args.reuse:  # checkpoints and exports are GBs per run at the 7B shape: the table is kept
+                shutil.rmtree(out / f"{run}_export", ignore_errors=True)
+                shutil.rmtree(out / run / "checkpoints", ignore_errors=True)
