@@ -257,9 +257,9 @@ def projection_bytes(shape: Shape) -> int:
     """Bytes a rank holds for a moment in a projector update (GaLore: ``methods/galore.py``), on
     the device the engine trains on (host memory on CPU ranks), beyond the probe's activations:
     one wrapped linear's full gradient at a time, the largest (m x n): G in fp64 (8mn) and, on
-    its owner, the SVD's working copies: LAPACK's copy of G (8mn) and U, Vh with their
-    sign-fixed copies (2 x 8k(m + n), k = min(m, n)). Every rank meets the owner's figure for
-    some layer (owners are round-robin)."""
+    its owner, the SVD's: LAPACK's copy of G (8mn), U and Vh (8k(m + n), k = min(m, n)) and
+    LAPACK's workspace, counted as another 8k(m + n) (gesdd's is about 3k^2 + 4k more floats).
+    Every rank meets the owner's figure for some layer (owners are round-robin)."""
     m, n = max(linear_shapes(shape).values(), key=lambda s: s[0] * s[1])
     k = min(m, n)
     return 16 * m * n + 16 * k * (m + n)

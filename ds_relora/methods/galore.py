@@ -94,9 +94,13 @@ def projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
     r and r+1 coincide, where no method can choose). galore-torch runs the SVD in fp32 and keeps
     LAPACK's signs; the oracle tests give its SVD the same sign rule."""
     u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
-    u, vh = canonical_signs(u, vh)
-    keep = vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]
-    return keep.float().contiguous()
+    # canonical_signs' rule applied to the kept factor only (a sign flip is exact, so the bits are
+    # those of canonical_signs(u, vh)'s): no sign-fixed copy of the whole U and Vh at 7B sizes.
+    basis = vh if grad.shape[0] >= grad.shape[1] else u.mT
+    top = basis[:rank].abs().argmax(dim=1, keepdim=True)
+    signs = torch.where(basis[:rank].gather(1, top) < 0, -1.0, 1.0).to(basis.dtype)
+    kept = basis[:rank] * signs  # the kept singular vectors as rows, sign-fixed
+    return (kept if basis is vh else kept.mT).float().contiguous()
 
 
 def adam_eps(update: int, eps: float, beta2: float, grad_scale: float = 1.0) -> float:
