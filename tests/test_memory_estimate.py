@@ -256,6 +256,17 @@ def test_zero3_replicated_frozen_base_weights():
     assert b.weights - a.weights == 2 * FROZEN_13B and "replicated" in b.setting
 
 
+def test_projector_update_transient_is_one_layer_and_its_svd():
+    # 7B: the largest wrapped linear is 11008 x 4096; its fp64 G and LAPACK's copy (16 mn) plus
+    # U and Vh with their sign-fixed copies (16 k (m + n), k = 4096). Methods without a probe: 0.
+    m, n, k = 11008, 4096, 4096
+    galore = estimate_memory("7b", "galore", 128, 2, 8, 1, 2048, 32000)
+    assert galore.projection_host == 16 * m * n + 16 * k * (m + n)
+    assert "projector update" in format_table(galore)
+    for method in ("full", "relora"):
+        assert estimate_memory("7b", method, 128, 2, 8, 1, 2048, 32000).projection_host == 0
+
+
 def test_stage_advice_picks_the_fastest_setting_that_fits():
     from ds_relora.estimate.memory import GiB
     from ds_relora.estimate.stage_advice import HEADROOM, OPTIONS, format_advice, recommend_stage

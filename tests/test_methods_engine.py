@@ -199,6 +199,18 @@ def test_galore_projector_is_the_same_bits_on_1_2_3_ranks_and_every_stage(prepar
         assert (ref[3][key] - ref[0][key]).abs().max() <= 1e-5, key
 
 
+def test_galore_projector_owners_are_spread_and_one_full_gradient_is_alive_per_rank():
+    # 14 wrapped linears round-robin over 2 ranks: each rank runs 7 SVDs, holds one fp64 G at a
+    # time (counted by weakref finalizers, so a G kept alive anywhere would show), and installs
+    # the same projector bits as all-reducing every G and running every SVD everywhere.
+    outs = results(run_workers(["tests/workers/galore_owner_worker.py"], 2, timeout=600))
+    assert sorted((r["stage"], r["rank"]) for r in outs) == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    for r in outs:
+        assert r["layers"] == 14 and r["svd_layers"] == 7, r
+        assert r["peak_full_gradients"] == 1, r
+        assert r["differ"] == [], r
+
+
 def test_bad_method_settings_fail_before_launch(prepared_data, tmp_path):
     from ds_relora.config_base import from_dict
     from ds_relora.config import RunConfig

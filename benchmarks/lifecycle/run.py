@@ -18,6 +18,10 @@ model states and host transients are printed for the same runs.
 
     python benchmarks/lifecycle/run.py --data data/bench_stdlib                 # 1.3B shape, 2 ranks
     python benchmarks/lifecycle/run.py --data data/bench_stdlib --preset 350m --switch-layers 6
+    python benchmarks/lifecycle/run.py --data data/bench_stdlib --preset 7b --layers 2 --methods full,relora,galore
+
+The last prints, per method and ZeRO stage, every phase's peak next to estimate-memory's figure
+and its bound (``methods_table.py``).
 """
 
 from __future__ import annotations
@@ -188,6 +192,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--out", default="runs/lifecycle")
     ap.add_argument("--reuse", action="store_true", help="report runs already in --out instead of training again")
+    ap.add_argument("--methods", help="instead of the two runs: the phase table of each method (comma-separated, "
+                                      "e.g. full,relora,galore; a projection optimizer such as apollo is one more name)")
+    ap.add_argument("--stages", default="2,3", help="ZeRO stages of the --methods table")
+    ap.add_argument("--vocab", type=int, default=32000, help="embedding rows of the --methods runs' model")
+    ap.add_argument("--bucket", type=float, default=5e7,
+                    help="--methods runs: reduce and all-gather/prefetch bucket sizes (elements)")
     args = ap.parse_args()
 
     from ds_relora.models import param_counts, preset_shape
@@ -218,6 +228,12 @@ def main() -> int:
             cfg[section].update(values)
         return cfg
 
+    if args.methods:
+        from benchmarks.lifecycle.methods_table import run_methods
+
+        run_methods(args, data, out, config, run_train, run_export, args.methods.split(","),
+                    [int(s) for s in args.stages.split(",")])
+        return 0
     zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())["zero_optimization"]
     window = 4 * (args.max_live + zero3["stage3_prefetch_bucket_size"] + zero3["reduce_bucket_size"]) / MiB
     hf = out / f"hf_{args.preset}_L{shape.layers}"

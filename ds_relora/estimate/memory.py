@@ -95,6 +95,7 @@ class MemoryEstimate:
     init_host: int = 0
     save_host: int = 0
     switch_host: int = 0
+    projection_host: int = 0
     setting: str = ""
 
 
@@ -228,8 +229,8 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
     return MemoryEstimate(weights=states["weights"], grads=states["grads"], master=states["master"],
                           adam=states["adam"], activations=acts, total=gpu, cpu=states["cpu"],
                           total_params=total, trainable_params=trainable, frozen_params=total - trainable,
-                          setting=setting, **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus,
-                                                             switch=not full_rank))
+                          setting=setting, projection_host=projection_bytes(shape) if trained.full_gradient_probe else 0,
+                          **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus, switch=not full_rank))
 
 
 def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
@@ -254,6 +255,18 @@ def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage:
     return {"init_host": init, "save_host": 3 * largest, "switch_host": snapshot if switch else 0}
 
 
+def projection_bytes(shape: Shape) -> int:
+    """Bytes a rank holds for a moment in a projector update (GaLore: ``methods/galore.py``), on
+    the device the engine trains on (host memory on CPU ranks), beyond the probe's activations:
+    one wrapped linear's full gradient at a time, the largest (m x n): G in fp64 (8mn) and, on
+    its owner, the SVD's: LAPACK's copy of G (8mn), U and Vh (8k(m + n), k = min(m, n)) and
+    LAPACK's workspace, counted as another 8k(m + n) (gesdd's is about 3k^2 + 4k more floats).
+    Every rank meets the owner's figure for some layer (owners are round-robin)."""
+    m, n = max(linear_shapes(shape).values(), key=lambda s: s[0] * s[1])
+    k = min(m, n)
+    return 16 * m * n + 16 * k * (m + n)
+
+
 def format_table(est: MemoryEstimate) -> str:
     """A markdown table of one estimate, in GiB per GPU."""
     rows = [("lp weights", est.weights), ("gradients", est.grads), ("fp32 master", est.master),
@@ -264,6 +277,8 @@ def format_table(est: MemoryEstimate) -> str:
     rows.append(("host, every rank while saving a checkpoint (transient)", est.save_host))
     if est.switch_host:
         rows.append(("host, every rank at the warm-start switch (transient)", est.switch_host))
+    if est.projection_host:
+        rows.append(("every rank in a projector update, where the engine trains (transient)", est.projection_host))
     lines = [f"{est.setting}", "",
              f"params: {est.total_params:,} total, {est.trainable_params:,} trainable, {est.frozen_params:,} frozen", "",
              "| part | GiB | bytes |", "|---|---:|---:|"]

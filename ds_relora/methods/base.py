@@ -133,6 +133,8 @@ class Method:
     writes_base: ClassVar[bool] = False
     needs_rank: ClassVar[bool] = False  # relora.rank shapes what is trained (adapters, control's smaller model)
     resume_keys: ClassVar[tuple[str, ...]] = ()  # "section.key" settings a resume must not change
+    # Computes projectors from each wrapped linear's full gradient (estimate-memory counts its transient).
+    full_gradient_probe: ClassVar[bool] = False
 
     def __init__(self):
         self.layers: list[tuple[str, nn.Module]] = []
@@ -174,6 +176,11 @@ class Method:
     # ----------------------------------------------------------------- every step
     def before_step(self, engine, step: int, micro_batches) -> dict | None:
         """Before the phase's update ``step`` (0-based, the LR scheduler's count)."""
+        return None
+
+    def before_step_phase(self, step: int) -> str | None:
+        """The name of the memory phase :meth:`before_step` opens at update ``step`` when it does
+        heavy work of its own (GaLore's projector update), so its peak is measured on its own."""
         return None
 
     def after_step(self, engine, step: int) -> dict | None:

@@ -19,9 +19,9 @@ What galore-torch's ``GaLoreAdamW`` does and how we reproduce it (checked agains
 * the projector is recomputed when the param's update count (before this update) is a
   multiple of ``update_proj_gap``, from *this* step's gradient, ``torch.linalg.svd(G,
   full_matrices=False)`` in fp32: ``Q = Vh[:r]`` when ``m >= n``, else ``P = U[:, :r]``. We take
-  G from a probe forward/backward on the step's micro-batches (:func:`full_gradients`), merge
+  G from a probe forward/backward on the step's micro-batches (:func:`probe_activations`), merge
   ``W0 += s P C``, zero C and install the new projector, then run the normal step. Unlike
-  galore-torch, G is summed and all-reduced in fp64, the SVD runs in fp64 and its signs are
+  galore-torch, G is summed and reduced in fp64, the SVD runs in fp64 and its signs are
   canonical (:func:`projector`): the projector is then a function of the global batch, not of
   the world size, the ZeRO stage or the CPU's kernels;
 * the Adam moments live in the projected shape and are kept across updates (C's moments are
@@ -48,7 +48,9 @@ from torch import nn
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import AdapterMethod, adapter_rank, register, wrap_targets
+from ds_relora.methods.galore_probe import AliveCount, full_gradients, layer_gradient, probe_activations  # noqa: F401  (full_gradients re-exported: the oracle tests' one-process G)
 from ds_relora.methods.merging import merge_and_reinit
+from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
 
 
 def check_layer(name: str, out_features: int, in_features: int, rank: int) -> None:
@@ -86,15 +88,19 @@ def projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
     """GaLore's projector of gradient ``grad`` (m x n): ``Vh[:r]`` if m >= n else ``U[:, :r]``, fp32.
 
     The SVD runs in float64 and the signs are canonical (:func:`canonical_signs`): with the fp64
-    gradient of :func:`full_gradients`, the same G gives the same projector bits on any number of
+    gradient of :func:`layer_gradient`, the same G gives the same projector bits on any number of
     ranks and any ZeRO stage, and a G that differs in its last fp32 bits (another CPU's kernels)
     gives a projector that differs in its last bits, not another basis (unless singular values
     r and r+1 coincide, where no method can choose). galore-torch runs the SVD in fp32 and keeps
     LAPACK's signs; the oracle tests give its SVD the same sign rule."""
     u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
-    u, vh = canonical_signs(u, vh)
-    keep = vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]
-    return keep.float().contiguous()
+    # canonical_signs' rule applied to the kept factor only (a sign flip is exact, so the bits are
+    # those of canonical_signs(u, vh)'s): no sign-fixed copy of the whole U and Vh at 7B sizes.
+    basis = vh if grad.shape[0] >= grad.shape[1] else u.mT
+    top = basis[:rank].abs().argmax(dim=1, keepdim=True)
+    signs = torch.where(basis[:rank].gather(1, top) < 0, -1.0, 1.0).to(basis.dtype)
+    kept = basis[:rank] * signs  # the kept singular vectors as rows, sign-fixed
+    return (kept if basis is vh else kept.mT).float().contiguous()
 
 
 def adam_eps(update: int, eps: float, beta2: float, grad_scale: float = 1.0) -> float:
@@ -175,48 +181,6 @@ class GaLoreLinear(nn.Module):
         self.galore_proj.copy_(projector(grad, self.rank).to(self.galore_proj.dtype))
 
 
-def full_gradients(model: nn.Module, layers: list[tuple[str, nn.Module]], micro_batches, loss_fn) -> dict[str, torch.Tensor]:
-    """Each layer's full weight gradient ``G = sum_mb dY^T X`` (float64) at the current weights.
-
-    A probe forward/backward per micro-batch; ``torch.autograd.grad`` w.r.t. the layers' outputs
-    only, so no parameter's ``.grad`` (and none of DeepSpeed's gradient hooks) is touched. Only
-    the direction of G matters (its SVD), so the micro-batch losses are simply summed.
-
-    Each micro-batch's ``dY^T X`` is an fp32 GEMM; the sum over micro-batches (and the
-    all-reduce over ranks after it) is in fp64, where a sum of a few fp32 values is exact unless
-    their exponents lie ~29 binades apart. So the same micro-batches give the same G bits in any
-    order and grouping: 1 rank x 2 micro-batches, 2 ranks x 1, any ZeRO stage."""
-    grads = {name: None for name, _ in layers}
-    inputs, outputs = {}, {}
-
-    def hook(name):
-        def fn(_module, args, out):
-            inputs[name], outputs[name] = args[0].detach(), out
-        return fn
-
-    handles = [mod.register_forward_hook(hook(name)) for name, mod in layers]
-    try:
-        for mb in micro_batches:
-            inputs.clear()
-            outputs.clear()
-            loss = loss_fn(model, mb)
-            names = [n for n, _ in layers if n in outputs]
-            dys = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
-            for name, dy in zip(names, dys):
-                if dy is None:
-                    continue
-                x = inputs[name]
-                g = (dy.reshape(-1, dy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()).double()
-                grads[name] = g if grads[name] is None else grads[name].add_(g)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n, g in grads.items() if g is None]
-    if missing:
-        raise RuntimeError(f"no gradient reached GaLore layers {missing[:3]} in the probe backward")
-    return grads
-
-
 def fold_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """Fold every ``X.galore_C`` with its ``X.galore_proj`` into ``X.weight`` (fp64); drop both."""
     folded = {}
@@ -234,26 +198,37 @@ def fold_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------- the method
-def _update_projectors(engine, layers, grads: dict[str, torch.Tensor], rank: int, step: int) -> None:
+def _update_projectors(engine, layers, acts, rank: int, step: int) -> dict:
     """For every layer, in the same order on every rank, through the merging methods' own
     ZeRO-exact :func:`merge_and_reinit`: ``W0 += s P C`` with the old projector (this rank's rows
     of W0 only on ZeRO-3), C = 0 in the module and the master (``optimizer_reset="none"``: its
-    Adam moments are kept, as galore-torch keeps them), then the new projector from the
-    all-reduced (fp64) gradient, computed on rank 0 and broadcast so every rank holds the same one."""
+    Adam moments are kept, as galore-torch keeps them), then the new projector.
+
+    The projector of layer i: every rank makes its G_i (fp64, from the probe's activations),
+    ``dist.reduce``s it to owner ``i mod world`` and frees it; the owner runs the SVD and
+    broadcasts the r x n (or m x r) projector (:func:`reduce_apply_broadcast`). So a rank holds
+    at most one layer's full G at a time (the owner: plus its SVD's workspace, about two more
+    G-sized fp64 arrays), and the SVDs are spread over the ranks. They still run one after the
+    other: overlapping them would keep a second G alive on each owner. Returns the rank's
+    ``svd_layers`` and ``peak_full_gradients`` (the most G buffers alive at once: 1)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    where = {id(layer): (index, name) for index, (name, layer) in enumerate(layers)}
+    alive, svds = AliveCount(), []
+
+    def svd(g: torch.Tensor) -> torch.Tensor:
+        svds.append(1)
+        return projector(g, rank)
 
     def install_projector(layer) -> None:
-        name = names[id(layer)]
-        g = grads.pop(name)
-        dist.all_reduce(g)
-        new = projector(g, rank) if dist.get_rank() == 0 else torch.empty(layer.galore_proj.shape, device=g.device,
-                                                                         dtype=torch.float32)
-        del g
-        dist.broadcast(new, 0)
+        index, name = where[id(layer)]
+        pairs = acts.pop(name)  # this layer's activations go with its G
+        new = reduce_apply_broadcast(lambda: alive.track(layer_gradient(pairs)), owner_of(index, world), svd,
+                                     tuple(layer.galore_proj.shape), torch.float32)
         layer.galore_proj.copy_(new.to(layer.galore_proj.dtype))
 
-    names = {id(layer): name for name, layer in layers}
     # C's reset draws nothing (zeros): the seed only feeds merge_and_reinit's unused generators.
     merge_and_reinit(engine, layers, seed=0, step=step, optimizer_reset="none", after_merge=install_projector)
+    return {"svd_layers": len(svds), "peak_full_gradients": alive.peak}
 
 
 @register
@@ -264,6 +239,7 @@ class GaLoreMethod(AdapterMethod):
 
     name = "galore"
     writes_base = True  # each projector change merges C into W
+    full_gradient_probe = True  # one layer's fp64 G and its SVD per rank at a time (_update_projectors)
     resume_keys = ("galore.rank", "galore.scale", "relora.rank", "relora.target_modules")
 
     def validate(self, cfg, zero_stage: int) -> None:
@@ -307,6 +283,9 @@ class GaLoreMethod(AdapterMethod):
         groups = [{"params": rest, "weight_decay": 0.0, "eps_scale": 1.0}] if rest else []
         return groups + [{"params": cs, "weight_decay": 0.0, "eps_scale": cfg.galore.scale}]
 
+    def before_step_phase(self, step: int) -> str | None:
+        return "projector update" if step % self.gap == 0 else None
+
     def before_step(self, engine, step: int, micro_batches):
         """Before the phase's update ``step`` (0-based): galore-torch's eps for it, and on every
         ``update_proj_gap``-th one a probe forward/backward on this step's micro-batches (the
@@ -320,10 +299,10 @@ class GaLoreMethod(AdapterMethod):
         # start its gradient reduction (ZeRO 1/2 epilogue) when any backward runs; the probe
         # differentiates w.r.t. layer outputs only and must leave the optimizer's state alone.
         # ZeRO-3's parameter gathers are module hooks, so they still run.
-        grads = full_gradients(engine.module, self.layers, micro_batches,
-                               lambda model, mb: model(input_ids=mb.to(device), labels=mb.to(device)).loss)
-        _update_projectors(engine, self.layers, grads, self.rank, step)
-        return {"event": "projection", "step": step, "modules": len(self.layers),
+        acts = probe_activations(engine.module, self.layers, micro_batches,
+                                 lambda model, mb: model(input_ids=mb.to(device), labels=mb.to(device)).loss)
+        stats = _update_projectors(engine, self.layers, acts, self.rank, step)
+        return {"event": "projection", "step": step, "modules": len(self.layers), **stats,
                 "seconds": time.perf_counter() - started}
 
     def meta(self, cfg) -> dict:

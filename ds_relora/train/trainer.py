@@ -284,7 +284,12 @@ class Trainer:
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             batches = self.prefetch.next_step(device)  # on the device already; the next step is being read
-            pre_event = self.phase_method.before_step(self.engine, self.engine.lr_scheduler.last_epoch, batches)
+            update = self.engine.lr_scheduler.last_epoch
+            heavy = self.phase_method.before_step_phase(update)  # its peak measured apart (collective)
+            resume_phase = self._memory_phase(heavy) if heavy else None
+            pre_event = self.phase_method.before_step(self.engine, update, batches)
+            if heavy:
+                self._memory_phase(resume_phase)
             for mb in batches:
                 loss = self.engine(input_ids=mb, labels=mb).loss
                 self.engine.backward(loss)
