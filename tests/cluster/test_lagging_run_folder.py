@@ -28,7 +28,7 @@ def test_node_with_a_lagging_run_folder_view_stops_the_resume_in_one_line(box, c
     cfg1, run_dir = run_config(cluster_data, tmp_path, "lag", {"launcher": "none"}, global_batch_size=8, stop_after_steps=STOP)
     first = start_train(cfg1, tmp_path / "logs" / "first", {})
     try:
-        assert first.wait(RUN_TIMEOUT) == 0, first.log()
+        assert first.wait(RUN_TIMEOUT) == 75, first.log()  # stopped early, to be resumed
     finally:
         first.kill()
     chosen = run_dir / "checkpoints" / f"step-{STOP}"
