@@ -152,6 +152,8 @@ def mpi_discovery(port: int) -> None:
             probe.close()
         common = [c for c in candidates if all(c in r for _h, r in everyone)]
         if not common:
+            # Every rank raises; only rank 0 says it (worker.main prints for RANK 0).
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
             missing = "; ".join(f"{h} reaches {', '.join(r) or 'none'}" for h, r in everyone if set(r) != set(candidates))
             raise LaunchError(f"no address of rank 0's node {host0} ({', '.join(candidates)}) is reachable from every node "
                               f"({missing}): set launch.master_addr to an address on a network all nodes share")

@@ -127,6 +127,18 @@ def test_mpi_mpich(fakebin, hostfile):
     assert ["-genv", "MASTER_PORT", str(c.master_port), "-genv", "MASTER_ADDR", "127.0.0.1"] == cmd[7:13]
 
 
+def test_mpi_in_a_slurm_allocation_takes_its_hosts_and_port(fakebin):
+    env = {**fakebin, **SLURM}
+    plan = L.build_launch(cfg(launcher="mpi", num_nodes=2, num_gpus=2, mpi_flavor="openmpi", master_port=29500), ARGS, env)
+    cmd = names(plan.commands[0])
+    assert cmd[:5] == ["mpirun", "-np", "4", "--hostfile", os.path.abspath("hostfile.slurm-4242")]
+    assert plan.hostfile_text == "node01 slots=2\nnode02 slots=2\n" and plan.hostfile_path == cmd[4]
+    assert f"MASTER_PORT={L.slurm_port('4242')}" in cmd
+    cmd = names(L.build_launch(cfg(launcher="mpi", num_nodes=2, num_gpus=2, mpi_flavor="mpich"), ARGS, env).commands[0])
+    assert cmd[:7] == ["mpirun", "-np", "4", "-ppn", "2", "-hosts", "node01,node02"]
+    one_line_error(L.build_launch, cfg(launcher="mpi", num_nodes=3, num_gpus=2), ARGS, env, match="SLURM allocation has 2 nodes")
+
+
 def test_mpi_single_node_and_flavor_detection(fakebin):
     cmd = L.build_launch(cfg(launcher="mpi", num_gpus=2, mpi_flavor="mpich"), ARGS, fakebin).commands[0]
     assert names(cmd)[:5] == ["mpirun", "-np", "2", "-ppn", "2"] and "-hosts" not in cmd
@@ -405,11 +417,14 @@ def test_dry_run_mpirun(tmp_path, hostfile, run_yaml):
     assert "mpirun -np 4 -ppn 2 -hosts localhost,127.0.0.1 -genv MASTER_PORT 29500" in out
 
 
-@pytest.mark.parametrize("mode", ["hostfile", "no_ssh", "srun"])
+@pytest.mark.parametrize("mode", ["hostfile", "no_ssh", "srun", "mpi"])
 def test_dry_run_sbatch(tmp_path, run_yaml, mode):
     env = {**SLURM, "MODE": mode, "GPUS_PER_NODE": "4"}
-    out = _dry("slurm_deepspeed.sbatch", [run_yaml], env, tmp_path)
+    out = _dry("slurm_deepspeed.sbatch", [run_yaml] + (["--set", "launch.mpi_flavor=mpich"] if mode == "mpi" else []), env, tmp_path)
     port = L.slurm_port("4242")
+    if mode == "mpi":  # the allocation's hosts, the job's port
+        assert f"mpirun -np 8 -ppn 4 -hosts node01,node02 -genv MASTER_PORT {port}" in out, out
+        return
     if mode == "srun":
         assert "srun --nodes 2 --ntasks 8 --ntasks-per-node 4" in out and "slurm-exec" in out and "export MASTER_ADDR=node01" in out
         return

@@ -9,8 +9,6 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-import torch.distributed as dist
-
 from ds_relora.checkpoint.format import META, best_folder_per_step, check_complete, read_meta, verify, verify_share
 from ds_relora.errors import CheckpointError
 from ds_relora.run_folder import checkpoint_root
@@ -72,6 +70,8 @@ def agree_on_resume(resume: str | None, run_dir: Path, log: Callable[[str], None
     unshared filesystem must not pick another one); every rank then checks it can read it and
     hashes its share of its files (:func:`verify_share`). A hash mismatch on any rank skips the
     checkpoint with one line and tries the next older one (an explicit step-N folder fails)."""
+    import torch.distributed as dist  # noqa: PLC0415  (torch takes seconds to import; `sweep --status` and the sweep's point runner read checkpoints through this module)
+
     rank, world = dist.get_rank(), dist.get_world_size()
     explicit = bool(resume) and resume != "auto" and (Path(resume) / META).is_file()
     damaged: list[Path] = []

@@ -209,20 +209,40 @@ def _deepspeed(c: _Ctx) -> LaunchPlan:
     return LaunchPlan("deepspeed", [cmd], world_size=sum(pool.values()), wait_for_master=wait)
 
 
+def _allocation(c: _Ctx) -> tuple[str, list[str]] | None:
+    """(job id, hosts) of the SLURM allocation this runs in, None outside one; a node count that
+    differs from launch.num_nodes is an error."""
+    env = c.env
+    if not (env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")) or not (env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")):
+        return None
+    hosts = expand_nodelist(_slurm_var(env, "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+    if len(hosts) != c.l.num_nodes:
+        raise LaunchError(f"launch.num_nodes={c.l.num_nodes} but the SLURM allocation has {len(hosts)} nodes ({','.join(hosts)}): pass --set launch.num_nodes={len(hosts)}")
+    return _slurm_var(env, "SLURM_JOB_ID", "SLURM_JOBID"), hosts
+
+
 def _mpi(c: _Ctx) -> LaunchPlan:
     l = c.l
-    pool = c.pool(need=l.num_nodes > 1)
+    # Inside a SLURM job without a hostfile (the sbatch script's MODE=mpi) the hosts are the
+    # allocation's, and the default port is swapped for one derived from the job id, as launcher=slurm does.
+    alloc = _allocation(c) if l.num_nodes > 1 and not l.hostfile else None
+    pool = dict.fromkeys(alloc[1], l.num_gpus) if alloc else c.pool(need=l.num_nodes > 1)
+    hostfile = os.path.abspath(f"hostfile.slurm-{alloc[0]}") if alloc else os.path.abspath(l.hostfile) if l.hostfile else None
+    port = l.master_port
+    if alloc and port == DEFAULT_PORT:
+        port = check_port(c.env.get("MASTER_PORT") or slurm_port(alloc[0]), "MASTER_PORT")
     mpirun = c.exe("mpirun")
     flavor = l.mpi_flavor
     if flavor == "auto":
         flavor = detect_mpi_flavor(mpirun, c.env) if _which("mpirun", c.env) else "openmpi"
     world = l.num_nodes * l.num_gpus
-    pinned = {"MASTER_PORT": str(l.master_port)}
+    pinned = {"MASTER_PORT": str(port)}
     if l.master_addr:
         pinned["MASTER_ADDR"] = c.master(l.master_addr)
     cmd = [mpirun, "-np", str(world)]
+    text = hostfile_text(list(pool), l.num_gpus) if alloc and flavor == "openmpi" else None
     if flavor == "openmpi":
-        cmd += ["--hostfile", os.path.abspath(l.hostfile)] if pool else []
+        cmd += ["--hostfile", hostfile] if pool else []
         cmd += ["--map-by", f"ppr:{l.num_gpus}:node", "--bind-to", "none"]
         cmd += [x for k, v in pinned.items() for x in ("-x", f"{k}={v}")]
         cmd += [x for k in sorted(c.env) if k.startswith(MPI_FORWARD) and k not in pinned for x in ("-x", k)]
@@ -230,17 +250,14 @@ def _mpi(c: _Ctx) -> LaunchPlan:
         cmd += ["-ppn", str(l.num_gpus)] + (["-hosts", ",".join(pool)] if pool else [])
         cmd += [x for k, v in pinned.items() for x in ("-genv", k, v)]
     cmd += [*l.extra_args, sys.executable, "-u", "-m", WORKER, *c.args]
-    return LaunchPlan(f"mpi ({flavor})", [cmd], world_size=world)
+    return LaunchPlan(f"mpi ({flavor})", [cmd], world_size=world, hostfile_text=text, hostfile_path=hostfile if text else None)
 
 
 def _slurm(c: _Ctx) -> LaunchPlan:
     l, env = c.l, c.env
     if not (env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")) or not (env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")):
         raise LaunchError("launch.launcher=slurm needs a SLURM allocation (SLURM_JOB_ID/SLURM_JOB_NODELIST unset): submit launchers/slurm_deepspeed.sbatch or run inside salloc")
-    job = _slurm_var(env, "SLURM_JOB_ID", "SLURM_JOBID")
-    hosts = expand_nodelist(_slurm_var(env, "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
-    if len(hosts) != l.num_nodes:
-        raise LaunchError(f"launch.num_nodes={l.num_nodes} but the SLURM allocation has {len(hosts)} nodes ({','.join(hosts)}): pass --set launch.num_nodes={len(hosts)}")
+    job, hosts = _allocation(c)
     on_node = re.match(r"\d+", env.get("SLURM_GPUS_ON_NODE", ""))
     if on_node and int(on_node.group()) < l.num_gpus:
         raise LaunchError(f"launch.num_gpus={l.num_gpus} but SLURM gives {on_node.group()} GPUs per node: request --gpus-per-node={l.num_gpus} or lower launch.num_gpus")

@@ -4,6 +4,7 @@ and the check that nothing of a run is left running."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -72,3 +73,14 @@ def no_processes_mention(text: str, within: float) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def python_tcp_peers(sockets: str) -> set[tuple[str, str]]:
+    """(local, remote) IPv4 addresses of the established TCP connections held by python processes
+    (the ranks, the launchers) in ``ss -tnp`` output taken on one node."""
+    found = set()
+    for ln in sockets.splitlines():
+        m = re.search(r"ESTAB\s+\d+\s+\d+\s+(\d+\.\d+\.\d+\.\d+):\d+\s+(\d+\.\d+\.\d+\.\d+):\d+\s+users:.*python", ln)
+        if m:
+            found.add((m.group(1), m.group(2)))
+    return found

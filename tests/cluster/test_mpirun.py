@@ -5,7 +5,10 @@ bridge. Only the second network (eth1, names ``nodeN-data``) joins them.
 DeepSpeed's MPI discovery replaced MASTER_ADDR with rank 0's first ``hostname -I`` address, so
 the rendezvous hung until the process-group timeout. Now launch.master_addr is the address used
 (seen in node2's sockets), and without it the ranks find an address every node reaches within
-seconds and say which they skipped.
+seconds and say which they skipped. When no address of rank 0's node is reachable from every
+node, every rank stops within seconds and one line names the addresses tried and what each node
+reached (rank 0's node is made to offer only its management address, the one node2 cannot reach,
+while MPI's own traffic uses the data network: tests/workers/mpi_narrowed_worker.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import REPO
 from harness.checks import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,3 +108,26 @@ def test_mpirun_without_master_addr_skips_the_unreachable_address_in_seconds(spl
     assert run["seconds"] < float(DIST_TIMEOUT), "the rendezvous waited for the process-group timeout"
     losses = read_metrics(run["run_dir"])[0]
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+
+
+def test_mpirun_with_no_address_every_node_reaches_stops_in_seconds_with_one_line(split_box, cluster_data, tmp_path):
+    cfg, run_dir = run_config(cluster_data, tmp_path, "unreachable", {"launcher": "mpi", "num_nodes": 2, "num_gpus": 1})
+    env = rank_env({**NODE_ENV, "HOME": "/root", "PATH": f"{VENV_BIN}:{BOX_PATH}", "DS_RELORA_DIST_TIMEOUT": DIST_TIMEOUT,
+                    "GLOO_SOCKET_IFNAME": "eth1"})
+    cmd = [str(VENV_BIN / "mpirun"), "-np", "2", "-ppn", "1", "-hosts", "node1-data,node2-data", "-iface", "eth1",
+           "-genv", "MASTER_PORT", "29712", sys.executable, "-u", str(REPO / "tests" / "workers" / "mpi_narrowed_worker.py"),
+           "10.200.0.11", "--config", str(cfg)]
+    started = time.time()
+    proc = Proc(split_box.cmd("node1", *cmd), env, tmp_path / "logs")
+    try:
+        code = proc.wait(RUN_TIMEOUT)
+    finally:
+        proc.kill()
+    took = time.time() - started
+    out = proc.stdout + proc.stderr
+    assert code != 0, proc.log()
+    lines = [ln for ln in out.splitlines() if "no address of rank 0's node" in ln]
+    assert lines == ["error: no address of rank 0's node node1 (10.200.0.11) is reachable from every node "
+                     "(node2 reaches none): set launch.master_addr to an address on a network all nodes share"], proc.log()
+    assert took < float(DIST_TIMEOUT), f"took {took:.0f} s: the ranks waited for the process-group timeout"
+    assert last_step(run_dir) == 0

@@ -6,7 +6,13 @@ The interrupted job holds rank 0 at step HOLD (fault point ``hold``) until the s
 visible to it, so the stop step is exact. Modes:
 
 * ``hostfile``: one ``deepspeed --hostfile`` on the batch host reaches both nodes over pdsh/ssh;
-  ``scancel --batch --signal=USR1`` (the batch shell, as ``--signal=B:USR1@N`` does);
+  SLURM's own time-limit warning, ``sbatch --signal=B:USR1@119``: once the ranks train, the test
+  lowers the job's limit (``scontrol update TimeLimit``) to 61-120 s ahead, so SLURM's periodic
+  limit check (about every 30 s) sends USR1 to the batch shell; the limit goes back up once the
+  job is requeued, or the requeued job would be warned again at once (SLURM's limits are whole
+  minutes: a real short ``--time`` would make the test take minutes and time it to SLURM's clock);
+* ``mpi``: ``mpirun`` (MPICH's Hydra) on the allocation's hosts, the rendezvous address found by
+  the ranks; ``scancel --batch --signal=USR1`` (the batch shell, as ``--signal=B:USR1@N`` does);
 * ``no_ssh``: srun starts ``deepspeed --no_ssh`` per node; ``scancel --full --signal=USR1``
   (the batch shell and every process of the job, DeepSpeed's launchers included);
 * ``srun``: one srun task per rank; ``scontrol requeue`` from outside (SLURM's SIGTERM to the
@@ -67,7 +73,8 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
     output = jobdir / "job.out"
     box.wait_idle()  # a job submitted while a node is DOWN would wait for it
     started = time.time()
-    job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", "--requeue",
+    warn = ["--signal=B:USR1@119"] if how == "limit" else []
+    job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", "--requeue", *warn,
                   "--open-mode=append", f"--chdir={jobdir}", f"--output={output}", str(SBATCH), str(cfg),
                   env=env).stdout.strip().split(";")[0]
     try:
@@ -80,14 +87,22 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
         if how == "requeue":
             box.run("node1", "scontrol", "requeue", job)
             # SLURM's SIGTERM reaches the batch shell, which asks ds-relora train to stop the ranks.
+        elif how == "limit":
+            h, m, sec = (int(x) for x in _job(box, job)["RunTime"].split("-")[-1].split(":"))
+            # 61-120 s left: within the warning's 119 s, and time to save and requeue before the limit.
+            box.run("node1", "scontrol", "update", f"jobid={job}", f"TimeLimit={(h * 3600 + m * 60 + sec) // 60 + 2}")
         else:
             box.run("node1", "scancel", "--batch" if how == "batch" else "--full", "--signal=USR1", job)
         t = time.time()
-        while not stop_file.exists() and time.time() - t < 30:
+        # SLURM's limit check runs about every 30 s (and the warning may come up to a minute early).
+        while not stop_file.exists() and time.time() - t < (90 if how == "limit" else 30):
             time.sleep(0.05)
         stop_seen = stop_file.exists()
         time.sleep(1.2)  # the ranks look at the request at most once a second
         release.touch()
+        if how == "limit":
+            _wait_job(box, job, lambda i: i.get("Restarts") == "1", "requeued", JOB_TIMEOUT, output)
+            box.run("node1", "scontrol", "update", f"jobid={job}", "TimeLimit=10")
         info = _wait_job(box, job, lambda i: i.get("JobState") == "COMPLETED" and i.get("Restarts") == "1",
                          "COMPLETED after one requeue", JOB_TIMEOUT, output)
     except BaseException:
@@ -99,7 +114,7 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
             "seconds": time.time() - started, "job": job}
 
 
-CASES = [("hostfile", "batch"), ("no_ssh", "full"), ("srun", "requeue")]
+CASES = [("hostfile", "limit"), ("no_ssh", "full"), ("srun", "requeue"), ("mpi", "batch")]
 
 
 @pytest.mark.parametrize("mode,how", CASES)
@@ -120,6 +135,8 @@ def test_job_stops_at_a_step_boundary_is_requeued_and_resumes_bit_identically(bo
         assert f"step {HOLD}: stopped by a stop signal, checkpoint saved; exit code 75" in out, out[-6000:]
         assert "ds-relora stopped early to be requeued (exit 75)" in out, out[-6000:]
         assert resumed == [HOLD], out[-6000:]
+    if how == "limit":  # SLURM's warning, not a signal sent by hand
+        assert "ds-relora train: SIGUSR1: the ranks stop at the next step boundary" in out, out[-6000:]
     assert f"resumed from step-{resumed[0]}" in out, out[-6000:]
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)], out[-3000:]

@@ -95,8 +95,11 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CryptoType=crypto/munge
-# requeued jobs become eligible again only after cred_expire (default 120 s)
-AuthInfo=cred_expire=10
+# requeued jobs become eligible again only after cred_expire (default 120 s; 5 is the least slurmctld takes)
+AuthInfo=cred_expire=5
+# a job that becomes eligible by time (a requeued one) starts at the next scheduling pass, not at
+# submission: the default passes are every 30 s (backfill) and 60 s (main)
+SchedulerParameters=bf_interval=1,sched_interval=1
 StateSaveLocation=$BOX/slurm/ctld
 SlurmdSpoolDir=$BOX/slurm/d/%n
 SlurmctldPidFile=$BOX/run/slurmctld.pid
