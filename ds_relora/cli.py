@@ -17,6 +17,7 @@ from ds_relora.config_base import field_docs
 from ds_relora.disk import check_free_space, check_writable, disk_error, is_disk_error
 from ds_relora.errors import UserError
 from ds_relora.launch.launchers import build_launch, run_plan
+from ds_relora.launch.supervise import hold_stop_signals
 from ds_relora.run_folder import LOCK, checkpoint_root, config_file
 from ds_relora.study.cli import add_study_commands
 from ds_relora.study.lm_eval import add_task_args, cmd_eval_tasks
@@ -54,6 +55,7 @@ def streaming_token_budget(cfg) -> int | None:
 
 
 def cmd_train(args) -> int:
+    hold_stop_signals()  # a scheduler's early warning during the checks (torch's import included) must not kill the command
     from ds_relora.checkpoint.store import write_atomic  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
     from ds_relora.train.plan import expected_save_bytes, plan_run  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
 

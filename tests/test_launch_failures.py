@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from ds_relora.launch.hosts import free_port
+from ds_relora.launch.supervise import SAME_EVENT_S
+from ds_relora.run_folder import EXITS
 from harness.launches import DS_RELORA, STEPS, SWAP, TRAIN_TIMEOUT, env, procs, root, run, start_ranks, step_lines, train_config  # noqa: F401  (fixtures are used by name)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
@@ -143,6 +145,65 @@ def test_a_signal_to_ds_relora_train_reaches_the_launcher_and_its_code_comes_bac
         assert ready.exists()
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=30) == 75
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_a_stop_signal_during_the_checks_is_held_until_the_launcher_runs(tmp_path):
+    """SLURM's USR1 warning can arrive while ds-relora train still checks the run (before any
+    launcher): it must not end the command (rc 138, no checkpoint, no requeue) but reach the
+    ranks as a stop request once the launcher runs; a second one, later, ends it at once."""
+    import os
+    import signal
+    import subprocess
+
+    ready, go, run_dir = tmp_path / "ready", tmp_path / "go", tmp_path / "run"
+    stop_file = run_dir / EXITS / "stop"
+    # The "launcher": exits 75 once the stop request is in the run folder (what the ranks read).
+    child = f"while [ ! -f {stop_file} ]; do sleep 0.05; done; exit 75"
+    script = tmp_path / "train.py"  # ds-relora train's shape: hold, check (until `go`), launch
+    script.write_text(
+        "import os, sys, time\n"
+        "from ds_relora.launch import supervise\n"
+        "supervise.hold_stop_signals()\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.05)\n"
+        f"sys.exit(supervise.run_supervised(['sh', '-c', {child!r}], dict(os.environ), {str(run_dir)!r}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def start():
+        for f in (ready, go):
+            f.unlink(missing_ok=True)
+        p = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        return p
+
+    parent = start()
+    try:
+        parent.send_signal(signal.SIGUSR1)  # during the "checks"
+        time.sleep(0.5)
+        assert parent.poll() is None, parent.stderr.read()
+        go.touch()  # the checks end, the launcher starts and gets the held stop
+        assert parent.wait(timeout=60) == 75, parent.stderr.read()
+        assert "during the checks" in parent.stderr.read()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert not stop_file.exists()  # cleared once the run ended
+
+    parent = start()
+    try:
+        parent.send_signal(signal.SIGTERM)
+        time.sleep(SAME_EVENT_S + 0.5)
+        parent.send_signal(signal.SIGTERM)  # the sender insists: nothing started, so stop now
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+        assert "nothing started" in parent.stderr.read()
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -16,6 +16,12 @@ A second such signal is passed on (the sender insists). The launcher is started 
 ignored, so one that reaches it directly (``scancel --full``, a signal to the process group)
 does not end it either; the ranks install their own handler. Signals within SAME_EVENT_S of the
 first count as that one.
+
+A stop signal that arrives while ``ds-relora train`` still checks the run (10-60 s before the
+launcher starts: config, data, checkpoint choice) is held (:func:`hold_stop_signals`), not fatal:
+SLURM's early warning would otherwise end the job with no checkpoint and no requeue. Once the
+launcher runs, a held stop is acted on as if it had arrived then; a second one during the checks
+(the sender insists) ends the command at once, before anything started.
 """
 
 from __future__ import annotations
@@ -37,6 +43,24 @@ SUPERVISED_ENV = "DS_RELORA_SUPERVISED"
 # signals every process of the job, and the batch script passes its own copy on), not a second,
 # insisting one: train.job_limits.SAME_EVENT_S.
 SAME_EVENT_S = 5.0
+_held: list[tuple[int, float]] = []  # stop signals that arrived before the launcher started
+
+
+def hold_stop_signals() -> None:
+    """First thing ``ds-relora train`` does: hold SIGUSR1/SIGTERM until :func:`run_supervised`."""
+
+    def held(signum, _frame):
+        if _held and time.monotonic() - _held[0][1] >= SAME_EVENT_S:
+            print(f"ds-relora train: {signal.Signals(signum).name} again before the launch: nothing started, stopping",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        if not _held:
+            print(f"ds-relora train: {signal.Signals(signum).name} during the checks: the ranks will stop at their "
+                  f"first step boundary, save a checkpoint and exit with {REQUEUE_EXIT_CODE}", file=sys.stderr, flush=True)
+        _held.append((signum, time.monotonic()))
+
+    for sig in STOPPING:
+        signal.signal(sig, held)
 
 
 def run_supervised(cmd: list[str], env: dict[str, str], run_dir: str | Path | None) -> int:
@@ -67,6 +91,9 @@ def run_supervised(cmd: list[str], env: dict[str, str], run_dir: str | Path | No
 
     previous = {sig: signal.signal(sig, stop if sig in STOPPING else pass_on) for sig in PASSED_ON}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupted)
+    if _held:
+        stop(_held.pop(0)[0], None)
+        _held.clear()
     try:
         code = proc.wait()
     finally:
