@@ -62,7 +62,7 @@ def parse_duration(value, where: str = "train.time_limit") -> float | None:
 
 @dataclasses.dataclass
 class ModelConfig(Checked):
-    preset: Optional[str] = doc("tiny", "LLaMA-shaped preset (tiny, 9m, 20m, 35m, 60m, 130m, 250m, 350m, 1.3b, 3b, 7b, 13b); null when name_or_path is set")
+    preset: Optional[str] = doc("tiny", "LLaMA-shaped preset (tiny, 9m, 20m, 35m, 60m, 130m, 250m, 350m, 1.3b, 3b, 7b, 13b, cpu85); null when name_or_path is set")
     name_or_path: Optional[str] = doc(None, "HF hub name or local folder of a causal-LM config/checkpoint to continue pre-training from, instead of a preset")
     from_pretrained: bool = doc(False, "with name_or_path: load its weights (true) or only its config with fresh weights (false)")
     max_position_embeddings: Optional[int] = doc(None, "model context length; default: data.seq_len")
