@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from ds_relora.zero.projected_adam import ProjectedAdamW, split_rows
+from ds_relora.zero.projected_adam import ProjectedAdamW
+from ds_relora.zero.projected_layout import split_rows
 from ds_relora.zero.projection import canonical_signs, next_seed, random_projector
 
 

@@ -33,13 +33,13 @@ on every rank with no communication.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.distributed as dist
 
 from ds_relora.errors import ConfigError
+from ds_relora.zero.projected_layout import Matrix, Segment
 from ds_relora.zero.projection import next_seed, projector, random_projector
 from ds_relora.zero.state import full_shape
 
@@ -47,45 +47,6 @@ from ds_relora.zero.state import full_shape
 PROJECTION_KEYS = ("proj_rank", "proj_kind", "scale_type", "update_proj_gap", "proj_scale", "residual", "limiter")
 LIMIT_GROWTH = 1.01  # the norm-growth limiter's bound on ||t_k|| / ||t_k-1||
 NORM_EPS = 1e-8      # the references' eps in the scaling ratio and the limiter
-
-
-@dataclasses.dataclass
-class Matrix:
-    """One projected matrix: its logical shape, its options, where its elements sit."""
-
-    index: int                 # position among the projected matrices (same on every rank)
-    param: torch.nn.Parameter  # the module's parameter (the layout is built from it)
-    shape: tuple[int, int]
-    group: dict                # its param group (lr, betas, eps, weight_decay, the projection keys)
-    seed: int                  # first random-projector seed: its 1-based position in the groups
-    unit: object = None        # which step() call steps it (ZeRO-1/2 group, ZeRO-3 sub-group)
-    ranges: list = dataclasses.field(default_factory=list)  # [(a, b)] per rank, flattened elements
-    split_rows: list = dataclasses.field(default_factory=list)  # rows cut between ranks
-
-    @property
-    def tall(self) -> bool:
-        return self.shape[0] >= self.shape[1]
-
-
-@dataclasses.dataclass
-class Segment:
-    """``numel`` elements at ``offset`` of a flat tensor: elements ``start..`` of ``param``."""
-
-    offset: int
-    numel: int
-    start: int
-    param: torch.nn.Parameter
-    matrix: Matrix | None
-
-
-def split_rows(ranges: list[tuple[int, int]], cols: int) -> list[int]:
-    """Rows whose elements are held by more than one rank (a range boundary inside the row)."""
-    rows = set()
-    for a, b in ranges:
-        for edge in (a, b):
-            if b > a and edge % cols:
-                rows.add(edge // cols)
-    return sorted(rows)
 
 
 class ProjectedAdamW(torch.optim.Optimizer):
@@ -171,9 +132,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             return
         whole = len(segs) == 1 and segs[0].offset == 0 and segs[0].numel == flat.numel()
         grad = flat.grad.reshape(-1)
-        g = grad if whole else torch.cat([grad.narrow(0, s.offset, s.numel) for s in segs])
-        if whole:
-            g = flat.grad
+        g = flat.grad if whole else torch.cat([grad.narrow(0, s.offset, s.numel) for s in segs])
         st = self.plain_state.setdefault(unit, {"step": 0})
         if "exp_avg" not in st:
             st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
@@ -325,7 +284,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def _apply(self, w: dict) -> None:
         """Phase 3: limiter, scale, the update and the decay of this rank's elements."""
-        m, st, group = w["m"], w["st"], w["m"].group
+        st, group = w["st"], w["m"].group
         if self.partitioned:
             rr, nn_, gg, tt = (float(x) for x in w["sums"])
             if w["s"] is None:
