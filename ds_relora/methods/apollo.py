@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import Method, adapter_rank, default_param_groups, register, target_linears
+from ds_relora.zero.projected_adam import projected_optimizer
 from ds_relora.zero.state import full_shape
 
 
@@ -77,6 +78,21 @@ class ProjectionMethod(Method):
 
     def adapter_counts(self, out_features: int, in_features: int, rank: int) -> tuple[int, int]:
         return 0, 0
+
+    def start_phase(self, cfg, start: int, offset: int) -> None:
+        self.gap, self.counted = getattr(cfg, self.section).update_proj_gap, 0
+
+    def before_step(self, engine, step: int, micro_batches) -> dict | None:
+        """Before each update that gets a new projector (every ``update_proj_gap``-th): an event
+        with how many matrix projections the optimizer ran since the last one (``gap x
+        matrices`` unless a step skipped a matrix: the tests hold it to that), the matrices'
+        logical shapes as the optimizer sees them and its layout kind."""
+        if step % self.gap:
+            return None
+        opt = projected_optimizer(engine)
+        done, self.counted = opt.projections - self.counted, opt.projections
+        return {"event": "projection", "step": step, "matrices": len(opt.matrices), "projections": done,
+                "layout": opt.layout_kind, "shapes": sorted({m.shape for m in opt.matrices})}
 
 
 class _Apollo(ProjectionMethod):

@@ -71,6 +71,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.projections = 0   # matrices projected so far (a test counts them per step)
         self.comm_device = None
         self.partitioned = False
+        self.layout_kind = "whole"
         self.layout: dict[int, tuple[object, list[Segment]]] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -83,7 +84,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             matrix.ranges, matrix.unit = [(0, p.numel())], None
         self.layout[id(p)] = (("whole", id(p)), [Segment(0, p.numel(), 0, p, matrix)])
 
-    def attach(self, layout: dict, partitioned: bool, comm_device=None) -> None:
+    def attach(self, layout: dict, partitioned: bool, comm_device=None, kind: str = "whole") -> None:
         """Install a layout (``projected_layout.zero_layout``): ``{id(flat): (unit, [Segment])}``
         with every matrix's ``unit``, ``ranges`` and ``split_rows`` set. A projected matrix the
         layout does not place is an error: it would silently run as something else."""
@@ -94,6 +95,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             if len(m.shape) != 2 or m.shape[0] * m.shape[1] != sum(b - a for a, b in m.ranges):
                 raise RuntimeError(f"projected matrix {m.index}: its partitions do not cover its {m.shape} elements")
         self.layout, self.partitioned, self.comm_device = layout, partitioned, comm_device
+        self.layout_kind = kind
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -315,6 +317,16 @@ class ProjectedAdamW(torch.optim.Optimizer):
         p.add_(u, alpha=-w["step_size"])
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+def projected_optimizer(engine) -> ProjectedAdamW:
+    """The engine's client optimizer (DeepSpeed's ZeRO and bf16 wrappers hold it as ``optimizer``)."""
+    opt = engine.optimizer
+    opt = opt if isinstance(opt, ProjectedAdamW) else getattr(opt, "optimizer", None)
+    if not isinstance(opt, ProjectedAdamW):
+        raise RuntimeError(f"the engine's optimizer is {type(engine.optimizer).__name__}, not the projected "
+                           "optimizer a projection method needs: build the engine with the method's param groups")
+    return opt
 
 
 def _step_size(group: dict, step: int) -> float:

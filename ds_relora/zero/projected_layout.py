@@ -121,5 +121,5 @@ def attach_layout(engine, optimizer) -> str:
             raise RuntimeError(f"projected matrix {m.index} {m.shape} is in none of DeepSpeed's parameter groups")
         m.ranges = [ranges[m.index] for ranges in everyone]
         m.split_rows = split_rows(m.ranges, m.shape[1]) if m.tall else []
-    optimizer.attach(layout, partitioned=True, comm_device=engine.device)
+    optimizer.attach(layout, partitioned=True, comm_device=engine.device, kind=kind)
     return kind
