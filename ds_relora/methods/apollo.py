@@ -20,8 +20,18 @@ from typing import ClassVar
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import Method, adapter_rank, default_param_groups, register, target_linears
-from ds_relora.zero.projected_adam import projected_optimizer
+from ds_relora.zero.projected_adam import ProjectedAdamW
 from ds_relora.zero.state import full_shape
+
+
+def projected_optimizer(engine) -> ProjectedAdamW:
+    """The engine's client optimizer (DeepSpeed's ZeRO and bf16 wrappers hold it as ``optimizer``)."""
+    opt = engine.optimizer
+    opt = opt if isinstance(opt, ProjectedAdamW) else getattr(opt, "optimizer", None)
+    if not isinstance(opt, ProjectedAdamW):
+        raise RuntimeError(f"the engine's optimizer is {type(engine.optimizer).__name__}, not the projected "
+                           "optimizer a projection method needs: build the engine with the method's param groups")
+    return opt
 
 
 class ProjectionMethod(Method):
@@ -124,4 +134,5 @@ class ApolloMiniMethod(_Apollo):
 
     name = "apollo_mini"
     section = "apollo_mini"
+    default_rank = 1
     resume_keys = ("apollo_mini.rank", "apollo_mini.proj", "apollo_mini.scale_type", "relora.target_modules")

@@ -137,6 +137,7 @@ class Method:
     # The method keeps W trainable and projects gradients in its optimizer (APOLLO, Fira): a phase
     # of its own like an adapter method's (warm start, phase "adapters" in checkpoints), nothing wrapped.
     projects: ClassVar[bool] = False
+    default_rank: ClassVar[int] = 128  # the rank ``estimate-memory`` assumes when none is given
 
     def __init__(self):
         self.layers: list[tuple[str, nn.Module]] = []

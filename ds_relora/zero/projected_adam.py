@@ -97,6 +97,13 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.layout, self.partitioned, self.comm_device = layout, partitioned, comm_device
         self.layout_kind = kind
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the optimizer's own state (moments of R, projectors, limiter norms,
+        the plain elements' moments): what the engine's memory ledger counts as optimizer state
+        (it lives beside ``self.state``, which DeepSpeed reads as per-flat-tensor Adam state)."""
+        states = list(self.proj_state.values()) + list(self.plain_state.values())
+        return [v for st in states for v in st.values() if isinstance(v, torch.Tensor)]
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure=None):
@@ -317,16 +324,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
         p.add_(u, alpha=-w["step_size"])
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-
-
-def projected_optimizer(engine) -> ProjectedAdamW:
-    """The engine's client optimizer (DeepSpeed's ZeRO and bf16 wrappers hold it as ``optimizer``)."""
-    opt = engine.optimizer
-    opt = opt if isinstance(opt, ProjectedAdamW) else getattr(opt, "optimizer", None)
-    if not isinstance(opt, ProjectedAdamW):
-        raise RuntimeError(f"the engine's optimizer is {type(engine.optimizer).__name__}, not the projected "
-                           "optimizer a projection method needs: build the engine with the method's param groups")
-    return opt
 
 
 def _step_size(group: dict, step: int) -> float:
