@@ -40,11 +40,13 @@ from ds_relora.checkpoint.format import (
     expected_checkpoint_bytes,
     fsync_dir,
     fsync_tree,
+    has_moments,
+    open_moments,
     open_weights,
     write_atomic,
     write_meta,
 )
-from ds_relora.checkpoint.state_io import load_weights, write_state
+from ds_relora.checkpoint.state_io import load_weights, restore_projected, write_state
 from ds_relora.disk import disk_error, is_disk_error
 from ds_relora.errors import CheckpointError
 from ds_relora.faults import fault_point
@@ -57,6 +59,8 @@ __all__ = ["write_atomic", "save_checkpoint", "load_checkpoint"]
 def optimizer_update_count(engine) -> int:
     """Adam's step count (its bias correction), the same for every param of a phase."""
     basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if hasattr(basic, "update_count"):  # the projected optimizer (APOLLO, Fira) keeps its own
+        return basic.update_count()
     for state in basic.state.values():
         if "step" in state:
             return int(state["step"])
@@ -260,6 +264,8 @@ def load_checkpoint(engine, folder: Path) -> None:
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
     load_weights(engine.module, weights, source=str(folder), skip=trainable)
     load_adapter_buffers(engine.module, weights)  # MoRA's patterns, GaLore's projectors
+    if has_moments(folder):
+        restore_projected(engine, open_moments(folder))  # APOLLO / Fira: their state is only in our sets
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -18,17 +18,14 @@ reproduces bit for bit on one process (``tests/test_projected_adam.py`` holds it
   1e-8), 1.01) / 1.01``, ``t /= l``, ``prev = ||t||``; the first step only records ``prev``;
 * plain form only: ``u *= sqrt(scale)`` after the limiter.
 
-Under ZeRO the optimizer is DeepSpeed's client optimizer and sees flat fp32 partitions, not
-matrices. :meth:`attach` (``projected_layout.zero_layout``) tells it, for every flat tensor, which
-contiguous element range ``[a, b)`` of which matrix sits where, on every rank. A rank then works
-on the rows its range touches (a row cut by a partition boundary is a "split row", computed
-partially by the ranks sharing it): per step one all-reduce, batched over the matrices of the
-call, of the split rows' partial ``G P^T`` (tall) and of the whole partial ``P^T G`` (wide,
-r x n), and one of four partial squared norms per matrix (tensor scaling, limiter). Every rank
-runs the same collectives in the same order (a rank holding nothing of a matrix adds zeros).
-An SVD projector needs the whole G once per gap: reduced to an owner rank (round robin), SVD in
-fp64 with canonical signs there, broadcast. The random projector is drawn from the seed chain
-on every rank with no communication.
+Under ZeRO it is DeepSpeed's client optimizer and sees flat fp32 partitions; :meth:`attach`
+(``projected_layout.py``) tells it where each matrix's element range sits on every rank. A rank
+works on the rows its range touches (a row cut by a partition edge is computed partially by the
+ranks sharing it). Per call: one all-reduce, batched over the call's matrices, of the cut rows'
+partial ``G P^T`` (tall) and the whole partial ``P^T G`` (wide, r x n), and one of 4 partial
+squared norms per matrix; every rank runs them in the same order (zeros where it holds
+nothing). An SVD projector reduces G to an owner rank (round robin; fp64 SVD, canonical signs)
+and broadcasts it; the random one is drawn from the seed chain on every rank, no communication.
 """
 
 from __future__ import annotations
@@ -72,6 +69,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.comm_device = None
         self.partitioned = False
         self.layout_kind = "whole"
+        self.unit_devices: dict = {}  # where each unit's flat tensor (and so its state) lives
         self.layout: dict[int, tuple[object, list[Segment]]] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -81,10 +79,12 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """``p`` is its own tensor, whole on every rank (one process, ZeRO-0 fp32)."""
         matrix = next((m for m in self.matrices if m.param is p), None)
         if matrix is not None:
-            matrix.ranges, matrix.unit = [(0, p.numel())], None
+            matrix.ranges, matrix.unit = [(0, p.numel())], ("whole", id(p))
         self.layout[id(p)] = (("whole", id(p)), [Segment(0, p.numel(), 0, p, matrix)])
+        self.unit_devices[("whole", id(p))] = p.device
 
-    def attach(self, layout: dict, partitioned: bool, comm_device=None, kind: str = "whole") -> None:
+    def attach(self, layout: dict, partitioned: bool, comm_device=None, kind: str = "whole",
+               devices: dict | None = None) -> None:
         """Install a layout (``projected_layout.zero_layout``): ``{id(flat): (unit, [Segment])}``
         with every matrix's ``unit``, ``ranges`` and ``split_rows`` set. A projected matrix the
         layout does not place is an error: it would silently run as something else."""
@@ -96,11 +96,15 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 raise RuntimeError(f"projected matrix {m.index}: its partitions do not cover its {m.shape} elements")
         self.layout, self.partitioned, self.comm_device = layout, partitioned, comm_device
         self.layout_kind = kind
+        self.unit_devices.update(devices or {})
+
+    def update_count(self) -> int:
+        """Updates done (every matrix and every plain element step together)."""
+        return max([st.get("step", 0) for st in [*self.proj_state.values(), *self.plain_state.values()]] + [0])
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """Every tensor of the optimizer's own state (moments of R, projectors, limiter norms,
-        the plain elements' moments): what the engine's memory ledger counts as optimizer state
-        (it lives beside ``self.state``, which DeepSpeed reads as per-flat-tensor Adam state)."""
+        """Every tensor of its own state (what the memory ledger counts): kept beside
+        ``self.state``, which DeepSpeed reads as per-flat-tensor Adam state."""
         states = list(self.proj_state.values()) + list(self.plain_state.values())
         return [v for st in states for v in st.values() if isinstance(v, torch.Tensor)]
 
@@ -109,20 +113,19 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         local: dict[int, tuple[torch.Tensor, torch.Tensor, Segment]] = {}
-        units = set()
+        units: dict = {}  # unit -> its live param group (load_state_dict replaces the group dicts)
         for group in self.param_groups:
             for flat in group["params"]:
                 entry = self.layout.get(id(flat))
                 if entry is None:
-                    raise RuntimeError("the projected optimizer was given a tensor it has no layout for: DeepSpeed "
-                                       "partitions the parameters (ZeRO 1-3) and attach() was not called after "
-                                       "deepspeed.initialize")
+                    raise RuntimeError("the projected optimizer got a tensor it has no layout for: ZeRO 1-3 "
+                                       "partition the params and attach() was not called after deepspeed.initialize")
                 unit, segs = entry
                 if flat.grad is None:
                     if self.partitioned:
                         raise RuntimeError("a ZeRO partition reached the projected optimizer without a gradient")
                     continue
-                units.add(unit)
+                units[unit] = group
                 self._plain_step(group, unit, flat, [s for s in segs if s.matrix is None])
                 for s in segs:
                     if s.matrix is not None:
@@ -131,8 +134,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
             todo = [m for m in self.matrices if m.unit in units]
         else:
             todo = [m for m in self.matrices if m.index in local]
-        if todo:
-            self._projected_step(todo, local)
+        for m in todo:
+            m.group = units[m.unit]
+        self._projected_step(todo, local)
         return loss
 
     def _plain_step(self, group, unit, flat, segs: list[Segment]) -> None:
@@ -160,6 +164,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     def _projected_step(self, todo: list[Matrix], local: dict) -> None:
+        if not todo:
+            return
         work = [self._project(m, local.get(m.index)) for m in todo]
         if self.partitioned:
             self._reduce_r(work)
@@ -173,13 +179,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def _project(self, m: Matrix, here) -> dict:
         """Phase 1: the projector (new every gap) and this rank's (partial) R."""
-        rows_n, cols = m.shape
-        rank = m.group["proj_rank"]
+        (rows_n, cols), rank = m.shape, m.group["proj_rank"]
         st = self.proj_state.setdefault(m.index, {"step": 0, "seed": m.seed})
         if here is None:
-            flat, grad, a, b = None, None, 0, 0
-            device = self.comm_device or torch.device("cpu")
-            g_loc = torch.zeros(0, device=device)
+            flat, a, b, device = None, 0, 0, self.unit_devices.get(m.unit, torch.device("cpu"))
+            g_loc = torch.zeros(0, device=device)  # it holds nothing of m: it takes part with zeros
         else:
             flat, grad, seg = here
             a, b = seg.start, seg.start + seg.numel
@@ -195,6 +199,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         proj = st["proj"].to(device)
         row0 = a // cols
         row1 = (b - 1) // cols + 1 if b > a else row0
+        st["rows"] = (row0, row1 - row0)
         if not self.partitioned:
             block = g_loc.view(rows_n, cols)
         else:

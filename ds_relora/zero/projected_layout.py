@@ -74,9 +74,11 @@ def attach_layout(engine, optimizer) -> str:
         return "whole"
     by_param = {id(m.param): m for m in optimizer.matrices}
     layout: dict = {}
+    devices: dict = {}
     if hasattr(wrapper, "fp32_partitioned_groups_flat"):
         kind, rank = "zero3", dist.get_rank()
         for i, (params, flat) in enumerate(zip(wrapper.fp16_groups, wrapper.fp32_partitioned_groups_flat)):
+            devices[(kind, i)] = flat.device
             if flat.numel() == 0 and any(p.partition_numel() for p in params):
                 raise RuntimeError("projection methods cannot step ZeRO-3 sub-groups swapped to NVMe: "
                                    "turn off offload_optimizer.device=nvme")
@@ -99,6 +101,7 @@ def attach_layout(engine, optimizer) -> str:
             raise RuntimeError(f"projection methods do not know DeepSpeed's {type(wrapper).__name__}: they run "
                                "on ZeRO 0-3 with fp32 or bf16 (fp16 loss scaling is not supported)")
         for i, (params, flat) in enumerate(zip(lp_groups, flats)):
+            devices[(kind, i)] = flat.device
             segs = []
             for p in params:
                 matrix = by_param.get(id(p))
@@ -121,5 +124,5 @@ def attach_layout(engine, optimizer) -> str:
             raise RuntimeError(f"projected matrix {m.index} {m.shape} is in none of DeepSpeed's parameter groups")
         m.ranges = [ranges[m.index] for ranges in everyone]
         m.split_rows = split_rows(m.ranges, m.shape[1]) if m.tall else []
-    optimizer.attach(layout, partitioned=True, comm_device=engine.device, kind=kind)
+    optimizer.attach(layout, partitioned=True, comm_device=engine.device, kind=kind, devices=devices)
     return kind
