@@ -52,6 +52,7 @@ from ds_relora.errors import CheckpointError
 from ds_relora.faults import fault_point
 from ds_relora.methods import load_adapter_buffers
 from ds_relora.run_folder import CONFIG
+from ds_relora.zero.state import projected
 
 __all__ = ["write_atomic", "save_checkpoint", "load_checkpoint"]
 
@@ -264,7 +265,7 @@ def load_checkpoint(engine, folder: Path) -> None:
     trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
     load_weights(engine.module, weights, source=str(folder), skip=trainable)
     load_adapter_buffers(engine.module, weights)  # MoRA's patterns, GaLore's projectors
-    if has_moments(folder):
+    if projected(engine) is not None and has_moments(folder):
         restore_projected(engine, open_moments(folder))  # APOLLO / Fira: their state is only in our sets
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
