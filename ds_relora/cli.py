@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The schema's names, not the registry's: importing methods/ would load torch for --help
     # (tests/test_methods_math.py holds the two lists equal).
     p.add_argument("--method", default=TrainConfig().method, choices=list(typing.get_args(Method)))
-    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--rank", type=int, default=None, help="adapter / projection rank (default: the method's own, 128 for most)")
     p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=8)

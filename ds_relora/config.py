@@ -1,6 +1,9 @@
 """The run configuration: model/ReLoRA/training settings, separate from the DeepSpeed JSON
 and from the launcher settings.
 
+Long because the whole schema is one file: every section beside its range checks, so
+``config --explain`` and the checks read from one place.
+
 Three layers, kept apart on purpose:
 
 * ``RunConfig`` (this file): what is trained and how (model, method, ReLoRA, optimizer, data,
@@ -24,7 +27,7 @@ import yaml
 from ds_relora.config_base import Checked, apply_overrides, doc, from_dict, to_dict
 from ds_relora.errors import ConfigError
 
-Method = Literal["full", "lora", "relora", "control", "mora", "remora", "galore"]
+Method = Literal["full", "lora", "relora", "control", "mora", "remora", "galore", "apollo", "apollo_mini", "fira"]
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
@@ -150,6 +153,55 @@ class GaLoreConfig(Checked):
 
 
 @dataclasses.dataclass
+class ApolloConfig(Checked):
+    """APOLLO (apollo-torch's APOLLOAdamW): W trained, its gradient projected to rank r in the
+    optimizer; the projected layers are ``relora.target_modules``, the rest plain AdamW."""
+
+    rank: Optional[int] = doc(None, "projection rank r (null: relora.rank)")
+    proj: Literal["random", "svd"] = doc("random", "projector: random (seeded Gaussian / sqrt(r), no communication) or svd (top-r singular vectors of the gradient)")
+    scale_type: Literal["channel", "tensor"] = doc("channel", "gradient scaling factor per channel (row of a tall, column of a wide matrix) or per tensor")
+    update_proj_gap: int = doc(200, "steps between projector changes")
+    scale: float = doc(1.0, "the scaled gradient is multiplied by sqrt(scale) (apollo-torch's apollo_scale)")
+    limiter: bool = doc(True, "norm-growth limiter (Fira's): the update's norm grows at most 1.01x per step")
+
+    SECTION = "apollo"
+
+    def validate(self) -> None:
+        self.require("rank", self.rank is None or self.rank >= 1, "must be at least 1: or null for relora.rank")
+        self.require("update_proj_gap", self.update_proj_gap >= 1, "must be at least 1: steps between projector changes, e.g. 200")
+        self.require("scale", self.scale > 0, "must be positive: e.g. 1 (APOLLO) or 128 (APOLLO-Mini)")
+
+
+@dataclasses.dataclass
+class ApolloMiniConfig(ApolloConfig):
+    """APOLLO-Mini: APOLLO with rank 1 and tensor-wise scaling (its optimizer state per matrix is
+    O(max side)); scale 128 as in the APOLLO authors' scripts."""
+
+    rank: Optional[int] = doc(1, "projection rank (1: APOLLO-Mini; null: relora.rank)")
+    scale_type: Literal["channel", "tensor"] = doc("tensor", "gradient scaling factor per tensor (APOLLO-Mini) or per channel")
+    scale: float = doc(128.0, "the scaled gradient is multiplied by sqrt(scale)")
+
+    SECTION = "apollo_mini"
+
+
+@dataclasses.dataclass
+class FiraConfig(Checked):
+    """Fira (the fira package's FiraAdamW): GaLore's SVD projector plus the scaled residual of the
+    gradient; the projected layers are ``relora.target_modules``, the rest plain AdamW."""
+
+    rank: Optional[int] = doc(None, "projection rank r (null: relora.rank)")
+    update_proj_gap: int = doc(200, "steps between projector updates (an SVD of the step's gradient)")
+    alpha: float = doc(1.0, "scale of the projected-back parts (the package's alpha; its default 1)")
+
+    SECTION = "fira"
+
+    def validate(self) -> None:
+        self.require("rank", self.rank is None or self.rank >= 1, "must be at least 1: or null for relora.rank")
+        self.require("update_proj_gap", self.update_proj_gap >= 1, "must be at least 1: steps between projector updates, e.g. 200")
+        self.require("alpha", self.alpha > 0, "must be positive: e.g. 1 or 0.25")
+
+
+@dataclasses.dataclass
 class OptimConfig(Checked):
     lr: float = doc(1e-3, "peak learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")
@@ -211,7 +263,7 @@ class PrepareConfig(Checked):
 
 @dataclasses.dataclass
 class TrainConfig(Checked):
-    method: Method = doc("relora", "full (full-rank), lora (adapters, never merged), relora, control (smaller full-rank model with ReLoRA's trainable params), mora (square adapter, never merged), remora (MoRA merged ReLoRA-style), galore (gradient low-rank projection)")
+    method: Method = doc("relora", "full (full-rank), lora (adapters, never merged), relora, control (smaller full-rank model with ReLoRA's trainable params), mora (square adapter, never merged), remora (MoRA merged ReLoRA-style), galore (gradient low-rank projection), apollo / apollo_mini / fira (W trained, its gradient projected in the optimizer: APOLLO, APOLLO-Mini, Fira)")
     total_steps: int = doc(1000, "optimizer steps in the whole run, warm start included")
     micro_batch_size: int = doc(8, "sequences per rank per micro-step")
     global_batch_size: Optional[int] = doc(None, "sequences per optimizer step over all ranks; default micro_batch_size x world size (gradient accumulation = global / (micro x world))")
@@ -278,6 +330,9 @@ class RunConfig:
     relora: ReLoRAConfig = doc(help="adapter-phase settings: ReLoRA's adapter, and for every adapter method the targets, warm start, LR, reset cycle", factory=ReLoRAConfig)
     mora: MoRAConfig = doc(help="MoRA / ReMoRA square-adapter settings (train.method mora, remora)", factory=MoRAConfig)
     galore: GaLoreConfig = doc(help="GaLore projection settings (train.method galore)", factory=GaLoreConfig)
+    apollo: ApolloConfig = doc(help="APOLLO settings (train.method apollo)", factory=ApolloConfig)
+    apollo_mini: ApolloMiniConfig = doc(help="APOLLO-Mini settings (train.method apollo_mini)", factory=ApolloMiniConfig)
+    fira: FiraConfig = doc(help="Fira settings (train.method fira)", factory=FiraConfig)
     optim: OptimConfig = doc(help="optimizer and LR schedule", factory=OptimConfig)
     data: DataConfig = doc(help="prepared training data", factory=DataConfig)
     prepare: PrepareConfig = doc(help="`ds-relora prepare-data` settings", factory=PrepareConfig)

@@ -18,3 +18,6 @@ PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[tes
 # Test-only oracle for GaLore (the paper authors' package). --no-deps: it declares bitsandbytes,
 # which only its 8-bit optimizer needs; the tests load its AdamW without the package __init__.
 python -m pip install -q --no-deps "galore-torch==1.0"
+# Test-only oracles for APOLLO / APOLLO-Mini (apollo-torch) and Fira (fira), same reasons: the
+# tests load their optimizers without the packages' __init__ (apollo-torch's imports bitsandbytes).
+python -m pip install -q --no-deps "apollo-torch==1.0.3" "fira==1.0.2"

@@ -64,7 +64,7 @@ def _shortened(recipe: Path, data: Path, run_dir: Path) -> dict:
         "data": {"path": str(data), "seq_len": 32},
         "relora": {"rank": 8, "warm_start_steps": 6 if cfg.get("relora", {}).get("warm_start_steps") else 0,
                    "reset_every": 6, "restart_warmup_steps": 2},
-        "mora": {"rank": None}, "galore": {"rank": None},  # relora.rank above, for the tiny model
+        "mora": {"rank": None}, "galore": {"rank": None}, "apollo": {"rank": None}, "fira": {"rank": None},  # relora.rank above, for the tiny model
         "optim": {"warmup_steps": 2},
         "train": {"total_steps": 18, "micro_batch_size": 2, "global_batch_size": None, "eval_every": 0,
                   "eval_batches": 1, "save_every": 0, "run_dir": str(run_dir)},

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ds_relora.checkpoint.format import CheckpointMeta, has_moments, open_moments, open_weights
-from ds_relora.checkpoint.state_io import load_weights
+from ds_relora.checkpoint.state_io import load_weights, restore_projected
 from ds_relora.display import plural
 from ds_relora.errors import CheckpointError
 from ds_relora.methods import load_adapter_buffers
@@ -118,12 +118,13 @@ def restore(engine, folder: Path, meta: CheckpointMeta) -> None:
     step = int(meta.optimizer_step)
     if step > 0:
         moments = open_moments(folder)
-        _init_adam_state(engine, step)
-        for name, p in engine.module.named_parameters():
-            if p.requires_grad:
-                for key in MOMENTS:
-                    if f"{name}.{key}" not in moments:
-                        raise CheckpointError(f"{folder} has no Adam moment {name}.{key}: the checkpoint is damaged "
-                                              "or of another method; resume from another step-N folder")
-                    set_moment(engine, p, key, moments[f"{name}.{key}"].to(engine.device))
+        if not restore_projected(engine, moments):  # APOLLO / Fira: their own state, taken whole
+            _init_adam_state(engine, step)
+            for name, p in engine.module.named_parameters():
+                if p.requires_grad:
+                    for key in MOMENTS:
+                        if f"{name}.{key}" not in moments:
+                            raise CheckpointError(f"{folder} has no Adam moment {name}.{key}: the checkpoint is "
+                                                  "damaged or of another method; resume from another step-N folder")
+                        set_moment(engine, p, key, moments[f"{name}.{key}"].to(engine.device))
     _restore_counters(engine, meta)

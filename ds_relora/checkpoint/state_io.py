@@ -25,7 +25,19 @@ from ds_relora.disk import is_disk_error
 from ds_relora.errors import CheckpointError
 from ds_relora.methods import adapter_buffers
 from ds_relora.tensor_files import BackgroundWriter, StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
-from ds_relora.zero.state import MOMENTS, _z3_local_slice, full_shape, get_master, get_moment, is_zero3_param, set_master, set_module_value
+from ds_relora.zero import projected_state
+from ds_relora.zero.state import (
+    MOMENTS,
+    _z3_local_slice,
+    full_shape,
+    get_master,
+    get_moment,
+    is_zero3_param,
+    projected,
+    set_master,
+    set_module_value,
+    set_moment,
+)
 
 
 def _full_value(engine, p, wanted: bool) -> torch.Tensor | None:
@@ -81,8 +93,10 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     buffers = list(adapter_buffers(engine.module).items())
     weight_entries = [(n, torch.float32, full_shape(p)) for n, p in params]
     weight_entries += [(n, _buffer_value(b).dtype, tuple(b.shape)) for n, b in buffers]
-    moment_entries = [[(f"{n}.{k}", torch.float32, full_shape(p)) for k in MOMENTS] if with_moments and p.requires_grad
-                      else [] for n, p in params] + [[] for _ in buffers]
+    opt = projected(engine)  # APOLLO / Fira: their per-matrix state beside each matrix's moments
+    moment_entries = [[(f"{n}.{k}", torch.float32, full_shape(p)) for k in MOMENTS]
+                      + (projected_state.entries(opt, p, n) if opt is not None else [])
+                      if with_moments and p.requires_grad else [] for n, p in params] + [[] for _ in buffers]
     sizes = [nbytes(shape, dtype) + sum(nbytes(s, d) for _, d, s in moments)
              for (_, dtype, shape), moments in zip(weight_entries, moment_entries)]
     owners = owners_by_bytes(sizes, world)
@@ -161,6 +175,21 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
             if not disk_error(exc, folder):
                 raise
     return written
+
+
+def restore_projected(engine, moments) -> bool:
+    """Load the projected optimizer's state (``zero/projected_state.py``) from a checkpoint's
+    moments set, each rank its part (collective); False when the engine has none."""
+    opt = projected(engine)
+    if opt is None:
+        return False
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    projected_state.load(opt, lambda name: moments[name], names)
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            for key in MOMENTS:
+                set_moment(engine, p, key, moments[f"{name}.{key}"])
+    return True
 
 
 def _partitioned(p) -> bool:

@@ -66,6 +66,8 @@ __all__ = ["write_atomic", "save_checkpoint", "load_checkpoint"]
 def optimizer_update_count(engine) -> int:
     """Adam's step count (its bias correction), the same for every param of a phase."""
     basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if hasattr(basic, "update_count"):  # the projected optimizer (APOLLO, Fira) keeps its own
+        return basic.update_count()
     for state in basic.state.values():
         if "step" in state:
             return int(state["step"])

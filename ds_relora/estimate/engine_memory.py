@@ -98,6 +98,9 @@ def model_state_bytes_from_engine(engine) -> dict[str, int]:
         for state in inner.state.values():
             for t in _tensors(state):
                 ledger.add("adam", t)
+        # The projected optimizer (APOLLO, Fira) keeps its state beside ``state``.
+        for t in getattr(inner, "state_tensors", list)():
+            ledger.add("adam", t)
     for p in masters:
         ledger.add("grads", p.grad)
 

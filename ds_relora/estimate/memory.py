@@ -73,6 +73,31 @@ def method_adapter_params(shape: Shape, method: str, rank: int) -> tuple[int, in
     return trainable * shape.layers, frozen * shape.layers
 
 
+def projection_state_bytes(shape: Shape, vocab_size: int, rank: int, zero_stage: int, num_gpus: int) -> int:
+    """Optimizer-state bytes per rank of a projection method (APOLLO, APOLLO-Mini, Fira: the
+    ``zero/projected_adam.py`` layout), in place of AdamW's 8 bytes per trainable element:
+
+    * a tall target (out >= in): Adam moments of R (out x r), each rank those of the rows it
+      holds: ``8 r out`` on ZeRO-0, ``8 r ceil(out / N)`` on ZeRO 1-3, plus a rank sharing a row
+      cut by a partition edge keeps that row too (at most ``8 r`` per edge, not counted);
+    * a wide target (out < in): moments of R (r x in), whole on every rank: ``8 r in``;
+    * the projector (r x in or out x r, fp32, whole on every rank): ``4 r min(out, in)``, and the
+      limiter's previous norm, 4 bytes;
+    * every other trainable element: AdamW's 8 bytes (``1/N`` of them per rank on ZeRO 1-3).
+
+    On ZeRO 1-3 this is the mean over ranks: ZeRO-1/2 cut one flat buffer of all parameters
+    into equal element ranges, so a rank holding embeddings keeps more state than one holding
+    projected rows; ZeRO-3 splits every parameter, and each rank holds about the mean.
+    APOLLO-Mini (r = 1) keeps ``8 out / N + 4 in`` per tall matrix: O(max side), not O(out x in)."""
+    n = 1 if zero_stage == 0 else num_gpus
+    counts = param_counts(shape, vocab_size)
+    total = 8 * _ceil_div(counts["other"], n)
+    for out_f, in_f in linear_shapes(shape).values():
+        moments = 8 * rank * _ceil_div(out_f, n) if out_f >= in_f else 8 * rank * in_f
+        total += shape.layers * (moments + 4 * rank * min(out_f, in_f) + 4)
+    return total
+
+
 PRECISIONS = ("bf16", "fp32")
 GiB = 1024**3
 
@@ -163,7 +188,7 @@ def _check(method, rank, zero_stage, num_gpus, micro_batch, seq_len, vocab_size,
            offload_optimizer, offload_params, keep_base_fp32, attn_implementation, grad_accum_steps):
     if method not in METHODS:
         raise ConfigError(f"method '{method}' is unknown: use one of {', '.join(METHODS)}")
-    if get_method(method).needs_rank and (not isinstance(rank, int) or rank < 1):
+    if (get_method(method).needs_rank or get_method(method).projects) and (not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank={rank!r} with method={method}: give the adapter rank as a positive integer")
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={zero_stage!r} is not a ZeRO stage: use 0, 1, 2 or 3")
@@ -183,7 +208,7 @@ def _check(method, rank, zero_stage, num_gpus, micro_batch, seq_len, vocab_size,
         raise ConfigError(f"attn_implementation '{attn_implementation}' is unknown: use sdpa, flash_attention_2 or eager")
 
 
-def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int, num_gpus: int,
+def estimate_memory(preset: str | Shape, method: str, rank: int | None, zero_stage: int, num_gpus: int,
                     micro_batch: int, seq_len: int, vocab_size: int = 32000, precision: str = "bf16",
                     keep_base_fp32: bool = False, activation_checkpointing: bool = False,
                     offload_optimizer: bool = False, offload_params: bool = False, *,
@@ -194,8 +219,12 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
     ReLoRA and LoRA freeze every wrapped linear (q/k/v/o/gate/up/down) and train their
     adapters plus embeddings, norms and lm_head; ``full`` trains everything; ``control`` is
     the paper's smaller full-rank model with as many params as ReLoRA trains
-    (``models.control_shape``).
+    (``models.control_shape``); the projection methods train everything with their own
+    optimizer state (:func:`projection_state_bytes`). ``rank`` None: the method's default
+    (``Method.default_rank``).
     """
+    if rank is None and method in METHODS:
+        rank = get_method(method).default_rank
     _check(method, rank, zero_stage, num_gpus, micro_batch, seq_len, vocab_size, precision,
            offload_optimizer, offload_params, keep_base_fp32, attn_implementation, grad_accum_steps)
     shape = preset_shape(preset) if isinstance(preset, str) else preset
@@ -215,9 +244,15 @@ def estimate_memory(preset: str | Shape, method: str, rank: int, zero_stage: int
     states = model_state_bytes(total, trainable, zero_stage, num_gpus, precision, keep_base_fp32,
                                offload_optimizer, offload_params, grad_accum_steps,
                                zero3_frozen_base if zero_stage == 3 else "partition")
+    if trained.projects:
+        adam = projection_state_bytes(shape, vocab_size, rank, zero_stage, num_gpus)
+        if offload_optimizer:
+            states["cpu"] += adam - 8 * _ceil_div(trainable, num_gpus)  # AdamW's, moved to the host
+        else:
+            states["adam"] = adam
     acts = activation_bytes(shape, method, rank, micro_batch, seq_len, vocab_size,
                             precision, activation_checkpointing, attn_implementation)
-    setting = (f"{name} {method}" + (f" r={rank}" if trained.needs_rank else "")
+    setting = (f"{name} {method}" + (f" r={rank}" if trained.needs_rank or trained.projects else "")
                + f", ZeRO-{zero_stage} x {num_gpus} GPU, {precision}"
                + (" + fp32 base (autocast)" if keep_base_fp32 else "")
                + f", micro-batch {micro_batch} x {seq_len}"

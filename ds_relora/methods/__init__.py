@@ -1,9 +1,9 @@
 """Pre-training methods behind one seam (see ``base``): one file per method, a registry.
 
 Importing this package registers ``full``, ``control``, ``lora``, ``relora``, ``mora``,
-``remora`` and ``galore``."""
+``remora``, ``galore``, ``apollo``, ``apollo_mini`` and ``fira``."""
 
-from ds_relora.methods import full, galore, lora, mora  # noqa: F401  (registers the methods)
+from ds_relora.methods import apollo, fira, full, galore, lora, mora  # noqa: F401  (registers the methods)
 from ds_relora.methods.base import (
            METHODS,
            MergeableLayer,

@@ -43,7 +43,8 @@ from a consolidated fp32 state dict to the effective weights (eval, export, spec
 hand-off). The memory estimate reads ``adapter_counts(out, in, rank)`` and ``needs_rank``.
 
 The methods: ``full`` and ``control`` (``full.py``), ``lora`` and ``relora`` (``lora.py``),
-``mora`` and ``remora`` (``mora.py``), ``galore`` (``galore.py``). Adapter methods share the
+``mora`` and ``remora`` (``mora.py``), ``galore`` (``galore.py``), the projection methods
+``apollo`` and ``apollo_mini`` (``apollo.py``) and ``fira`` (``fira.py``). Adapter methods share the
 ``relora`` section's phase settings (targets, freeze list, warm start, adapter-phase LR, and for
 the merging ones reset_every / optimizer_reset / jagged schedule); their own sections hold only
 what is theirs (``mora``, ``galore``). The list of names is written twice: here (the registry)
@@ -135,6 +136,10 @@ class Method:
     resume_keys: ClassVar[tuple[str, ...]] = ()  # "section.key" settings a resume must not change
     # Computes projectors from each wrapped linear's full gradient (estimate-memory counts its transient).
     full_gradient_probe: ClassVar[bool] = False
+    # The method keeps W trainable and projects gradients in its optimizer (APOLLO, Fira): a phase
+    # of its own like an adapter method's (warm start, phase "adapters" in checkpoints), nothing wrapped.
+    projects: ClassVar[bool] = False
+    default_rank: ClassVar[int] = 128  # the rank ``estimate-memory`` assumes when none is given
 
     def __init__(self):
         self.layers: list[tuple[str, nn.Module]] = []

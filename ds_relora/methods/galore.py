@@ -51,6 +51,9 @@ from ds_relora.methods.base import AdapterMethod, adapter_rank, register, wrap_t
 from ds_relora.methods.galore_probe import AliveCount, full_gradients, layer_gradient, probe_activations  # noqa: F401  (full_gradients re-exported: the oracle tests' one-process G)
 from ds_relora.methods.merging import merge_and_reinit
 from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
+from ds_relora.zero.projection import canonical_signs, projector
+
+__all__ = ["canonical_signs", "projector"]  # re-exported: the tests and older callers read them here
 
 
 def check_layer(name: str, out_features: int, in_features: int, rank: int) -> None:
@@ -65,42 +68,6 @@ def check_layer(name: str, out_features: int, in_features: int, rank: int) -> No
 def side_of(out_features: int, in_features: int) -> str:
     """'right' (Q, r x n) when m >= n, else 'left' (P, m x r): galore-torch's proj_type 'std'."""
     return "right" if out_features >= in_features else "left"
-
-
-def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, vh)`` of an SVD with each singular pair's sign fixed: the singular vector on the
-    smaller side (a row of ``vh`` when m >= n, else a column of ``u``: the one GaLore keeps) gets
-    its largest-magnitude entry positive; its partner is flipped with it, so ``u S vh`` is kept.
-
-    Why: an SVD's signs are arbitrary, and LAPACK's choice follows the last bits of the input
-    and the kernel that ran. GaLore keeps C's Adam moments across projector updates, so a flipped
-    vector turns the kept momentum of that row against its gradient: two runs whose gradients
-    differ in the 8th digit (another world size, another CPU) then follow two trajectories. The
-    largest entry's sign changes only where two entries tie in magnitude, which the 8th digit
-    does not reach in practice."""
-    basis = vh if u.shape[0] >= vh.shape[1] else u.mT
-    top = basis.abs().argmax(dim=1, keepdim=True)
-    signs = torch.where(basis.gather(1, top) < 0, -1.0, 1.0).to(basis.dtype).squeeze(1)
-    return u * signs, vh * signs[:, None]
-
-
-def projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
-    """GaLore's projector of gradient ``grad`` (m x n): ``Vh[:r]`` if m >= n else ``U[:, :r]``, fp32.
-
-    The SVD runs in float64 and the signs are canonical (:func:`canonical_signs`): with the fp64
-    gradient of :func:`layer_gradient`, the same G gives the same projector bits on any number of
-    ranks and any ZeRO stage, and a G that differs in its last fp32 bits (another CPU's kernels)
-    gives a projector that differs in its last bits, not another basis (unless singular values
-    r and r+1 coincide, where no method can choose). galore-torch runs the SVD in fp32 and keeps
-    LAPACK's signs; the oracle tests give its SVD the same sign rule."""
-    u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
-    # canonical_signs' rule applied to the kept factor only (a sign flip is exact, so the bits are
-    # those of canonical_signs(u, vh)'s): no sign-fixed copy of the whole U and Vh at 7B sizes.
-    basis = vh if grad.shape[0] >= grad.shape[1] else u.mT
-    top = basis[:rank].abs().argmax(dim=1, keepdim=True)
-    signs = torch.where(basis[:rank].gather(1, top) < 0, -1.0, 1.0).to(basis.dtype)
-    kept = basis[:rank] * signs  # the kept singular vectors as rows, sign-fixed
-    return (kept if basis is vh else kept.mT).float().contiguous()
 
 
 def adam_eps(update: int, eps: float, beta2: float, grad_scale: float = 1.0) -> float:

@@ -10,13 +10,17 @@ from torch._dynamo import list_backends
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import default_param_groups
 from ds_relora.methods.schedule import JaggedCosine, make_scheduler
+from ds_relora.zero.projected_adam import ProjectedAdamW
+from ds_relora.zero.projected_layout import attach_layout
 
 
 def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, schedule: JaggedCosine, groups: list[dict] | None = None):
     """``deepspeed.initialize`` with a client AdamW over the method's param ``groups`` (default:
     matrices decay, vectors do not) and the jagged LambdaLR (stepped by DeepSpeed once per
-    successful optimizer step)."""
+    successful optimizer step). A projection method's groups (``proj_rank``) get the projected
+    optimizer instead, told right here where DeepSpeed put each matrix's elements
+    (``zero/projected_layout.py``): before the first step, on every stage."""
     import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     groups = groups if groups is not None else default_param_groups(model, weight_decay)
@@ -29,18 +33,23 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
     )
     # DeepSpeed copies zero_to_fp32.py / zero_to_torch.py into checkpoints/ on every ZeRO save (no
     # flag turns it off); our checkpoints hold whole fp32 tensors already, so they are only clutter.
+    if isinstance(optimizer, ProjectedAdamW):
+        attach_layout(engine, optimizer)
     if hasattr(engine, "_copy_recovery_script"):
         engine._copy_recovery_script = lambda save_path: None
     return engine
 
 
-def make_optimizer(groups, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """The client AdamW, fused wherever its parameters will live.
+def make_optimizer(groups, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """The client AdamW, fused wherever its parameters will live; the projected optimizer when a
+    group asks for a projection (``proj_rank``: APOLLO, APOLLO-Mini, Fira).
 
     With optimizer offload DeepSpeed steps it on fp32 partitions in CPU memory, where torch's
     default is the single-tensor loop (one Python iteration and a dozen small kernels per
     parameter, per step); the fused CPU kernel does the same update in one pass. Without
     offload it steps on the GPU: fused there too. Elsewhere (CPU runs) torch's default."""
+    if any("proj_rank" in g for g in groups):
+        return ProjectedAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     if _offloads_optimizer(ds_config):
         fused = fused_cpu_adamw_supported()
     else:

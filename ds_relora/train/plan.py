@@ -117,13 +117,13 @@ def build_hf_config(cfg: RunConfig, meta: dict, compute_dtype=None):
 
 
 def check_relora(cfg: RunConfig, zero_stage: int = 0) -> tuple[bool, bool, int, CheckpointMeta | None]:
-    """The adapter phase's settings (any adapter method): returns (adapters, merges, start step,
+    """The method phase's settings (any adapter or projection method): returns (adapters, merges, start step,
     the warm-start checkpoint's meta). ``train.total_steps >= 1`` and the dropout range are the
     config's own checks (config.py)."""
 
     r, total = cfg.relora, cfg.train.total_steps
     method = get_method(cfg.train.method)
-    if not method.adapters:
+    if not (method.adapters or method.projects):
         return False, False, 0, None
     method.validate(cfg, zero_stage)
     check_reset_args(r.optimizer_reset, r.prune_ratio)

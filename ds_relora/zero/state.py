@@ -15,9 +15,12 @@ the stage, so that callers never see DeepSpeed's flat partitions:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
+
+from ds_relora.zero import projected_state
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -151,9 +154,24 @@ def _stage0_state(engine, p) -> dict:
     return engine.optimizer.state.get(p, {})
 
 
+def projected(engine):
+    """The engine's projected optimizer (APOLLO, Fira: ``zero/projected_adam.py``), else None."""
+    basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return basic if hasattr(basic, "proj_state") else None
+
+
 def get_moment(engine, p, key: str) -> torch.Tensor | None:
-    """Full fp32 Adam moment ``key`` of ``p``; None before the first optimizer step."""
+    """Full fp32 Adam moment ``key`` of ``p``; None before the first optimizer step. Under the
+    projected optimizer: its state by the same names, and its per-matrix tensors
+    (``projected_state.SUFFIXES``)."""
     from deepspeed.utils import safe_get_full_optimizer_state  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
+
+    opt = projected(engine)
+    if opt is not None:
+        if key in projected_state.SUFFIXES:
+            return projected_state.value(opt, p, key)
+        value = projected_state.plain_moment(opt, p, key, math.prod(full_shape(p)))
+        return None if value is None else value.reshape(full_shape(p))
 
     if is_zero3_param(p):
         opt = p._z3_optimizer
@@ -174,6 +192,10 @@ def set_moment(engine, p, key: str, value: torch.Tensor) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     value = value.detach().to(torch.float32)
+    opt = projected(engine)
+    if opt is not None:
+        projected_state.set_plain_moment(opt, p, key, value, opt.update_count())
+        return
     if is_zero3_param(p):
         safe_set_local_optimizer_state(p, _z3_local_slice(p, value), key)
     elif _uses_hp_mapping(p):
