@@ -2,10 +2,7 @@
 GaLoreAdamW, the probe gradient, canonical projector signs, fp64 gradient sums, projector dtype."""
 
 import copy
-import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -13,58 +10,15 @@ from torch import nn
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods import galore as gl
+from harness.oracles import Net, load_reference, teacher_batches
 
 
 # ----------------------------------------------------------------------------- GaLore
 
 
 def load_galore_adamw():
-    """galore-torch's ``AdamW`` without its package ``__init__`` (which imports bitsandbytes).
-
-    One documented difference: its SVD's signs follow :func:`galore.canonical_signs` (galore-torch
-    keeps whatever LAPACK returns). Its SVD itself (fp32, LAPACK) is untouched. GaLore keeps C's
-    moments across projector updates, so the signs are part of the trajectory: without this,
-    reference and ours would agree only where LAPACK happens to pick the canonical signs."""
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None:
-        pytest.skip("galore-torch is not installed (pip install '.[test]')")
-    folder = spec.submodule_search_locations[0]
-    package = types.ModuleType("_galore_reference")
-    package.__path__ = [folder]
-    sys.modules.setdefault("_galore_reference", package)
-    module_spec = importlib.util.spec_from_file_location("_galore_reference.adamw", f"{folder}/adamw.py")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
-    sys.modules["_galore_reference.galore_projector"].torch = _TorchWithCanonicalSVD("torch")
-    return module.AdamW
-
-
-def _canonical_svd(a, full_matrices=True):
-    u, s, vh = torch.linalg.svd(a, full_matrices=full_matrices)
-    u, vh = gl.canonical_signs(u, vh)
-    return u, s, vh
-
-
-class _TorchWithCanonicalSVD(types.ModuleType):
-    """``torch`` as the reference projector module sees it: all of torch, but ``linalg.svd``
-    returns canonical signs."""
-
-    linalg = types.SimpleNamespace(svd=_canonical_svd)
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-class Net(nn.Module):
-    """A tall (20x12), a square (20x20) and a wide (8x20) matrix, plus a head trained with plain Adam."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.l3, self.head = nn.Linear(12, 20), nn.Linear(20, 20), nn.Linear(20, 8), nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))))
+    """galore-torch's ``AdamW``; its SVD (fp32, LAPACK) keeps our sign rule (harness.oracles)."""
+    return load_reference("galore_torch", "adamw", "galore_projector", fp64=False).AdamW
 
 
 def loss_fn(model, batch):
@@ -76,13 +30,7 @@ NAMES = ("l1", "l2", "l3")
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    teacher = torch.randn(12, 5, generator=g)
-    batches = []
-    for _ in range(STEPS):
-        x = torch.randn(32, 12, generator=g)
-        batches.append((x, (x @ teacher).argmax(-1)))
-    return batches
+    return teacher_batches(STEPS)
 
 
 def _reference_losses(base, data):

@@ -211,22 +211,25 @@ def test_galore_projector_owners_are_spread_and_one_full_gradient_is_alive_per_r
         assert r["differ"] == [], r
 
 
+BAD_SETTINGS = [
+    ("remora", {"mora": {"rank": 500}}, r"mora\.rank=500 gives r̂=.* set mora\.rank to at most"),
+    ("galore", {"galore": {"rank": 500}}, r"galore\.rank=500 does not fit layer"),
+    ("galore", {"optim": {"weight_decay": 0.1}}, r"optim\.weight_decay=0\.1 cannot be honoured"),
+    ("galore", {"galore": {"update_proj_gap": 0}}, r"galore\.update_proj_gap=0 must be at least 1"),
+    ("mora", {"mora": {"compression": "zip"}}, r"mora\.compression"),
+    ("apollo", {"apollo": {"rank": 500}}, r"apollo\.rank=500 does not fit layer"),
+    ("fira", {"fira": {"alpha": 0.0}}, r"fira\.alpha=0\.0 must be positive"),
+    ("apollo_mini", {"apollo_mini": {"update_proj_gap": 0}}, r"apollo_mini\.update_proj_gap=0 must be at least 1"),
+    ("apollo", {"apollo": {"proj": "orthogonal"}}, r"apollo\.proj"),
+]
+
+
 def test_bad_method_settings_fail_before_launch(prepared_data, tmp_path):
-    from ds_relora.config_base import from_dict
     from ds_relora.config import RunConfig
+    from ds_relora.config_base import from_dict
     from ds_relora.errors import ConfigError
     from ds_relora.train.plan import plan_run
 
-    def plan(method, **extra):
-        return plan_run(from_dict(RunConfig, _config(prepared_data, tmp_path, method, 2, **extra)), 2)
-
-    with pytest.raises(ConfigError, match=r"mora\.rank=500 gives r̂=.* set mora\.rank to at most"):
-        plan("remora", mora={"rank": 500})
-    with pytest.raises(ConfigError, match=r"galore\.rank=500 does not fit layer"):
-        plan("galore", galore={"rank": 500})
-    with pytest.raises(ConfigError, match=r"optim\.weight_decay=0\.1 cannot be honoured"):
-        plan("galore", optim={"weight_decay": 0.1})
-    with pytest.raises(ConfigError, match=r"galore\.update_proj_gap=0 must be at least 1"):
-        plan("galore", galore={"update_proj_gap": 0})
-    with pytest.raises(ConfigError, match=r"mora\.compression"):
-        plan("mora", mora={"compression": "zip"})
+    for method, extra, message in BAD_SETTINGS:
+        with pytest.raises(ConfigError, match=message):
+            plan_run(from_dict(RunConfig, method_run_config(prepared_data, tmp_path, method, 2, **extra)), 2)

@@ -4,9 +4,6 @@ five projector changes, tall (20x12), square (20x20) and wide (8x20) matrices pl
 with plain Adam, weight decay on."""
 
 import copy
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
@@ -14,66 +11,16 @@ from torch import nn
 
 from ds_relora.zero.projected_adam import ProjectedAdamW
 from ds_relora.zero.projected_layout import split_rows
-from ds_relora.zero.projection import canonical_signs, next_seed, random_projector
-
-
-def _canonical_svd(a, full_matrices=True):
-    """The reference's SVD with our rule: fp64, canonical signs, returned in the input's dtype."""
-    u, s, vh = torch.linalg.svd(a.double(), full_matrices=full_matrices)
-    u, vh = canonical_signs(u, vh)
-    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
-
-
-class _TorchWithCanonicalSVD(types.ModuleType):
-    """``torch`` as a reference projector module sees it: all of torch, but ``linalg.svd`` is
-    :func:`_canonical_svd` (the references run LAPACK's fp32 SVD and keep its signs; we run fp64
-    with canonical signs so the projector does not depend on the world size: the one documented
-    difference, given to the reference here)."""
-
-    linalg = types.SimpleNamespace(svd=_canonical_svd)
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-def _load(package: str, module: str):
-    """``package.module`` without the package's ``__init__`` (apollo-torch's imports bitsandbytes)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.skip(f"{package} is not installed (pip install '.[test]')")
-    folder = spec.submodule_search_locations[0]
-    alias = f"_reference_{package}"
-    pkg = types.ModuleType(alias)
-    pkg.__path__ = [folder]
-    sys.modules.setdefault(alias, pkg)
-    module_spec = importlib.util.spec_from_file_location(f"{alias}.{module}", f"{folder}/{module}.py")
-    loaded = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = loaded
-    module_spec.loader.exec_module(loaded)
-    return loaded
+from ds_relora.zero.projection import next_seed, random_projector
+from harness.oracles import Net, load_reference, teacher_batches
 
 
 def apollo_reference():
-    mod = _load("apollo_torch", "apollo")
-    sys.modules["_reference_apollo_torch.svd_projector"].torch = _TorchWithCanonicalSVD("torch")
-    return mod.AdamW
+    return load_reference("apollo_torch", "apollo", "svd_projector", fp64=True).AdamW
 
 
 def fira_reference():
-    mod = _load("fira", "fira_adamw")
-    sys.modules["_reference_fira.gradient_projection"].torch = _TorchWithCanonicalSVD("torch")
-    return mod.AdamW
-
-
-class Net(nn.Module):
-    """A tall (20x12), a square (20x20) and a wide (8x20) matrix, plus a head trained with plain Adam."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.l3, self.head = nn.Linear(12, 20), nn.Linear(20, 20), nn.Linear(20, 8), nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))))
+    return load_reference("fira", "fira_adamw", "gradient_projection", fp64=True).AdamW
 
 
 STEPS, GAP, RANK, LR, EPS, WD = 23, 5, 4, 1e-2, 1e-6, 0.1
@@ -81,13 +28,7 @@ NAMES = ("l1", "l2", "l3")
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    teacher = torch.randn(12, 5, generator=g)
-    batches = []
-    for _ in range(STEPS):
-        x = torch.randn(32, 12, generator=g)
-        batches.append((x, (x @ teacher).argmax(-1)))
-    return batches
+    return teacher_batches(STEPS)
 
 
 def _groups(model, extra: dict):
@@ -165,7 +106,7 @@ def test_projected_adam_differs_when_the_projector_is_not_renewed():
 
 
 def test_random_projector_and_seed_chain_equal_apollo_torch():
-    rp = _load("apollo_torch", "random_projector")
+    rp = load_reference("apollo_torch", "random_projector")
     assert next_seed(7) == rp.next_seed(7)
     expected = rp.stable_randn((4, 9), seed=next_seed(3)) / 2.0
     assert torch.equal(random_projector((4, 9), 4, next_seed(3)), expected)

@@ -1,7 +1,8 @@
 """APOLLO, APOLLO-Mini and Fira through the real trainer: the same run on 1 rank and on 2 and 3
 ranks under ZeRO 0-3 gives the same losses; every step projects every target matrix, seen 2-D
 (DeepSpeed's Muon failures, a matrix optimizer silently running plain SGD on stage 0 or seeing
-1-D flat params under zero.Init, must be impossible here); bad settings fail before launch."""
+1-D flat params under zero.Init, must be impossible here). Bad settings: with every method's in
+tests/test_methods_engine.py."""
 
 import math
 
@@ -128,22 +129,3 @@ def test_export_and_eval_of_a_projection_run(runs, tmp_path):
     # The engine's final eval: 2 ranks x 2 batches x 2 sequences.
     ours = evaluate_model(exported, meta.data_path, 32, batch_size=2, max_batches=4)
     assert ours["loss"] == pytest.approx(final["loss"], rel=1e-5)
-
-
-def test_bad_projection_settings_fail_before_launch(prepared_data, tmp_path):
-    from ds_relora.config import RunConfig
-    from ds_relora.config_base import from_dict
-    from ds_relora.errors import ConfigError
-    from ds_relora.train.plan import plan_run
-
-    def plan(method, **extra):
-        return plan_run(from_dict(RunConfig, method_run_config(prepared_data, tmp_path, method, 2, **extra)), 2)
-
-    with pytest.raises(ConfigError, match=r"apollo\.rank=500 does not fit layer"):
-        plan("apollo", apollo={"rank": 500})
-    with pytest.raises(ConfigError, match=r"fira\.alpha=0\.0 must be positive"):
-        plan("fira", fira={"alpha": 0.0})
-    with pytest.raises(ConfigError, match=r"apollo_mini\.update_proj_gap=0 must be at least 1"):
-        plan("apollo_mini", apollo_mini={"update_proj_gap": 0})
-    with pytest.raises(ConfigError, match=r"apollo\.proj"):
-        plan("apollo", apollo={"proj": "orthogonal"})

@@ -147,15 +147,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         grad = flat.grad.reshape(-1)
         g = flat.grad if whole else torch.cat([grad.narrow(0, s.offset, s.numel) for s in segs])
         st = self.plain_state.setdefault(unit, {"step": 0})
-        if "exp_avg" not in st:
-            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
-        st["step"] += 1
-        beta1, beta2 = group["betas"]
-        st["exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = st["exp_avg_sq"].sqrt().add_(group["eps"])
-        direction = st["exp_avg"] / denom
-        step_size = _step_size(group, st["step"])
+        direction, step_size = _adam_direction(st, g, group)
         views = [flat] if whole else [flat.data.reshape(-1).narrow(0, s.offset, s.numel) for s in segs]
         parts = [direction] if whole else direction.split([s.numel for s in segs])
         for p, d in zip(views, parts):
@@ -256,15 +248,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _adam_and_scale(self, w: dict) -> None:
         """Phase 2: Adam on R, the scaling factors, the update's terms, partial norms."""
         m, st, group, r = w["m"], w["st"], w["m"].group, w["R"]
-        if "exp_avg" not in st:
-            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(r), torch.zeros_like(r)
-        st["step"] += 1
-        beta1, beta2 = group["betas"]
-        st["exp_avg"].mul_(beta1).add_(r, alpha=1.0 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
-        denom = st["exp_avg_sq"].sqrt().add_(group["eps"])
-        n = st["exp_avg"] / denom
-        w["N"], w["step_size"] = n, _step_size(group, st["step"])
+        n, step_size = _adam_direction(st, r, group)
+        w["N"], w["step_size"] = n, step_size
         dim = 1 if m.tall else 0
         if group["scale_type"] == "channel":
             s = torch.norm(n, dim=dim) / (torch.norm(r, dim=dim) + NORM_EPS)
@@ -329,6 +314,19 @@ class ProjectedAdamW(torch.optim.Optimizer):
         p.add_(u, alpha=-w["step_size"])
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+def _adam_direction(st: dict, g: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+    """One HF-AdamW moment update of ``st`` with gradient ``g`` (the plain elements, or a
+    matrix's R): Adam's direction ``m / (sqrt(v) + eps)`` and the bias-corrected step size."""
+    if "exp_avg" not in st:
+        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+    st["step"] += 1
+    beta1, beta2 = group["betas"]
+    st["exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
+    st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = st["exp_avg_sq"].sqrt().add_(group["eps"])
+    return st["exp_avg"] / denom, _step_size(group, st["step"])
 
 
 def _step_size(group: dict, step: int) -> float:
