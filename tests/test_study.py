@@ -361,3 +361,15 @@ def test_a_point_trained_by_another_process_is_skipped(tmp_path):
     assert not (run_dir / "train.log").exists()
     held.close()
     assert _claim(run_dir) is not None  # free again once the holder is gone
+
+
+BENCHMARK_SWEEPS = sorted((REPO / "benchmarks").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("sweep", BENCHMARK_SWEEPS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_benchmark_sweep_file_validates(sweep, prepared_data, tmp_path):
+    """Every sweep file the benchmarks ship (the quality tables' commands) expands into points that
+    pass every pre-launch check (methods, their sections, derived schedules), on the test data."""
+    rc, out, err = _cli("sweep", sweep, "--dry-run", "--out", tmp_path / "sweep", "--set", f"data.path={prepared_data}")
+    assert rc == 0, err
+    assert "point(s) validated" in out
