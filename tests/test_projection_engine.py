@@ -104,6 +104,14 @@ def test_resume_mid_gap_is_bit_identical_and_elastic_resume_matches(runs):
         # Moments of R, random-projector seeds, the limiter's norm and the plain moments all
         # came back: every loss after the resume is the same bits.
         assert cut == whole, (method, stage)
+        # One copy of the state: a projected matrix has its R-shaped state and no param-shaped
+        # Adam moments (it has none); a plain parameter has AdamW's two.
+        from ds_relora.checkpoint.format import open_moments
+
+        keys = set(open_moments(runs[(method, world, stage, "cut")] / "checkpoints" / "step-13").keys())
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert {f"{q}.proj_exp_avg", f"{q}.proj_exp_avg_sq", f"{q}.proj_projector"} <= keys, sorted(keys)[:8]
+        assert f"{q}.exp_avg" not in keys and "model.norm.weight.exp_avg" in keys, sorted(keys)[:8]
     # 2 ranks on ZeRO-2 -> 3 ranks on ZeRO-3: each rank took its rows of the whole tensors.
     losses, events = read_metrics(runs["elastic"])
     ref, _ = _curve(runs[("apollo", 1, 0)])

@@ -73,6 +73,14 @@ def _visit_order(sizes: list[int], owners: list[int], world: int) -> list[int]:
     return order
 
 
+def _moment_entries(opt, name: str, p) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The moments set's entries of trainable ``p``: AdamW's two moments, or, for a matrix the
+    projected optimizer (APOLLO, Fira) steps, its R-shaped state instead (it has no others)."""
+    if projected_state.is_projected(opt, p):
+        return projected_state.entries(opt, p, name)
+    return [(f"{name}.{k}", torch.float32, full_shape(p)) for k in MOMENTS]
+
+
 @torch.no_grad()
 def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | None = None,
                 errors: list | None = None, depth: int = 1) -> dict[str, list[str]]:
@@ -93,10 +101,9 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     buffers = list(adapter_buffers(engine.module).items())
     weight_entries = [(n, torch.float32, full_shape(p)) for n, p in params]
     weight_entries += [(n, _buffer_value(b).dtype, tuple(b.shape)) for n, b in buffers]
-    opt = projected(engine)  # APOLLO / Fira: their per-matrix state beside each matrix's moments
-    moment_entries = [[(f"{n}.{k}", torch.float32, full_shape(p)) for k in MOMENTS]
-                      + (projected_state.entries(opt, p, n) if opt is not None else [])
-                      if with_moments and p.requires_grad else [] for n, p in params] + [[] for _ in buffers]
+    opt = projected(engine)
+    moment_entries = [_moment_entries(opt, n, p) if with_moments and p.requires_grad else [] for n, p in params]
+    moment_entries += [[] for _ in buffers]
     sizes = [nbytes(shape, dtype) + sum(nbytes(s, d) for _, d, s in moments)
              for (_, dtype, shape), moments in zip(weight_entries, moment_entries)]
     owners = owners_by_bytes(sizes, world)
@@ -186,7 +193,7 @@ def restore_projected(engine, moments) -> bool:
     names = {id(p): n for n, p in engine.module.named_parameters()}
     projected_state.load(opt, lambda name: moments[name], names)
     for name, p in engine.module.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and not projected_state.is_projected(opt, p):
             for key in MOMENTS:
                 set_moment(engine, p, key, moments[f"{name}.{key}"])
     return True

@@ -5,7 +5,8 @@ every piece is saved whole, by name, and each rank takes its part back on load:
 
 * ``<param>.exp_avg`` / ``.exp_avg_sq`` of every non-projected trainable parameter: the names
   AdamW's moments have (``checkpoint/state_io.py`` asks ``zero/state.get_moment``, which comes
-  here for this optimizer); for a projected matrix they are None (written as zeros: it has none);
+  here for this optimizer); a projected matrix has none, and none are written for it
+  (:func:`is_projected`): its state is R-shaped, below;
 * per projected matrix ``<param>.proj_exp_avg`` / ``.proj_exp_avg_sq`` (R's moments, m x r or
   r x n), ``<param>.proj_projector`` (r x n or m x r), ``<param>.proj_counters`` (int64: updates
   done, the next random-projector seed) and ``<param>.proj_limiter`` (the limiter's previous
@@ -72,6 +73,11 @@ def set_plain_moment(opt, p, key: str, value: torch.Tensor, step: int) -> None:
             if k not in st:
                 st[k] = torch.zeros(total, dtype=torch.float32, device=opt.unit_devices[unit])
         st[key].reshape(-1)[at: at + s.numel].copy_(flat[s.start: s.start + s.numel])
+
+
+def is_projected(opt, p) -> bool:
+    """Whether ``p`` is one of ``opt``'s projected matrices (no param-shaped Adam moments)."""
+    return opt is not None and any(m.param is p for m in opt.matrices)
 
 
 def entries(opt, p, name: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
