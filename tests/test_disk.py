@@ -56,12 +56,12 @@ def _cli(*argv, cwd=None):
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_checkpoint(prepared_data, tmpfs, tmp_path):
-    """Mode: a 2 MiB tmpfs as run_dir; the first checkpoint (~2.8 MB) runs out of space in
-    the middle. The worker is started by hand (no parent), so no free-space check precedes the
+    """Mode: a 1 MiB tmpfs as run_dir; the first checkpoint (weights and Adam moments, one copy:
+    more than 1 MiB, as the next test's pre-launch check says) runs out of space in the middle. The worker is started by hand (no parent), so no free-space check precedes the
     save: the save itself must fail on one line and leave nothing that looks like a checkpoint."""
     from ds_relora.checkpoint.choose import resolve_resume
 
-    run_dir = tmpfs("full", "2m") / "run"
+    run_dir = tmpfs("full", "1m") / "run"
     cfg = tiny_run_config(prepared_data, run_dir, 2, train={"method": "full", "total_steps": 4, "save_every": 2},
                           optim={"warmup_steps": 1})
     path = write_config(tmp_path / "full.yaml", cfg)
