@@ -285,8 +285,9 @@ class TensorSet:
     __getitem__ = get
 
     def get_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor ``name`` (fewer at its end)."""
-        return self._files[self._where[name]].read(name, start, stop)
+        """Elements ``[start, stop)`` of the flattened tensor ``name`` (fewer at its end), 1-D
+        also when the range is the whole tensor (one ZeRO-3 rank's shard)."""
+        return self._files[self._where[name]].read(name, start, stop).reshape(-1)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:

@@ -74,3 +74,19 @@ def test_background_writer_failure_removes_its_files_and_reports_the_error(tmp_p
     writer.put("w", "b", torch.ones(2))
     assert writer.finish() is None
     assert [p.name for p in tmp_path.iterdir()] == ["y.safetensors"] and "y.safetensors" in digests
+
+
+def test_a_flat_range_read_is_1d_also_when_it_is_the_whole_tensor(tmp_path):
+    """One ZeRO-3 rank's shard of a parameter is the whole parameter: the restore writes it into
+    a flat buffer, so the read must stay flat (it came back 2-D and the 1-rank ZeRO-3 resume of
+    the GPU check's rehearsal failed)."""
+    from ds_relora.tensor_files import StreamingWriter, TensorSet
+
+    value = torch.arange(12.0).reshape(3, 4)
+    writer = StreamingWriter(tmp_path / "w.safetensors", [("m", torch.float32, (3, 4))])
+    writer.write("m", value)
+    writer.close()
+    tensors = TensorSet(tmp_path, "w")
+    assert tensors.get_flat("m", 0, 12).shape == (12,) and torch.equal(tensors.get_flat("m", 0, 12), value.reshape(-1))
+    assert torch.equal(tensors.get_flat("m", 4, 20), value.reshape(-1)[4:])  # a padded last shard
+    assert tensors.get("m").shape == (3, 4)
