@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.errors import ConfigError
+from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
 from ds_relora.zero.projected_layout import Matrix, Segment
 from ds_relora.zero.projection import next_seed, projector, random_projector
 from ds_relora.zero.state import full_shape
@@ -206,15 +207,15 @@ class ProjectedAdamW(torch.optim.Optimizer):
         rank = m.group["proj_rank"]
         if not self.partitioned:
             return projector(g_loc.view(m.shape), rank).to(device)
-        owner = m.index % dist.get_world_size()
-        whole = torch.zeros(m.shape[0] * m.shape[1], device=self.comm_device, dtype=torch.float32)
-        whole[a:b] = g_loc.to(self.comm_device, torch.float32)
-        dist.reduce(whole, dst=owner)
         shape = (rank, m.shape[1]) if m.tall else (m.shape[0], rank)
-        new = projector(whole.view(m.shape), rank) if dist.get_rank() == owner else torch.empty(shape)
-        del whole
-        new = new.to(self.comm_device)
-        dist.broadcast(new, owner)
+
+        def whole() -> torch.Tensor:  # this rank's elements in a zero m x n: the sum is G
+            g = torch.zeros(m.shape[0] * m.shape[1], device=self.comm_device, dtype=torch.float32)
+            g[a:b] = g_loc.to(self.comm_device, torch.float32)
+            return g.view(m.shape)
+
+        new = reduce_apply_broadcast(whole, owner_of(m.index, dist.get_world_size()),
+                                     lambda g: projector(g, rank), shape, torch.float32)
         return new.to(device)
 
     def _reduce_r(self, work: list[dict]) -> None:
