@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from harness import REPO
 from harness.checks import read_metrics, within_rel
 from harness.configs import method_run_config, write_config
 from harness.ranks import run_workers
@@ -23,6 +24,9 @@ SECTIONS = {"apollo": {"rank": 4, "update_proj_gap": GAP}, "apollo_mini": {"upda
 # (method, world, stage): the 1-rank ZeRO-0 run of each method is the reference.
 RUNS = ([(m, 1, 0) for m in SECTIONS] + [("apollo", 2, s) for s in (0, 1, 2, 3)]
         + [("fira", 2, 3), ("fira", 3, 2), ("apollo_mini", 3, 3)])
+# Optimizer offload (fp32 partitions and the step in host memory): ZeRO-2 with offload_optimizer,
+# and ZeRO-3 with parameters offloaded too (ds_configs/zero3_offload.json).
+OFFLOAD = [("apollo", 2, 2), ("apollo_mini", 2, 3)]
 # Stopped after update 13 (mid-gap: projectors changed at 0 and 8, next at 16) and resumed: on
 # the same world and stage (bit-identical), and the APOLLO one on 3 ranks under ZeRO-3 (elastic).
 CUTS = [("apollo", 2, 2), ("fira", 2, 3)]
@@ -51,6 +55,17 @@ def runs(prepared_data, tmp_path_factory):
         cfg["train"] = {**cfg["train"], "stop_after_steps": None, "resume": "auto"}
         resumed.append(str(write_config(root / f"{run_dir.name}-resume.yaml", cfg)))
         dirs[(method, world, stage, "cut")] = run_dir
+    for method, world, stage in OFFLOAD:
+        run_dir = root / f"{method}-{world}-{stage}-offload"
+        cfg = _config(prepared_data, run_dir, method, stage)
+        if stage == 3:
+            cfg["deepspeed"] = {"config": str(REPO / "ds_configs" / "zero3_offload.json"),
+                                "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
+        else:
+            cfg["deepspeed"] = {**cfg.get("deepspeed", {}), "overrides": {
+                "zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}}
+        launch[world].append(str(write_config(root / f"{run_dir.name}.yaml", cfg)))
+        dirs[(method, world, stage, "offload")] = run_dir
     run_dir = root / "apollo-elastic"
     cfg = _config(prepared_data, run_dir, "apollo", 3)
     cfg["train"] = {**cfg["train"], "resume": str(root / "apollo-2-2-cut" / "checkpoints" / "step-13")}
@@ -80,6 +95,18 @@ def test_same_losses_on_1_2_3_ranks_under_zero_0_1_2_3(runs):
             assert within_rel(a, b, 1e-5, f"1 vs {world} ranks, {method}"), (method, world, stage, step, a, b)
 
 
+def test_optimizer_offload_gives_the_same_losses(runs):
+    for method, world, stage in OFFLOAD:
+        ref, _ = _curve(runs[(method, 1, 0)])
+        other, events = _curve(runs[(method, world, stage, "offload")])
+        assert len(other) == len(ref) == 24, (method, stage)
+        for step, (a, b) in enumerate(zip(other, ref), start=1):
+            assert within_rel(a, b, 1e-5, f"1 rank vs {world} ranks offloaded, {method}"), (method, stage, step, a, b)
+        proj = [e for e in events if e["event"] == "projection"]
+        assert [(e["layout"], e["offload"]) for e in proj] == [({2: "zero12", 3: "zero3"}[stage], True)] * 3, proj
+        assert [e["projections"] for e in proj[1:]] == [GAP * MATRICES] * 2, (method, stage)
+
+
 def test_every_step_projects_every_matrix_seen_2d(runs):
     kinds = {0: "whole", 1: "zero12", 2: "zero12", 3: "zero3"}
     for (method, world, stage), run_dir in ((k, runs[k]) for k in RUNS):
@@ -88,7 +115,7 @@ def test_every_step_projects_every_matrix_seen_2d(runs):
         assert [e["lr_index"] for e in proj] == [0, 8, 16], (method, world, stage)
         for e in proj:
             assert e["matrices"] == MATRICES and e["shapes"] == SHAPES, e
-            assert e["layout"] == kinds[stage if world > 1 else 0], e
+            assert e["layout"] == kinds[stage if world > 1 else 0] and e["offload"] is False, e
         # Every one of the 8 steps between two projector changes projected all 14 matrices.
         assert [e["projections"] for e in proj[1:]] == [GAP * MATRICES] * 2, (method, world, stage)
         if world == 3:

@@ -80,10 +80,29 @@ def single(args) -> None:
         else:
             opt = ProjectedAdamW([{"params": params, **_options(kind, args.rank, args.gap)}], lr=1e-3)
         rows.append((kind, _time(opt, params, args.steps, args.warmup)))
+    rows.append((f"(r={args.rank} GEMMs)", _gemm_floor(args)))
     base = rows[0][1]
     print(f"one {args.hidden}x{args.inter} layer (7 matrices), {args.threads} thread(s), median of {args.steps} steps")
     for kind, t in rows:
-        print(f"  {kind:12s} {t * 1e3:8.1f} ms   {t / base:5.2f}x adamw")
+        print(f"  {kind:18s} {t * 1e3:8.1f} ms   {t / base:5.2f}x adamw")
+    print("  (r=... GEMMs): the projections R = G P^T / P^T G alone, the floor of any exact rank-r APOLLO step")
+
+
+def _gemm_floor(args) -> float:
+    """Median time of the layer's seven projection GEMMs alone (2 m n r flops each)."""
+    import torch
+
+    params = _matrices(args.hidden, args.inter)
+    projs = [torch.randn(args.rank, p.shape[1]) if p.shape[0] >= p.shape[1] else torch.randn(p.shape[0], args.rank)
+             for p in params]
+    times = []
+    for i in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        for p, proj in zip(params, projs):
+            _ = p.data @ proj.t() if p.shape[0] >= p.shape[1] else proj.t() @ p.data
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def worker(args) -> None:

@@ -96,14 +96,15 @@ class ProjectionMethod(Method):
         """Before each update that gets a new projector (every ``update_proj_gap``-th): an event
         with how many matrix projections the optimizer ran since the last one (``gap x
         matrices`` unless a step skipped a matrix: the tests hold it to that), the matrices'
-        logical shapes as the optimizer sees them, its layout kind and how many rows of tall
+        logical shapes as the optimizer sees them, its layout kind, whether DeepSpeed offloads
+        the optimizer to host memory, and how many rows of tall
         matrices are cut between ranks (their R rows travel in the step's all-reduce)."""
         if step % self.gap:
             return None
         opt = projected_optimizer(engine)
         done, self.counted = opt.projections - self.counted, opt.projections
         return {"event": "projection", "step": step, "matrices": len(opt.matrices), "projections": done,
-                "layout": opt.layout_kind, "shapes": sorted({m.shape for m in opt.matrices}),
+                "layout": opt.layout_kind, "offload": opt.offloaded, "shapes": sorted({m.shape for m in opt.matrices}),
                 "split_rows": sum(len(m.split_rows) for m in opt.matrices)}
 
 
