@@ -39,8 +39,17 @@ def clear(run_dir: str | Path) -> None:
 def record(run_dir: str | Path, rank: int, reason: str, *, peer: bool) -> None:
     """Rank ``rank`` is failing with ``reason`` (``peer``: only because another rank is gone).
     Never raises: a rank on its way out must not fail again on a full or read-only disk."""
-    line = " ".join(str(reason).split())[:300]
-    _write(run_dir, f"rank-{rank}.json", {**_whoami(rank), "reason": line, "peer": peer})
+    _write(run_dir, f"rank-{rank}.json", {**_whoami(rank), "reason": one_line(reason), "peer": peer})
+
+
+def one_line(text: object, limit: int = 1500) -> str:
+    """``text`` on one line; past ``limit`` characters its middle gives way, not its end, where
+    our errors put the fix ("...: set X" / "use Y")."""
+    line = " ".join(str(text).split())
+    if len(line) <= limit:
+        return line
+    tail = limit // 3
+    return f"{line[:limit - tail - 5]} ... {line[-tail:]}"
 
 
 def register(run_dir: str | Path, rank: int) -> None:
@@ -120,7 +129,7 @@ def request_stop(run_dir: str | Path, why: str) -> bool:
         folder = _folder(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{STOP}.{os.getpid()}.tmp"
-        tmp.write_text(" ".join(why.split())[:300])
+        tmp.write_text(one_line(why))
         os.replace(tmp, folder / STOP)
         return True
     except OSError:

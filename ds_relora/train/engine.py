@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 
 import torch
-from torch._dynamo import list_backends
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import default_param_groups
@@ -71,6 +70,7 @@ def fused_cpu_adamw_supported() -> bool:
 
 def check_compile_backend(backend: str) -> None:
     """Refuse a ``train.compile_backend`` torch.compile does not know, before any worker starts."""
+    from torch._dynamo import list_backends  # noqa: PLC0415  (2 s of import: only a run that compiles pays it)
 
     known = sorted(set(list_backends(exclude_tags=())) | {"eager"})
     if backend not in known:

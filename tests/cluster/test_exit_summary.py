@@ -32,3 +32,13 @@ def test_summary_without_a_lost_node_keeps_the_generic_cause(tmp_path):
     rank_exits.record(tmp_path, 0, "RuntimeError: Connection closed by peer", peer=True)
     line = rank_exits.summary(tmp_path, 1)
     assert line.startswith(f"rank(s) 1 on {socket.gethostname()} died without saying why (killed by a signal"), line
+
+
+def test_a_long_reason_keeps_its_fix(tmp_path):
+    rank_exits.register(tmp_path, 0)
+    long = "ConfigError: " + "detail " * 400 + "use launch.master_addr=10.0.0.1 to fix it"
+    rank_exits.record(tmp_path, 0, long, peer=False)
+    line = rank_exits.summary(tmp_path, 1)
+    assert "\n" not in line and "ConfigError: detail" in line, line
+    assert "use launch.master_addr=10.0.0.1 to fix it" in line, line[-300:]
+    assert len(line) < 1800, len(line)
