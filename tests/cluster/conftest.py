@@ -17,13 +17,15 @@ DOCS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # doc {i}\n" for i in rang
 
 
 @pytest.fixture(scope="session")
-def box():
+def box(request):
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
     b = Box()
     try:
         b.up()
+        # Most box tests compare with the reference run: it trains in the background meanwhile.
+        request.getfixturevalue("reference_run")
         yield b
     finally:
         b.down()
@@ -43,18 +45,24 @@ def cluster_data():
 
 
 @pytest.fixture(scope="session")
-def reference(cluster_data, tmp_path_factory):
-    """Per-step losses of the uninterrupted run: one node, 2 ranks (launcher=local). With 2 ranks
-    every all-reduce is one addition, so no launch path may change a bit of them."""
+def reference_run(cluster_data, tmp_path_factory):
+    """The uninterrupted run, started (in the background) by the first test that needs it or the box."""
     from box_procs import start_train
-    from harness.checks import read_metrics
     from runs import run_config
 
     root = tmp_path_factory.mktemp("reference")
     cfg, run_dir = run_config(cluster_data, root, "ref", {"launcher": "local", "num_gpus": 2})
     proc = start_train(cfg, root / "logs", {})
-    try:
-        assert proc.wait(300) == 0, proc.log()
-    finally:
-        proc.kill()
+    yield proc, run_dir
+    proc.kill()
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run):
+    """Per-step losses of the uninterrupted run: one node, 2 ranks (launcher=local). With 2 ranks
+    every all-reduce is one addition, so no launch path may change a bit of them."""
+    from harness.checks import read_metrics
+
+    proc, run_dir = reference_run
+    assert proc.wait(300) == 0, proc.log()
     return read_metrics(run_dir)[0]

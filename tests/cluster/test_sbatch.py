@@ -18,6 +18,10 @@ visible to it, so the stop step is exact. Modes:
 * ``srun``: one srun task per rank; ``scontrol requeue`` from outside (SLURM's SIGTERM to the
   whole job, srun ends its tasks at once; the job starts again from the newest complete
   checkpoint, and still ends with the uninterrupted losses).
+
+The four jobs run at once (most of a case is waiting on SLURM: its limit check, the requeue
+delay): each takes one of each node's four CPUs, ``--oversubscribe`` on the command line
+overriding the script's ``--exclusive``, and its own rendezvous port (derived from the job id).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -71,10 +76,9 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
                     "DS_RELORA": str(VENV_BIN / "ds-relora"), "HOME": "/root",
                     "PATH": f"{VENV_BIN}:{BOX_PATH}"})
     output = jobdir / "job.out"
-    box.wait_idle()  # a job submitted while a node is DOWN would wait for it
     started = time.time()
     warn = ["--signal=B:USR1@119"] if how == "limit" else []
-    job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", "--requeue", *warn,
+    job = box.run("node1", "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--oversubscribe", "--time=10", "--requeue", *warn,
                   "--open-mode=append", f"--chdir={jobdir}", f"--output={output}", str(SBATCH), str(cfg),
                   env=env).stdout.strip().split(";")[0]
     try:
@@ -117,9 +121,19 @@ def _submit_and_interrupt(box, data: Path, root: Path, mode: str, how: str) -> d
 CASES = [("hostfile", "limit"), ("no_ssh", "full"), ("srun", "requeue"), ("mpi", "batch")]
 
 
+@pytest.fixture(scope="module")
+def jobs(box, cluster_data, reference, tmp_path_factory):
+    """Every case's job, submitted and interrupted at the same time; each test reads its own."""
+    root = tmp_path_factory.mktemp("sbatch")
+    box.wait_idle()  # a job submitted while a node is DOWN would wait for it
+    with ThreadPoolExecutor(len(CASES)) as pool:
+        futures = {case: pool.submit(_submit_and_interrupt, box, cluster_data, root, *case) for case in CASES}
+    return futures
+
+
 @pytest.mark.parametrize("mode,how", CASES)
-def test_job_stops_at_a_step_boundary_is_requeued_and_resumes_bit_identically(box, cluster_data, reference, tmp_path, mode, how):
-    job = _submit_and_interrupt(box, cluster_data, tmp_path, mode, how)
+def test_job_stops_at_a_step_boundary_is_requeued_and_resumes_bit_identically(jobs, reference, mode, how):
+    job = jobs[(mode, how)].result()
     out = job["output"]
     assert job["stop_seen"], f"no stop request was written\n{out[-6000:]}"
     # The requeue count, in the job's own output: one start, then the requeued one.

@@ -85,8 +85,9 @@ done
 
 # ---- SLURM
 nodelines=""
+# CPUs=4: up to four 1-task-per-node jobs share the nodes (test_sbatch.py runs its four cases at once)
 for i in $(seq 1 "$NODES"); do
-    nodelines+="NodeName=node$i NodeAddr=10.200.0.1$i CPUs=1 RealMemory=1000 State=UNKNOWN"$'\n'
+    nodelines+="NodeName=node$i NodeAddr=10.200.0.1$i CPUs=4 RealMemory=1000 State=UNKNOWN"$'\n'
 done
 cat > "$BOX/etc/slurm/slurm.conf" <<CONF
 ClusterName=box
@@ -125,7 +126,9 @@ KillWait=10
 MinJobAge=600
 InactiveLimit=0
 SlurmctldTimeout=30
-SlurmdTimeout=60
+# 300, not 60: test_mpirun.py unplugs node2's eth0 (SLURM's network) for about a minute; with 60
+# slurmctld marked node2 DOWN meanwhile and the next SLURM test waited ~15 s for it to register again
+SlurmdTimeout=300
 MessageTimeout=10
 ${nodelines}PartitionName=debug Nodes=node[1-$NODES] Default=YES MaxTime=INFINITE State=UP
 CONF
