@@ -4,7 +4,7 @@ method shares (:class:`ProjectionMethod`; Fira in ``fira.py`` is the third).
 Unlike the adapter methods, these keep every W trainable and change the *optimizer*: the target
 linears' weights (``relora.target_modules``) go into one param group that
 ``zero/projected_adam.ProjectedAdamW`` steps with a projected Adam (its docstring has the
-algorithm, checked bit for bit against ``apollo-torch``'s ``APOLLOAdamW``); everything else
+algorithm, checked within 1e-6 against ``apollo-torch``'s ``APOLLOAdamW``); everything else
 trains with the same HF-style AdamW (eps inside, decoupled decay after the update), as the
 reference does. Nothing is wrapped, nothing is folded: a checkpoint's weights are the model.
 

@@ -4,7 +4,7 @@ Adam on the projected gradient R, plus the part of the gradient the projection d
     u = a P N + (G - a P R) * s,   s = ||N||_d / (||R||_d + 1e-8) per row (tall) or column (wide),
 
 with the norm-growth limiter on the second term only, a = ``fira.alpha``. The optimizer is the
-shared ``zero/projected_adam.ProjectedAdamW`` (residual form), checked bit for bit against
+shared ``zero/projected_adam.ProjectedAdamW`` (residual form), checked within 1e-6 against
 ``FiraAdamW`` with its SVD given our fp64 canonical-sign rule (see ``methods/apollo.py`` for the
 method seam these share)."""
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.errors import ConfigError
+from ds_relora.zero.adam_kernels import adam_direction, channel_norms
 from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
 from ds_relora.zero.projected_layout import Matrix, Segment
 from ds_relora.zero.projection import next_seed, projector, random_projector
@@ -151,7 +152,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         grad = flat.grad.reshape(-1)
         g = flat.grad if whole else torch.cat([grad.narrow(0, s.offset, s.numel) for s in segs])
         st = self.plain_state.setdefault(unit, {"step": 0})
-        direction, step_size = _adam_direction(st, g, group)
+        direction, step_size = adam_direction(st, g, group)
         views = [flat] if whole else [flat.data.reshape(-1).narrow(0, s.offset, s.numel) for s in segs]
         parts = [direction] if whole else direction.split([s.numel for s in segs])
         for p, d in zip(views, parts):
@@ -252,11 +253,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _adam_and_scale(self, w: dict) -> None:
         """Phase 2: Adam on R, the scaling factors, the update's terms, partial norms."""
         m, st, group, r = w["m"], w["st"], w["m"].group, w["R"]
-        n, step_size = _adam_direction(st, r, group)
+        n, step_size = adam_direction(st, r, group)
         w["N"], w["step_size"] = n, step_size
         dim = 1 if m.tall else 0
         if group["scale_type"] == "channel":
-            s = _channel_norms(n, dim) / (_channel_norms(r, dim) + NORM_EPS)
+            s = channel_norms(n, dim) / (channel_norms(r, dim) + NORM_EPS)
             w["s"] = s.unsqueeze(1) if m.tall else s
         elif not (self.partitioned and m.tall):
             w["s"] = torch.norm(n) / (torch.norm(r) + NORM_EPS)
@@ -273,7 +274,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             # (the block is zero outside this rank's elements, so they are this rank's share),
             # and _apply folds s, the limiter and the step into one pass over the weights.
             if group["scale_type"] == "channel":
-                chan = _channel_norms(block, dim)
+                chan = channel_norms(block, dim)
                 gg = chan.square().sum()
                 tt = (chan * w["s"].reshape(-1)).square().sum()
             else:
@@ -329,36 +330,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 p.add_(_local(w, w["block"] * factor), alpha=-w["step_size"])
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-
-
-def _adam_direction(st: dict, g: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
-    """One HF-AdamW moment update of ``st`` with gradient ``g`` (the plain elements, or a
-    matrix's R): Adam's direction ``m / (sqrt(v) + eps)`` and the bias-corrected step size."""
-    if "exp_avg" not in st:
-        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
-    st["step"] += 1
-    beta1, beta2 = group["betas"]
-    st["exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
-    st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    denom = st["exp_avg_sq"].sqrt().add_(group["eps"])
-    return st["exp_avg"] / denom, _step_size(group, st["step"])
-
-
-def _channel_norms(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The 2-norms of a row-major matrix's rows (dim 1) or columns (dim 0). Over columns, torch's
-    CPU ``vector_norm`` strides through memory (190 ms for 2048 x 5461, one thread); summing
-    squares 64 rows at a time reads it in order (9 ms) with a 64-row temporary."""
-    if dim == 1:
-        return torch.linalg.vector_norm(x, dim=1)
-    acc = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    for i in range(0, x.shape[0], 64):
-        acc += x[i:i + 64].square().sum(0)
-    return acc.sqrt()
-
-
-def _step_size(group: dict, step: int) -> float:
-    beta1, beta2 = group["betas"]
-    return group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
 
 
 def _local(w: dict, block: torch.Tensor) -> torch.Tensor:
