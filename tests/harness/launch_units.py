@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,8 @@ from ds_relora.config import LaunchConfig
 from ds_relora.errors import LaunchError
 from ds_relora.launch import launchers as L
 from ds_relora.launch.hosts import free_port
+from harness import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config", "runs/x/resolved.yaml"]
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2"}
 
