@@ -89,7 +89,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.unit_devices[("whole", id(p))] = p.device
 
     def attach(self, layout: dict, partitioned: bool, comm_device=None, kind: str = "whole",
-               devices: dict | None = None) -> None:
+               devices: dict | None = None, offloaded: bool = False) -> None:
         """Install a layout (``projected_layout.zero_layout``): ``{id(flat): (unit, [Segment])}``
         with every matrix's ``unit``, ``ranges`` and ``split_rows`` set. A projected matrix the
         layout does not place is an error: it would silently run as something else."""
@@ -100,7 +100,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             if len(m.shape) != 2 or m.shape[0] * m.shape[1] != sum(b - a for a, b in m.ranges):
                 raise RuntimeError(f"projected matrix {m.index}: its partitions do not cover its {m.shape} elements")
         self.layout, self.partitioned, self.comm_device = layout, partitioned, comm_device
-        self.layout_kind = kind
+        self.layout_kind, self.offloaded = kind, offloaded
         self.unit_devices.update(devices or {})
 
     def update_count(self) -> int:

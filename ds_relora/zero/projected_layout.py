@@ -124,8 +124,8 @@ def attach_layout(engine, optimizer) -> str:
             raise RuntimeError(f"projected matrix {m.index} {m.shape} is in none of DeepSpeed's parameter groups")
         m.ranges = [ranges[m.index] for ranges in everyone]
         m.split_rows = split_rows(m.ranges, m.shape[1]) if m.tall else []
-    optimizer.attach(layout, partitioned=True, comm_device=engine.device, kind=kind, devices=devices)
-    # DeepSpeed steps the client optimizer on host-memory partitions (ZeRO-1/2 ``cpu_offload``,
-    # ZeRO-3 ``offload_optimizer``): the same layout, recorded so runs can show which ran.
-    optimizer.offloaded = bool(getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False))
+    # With optimizer offload (ZeRO-1/2 ``cpu_offload``, ZeRO-3 ``offload_optimizer``) DeepSpeed steps
+    # the client optimizer on host-memory partitions: the same layout, recorded so runs show which ran.
+    offloaded = bool(getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False))
+    optimizer.attach(layout, partitioned=True, comm_device=engine.device, kind=kind, devices=devices, offloaded=offloaded)
     return kind
