@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import zlib
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from ds_relora.errors import ConfigError
 from ds_relora.tensor_files import TensorSet
 from ds_relora.zero.ds_config import bf16_available, zero_stage
-from ds_relora.zero.state import full_shape, set_module_value
+from ds_relora.zero.state import full_shape, set_module_value, set_shard_slice, shard_bounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +223,9 @@ def init_weights(model, seed: int, std: float) -> None:
         for key, p in module.named_parameters(recurse=False):
             name = f"{module_name}.{key}" if module_name else key
             shape = full_shape(p)
+            if key == "weight" and shard_bounds(p) is not None and math.prod(shape) > DRAW_CHUNK:
+                _init_shard(p, module, _param_generator(seed, name), shape, std)
+                continue
             if key == "weight":
                 gen = _param_generator(seed, name)
                 # Drawn on the generator's device (CPU) whatever device context the model is built
@@ -234,6 +238,41 @@ def init_weights(model, seed: int, std: float) -> None:
             else:
                 value = torch.zeros(shape, device=p.device)
             set_module_value(p, value.to(p.device))
+
+
+# Elements drawn at a time for a partitioned parameter (16 MiB fp32): a multiple of 16, see normal_chunks.
+DRAW_CHUNK = 1 << 22
+
+
+def normal_chunks(numel: int, std: float, generator: torch.Generator, chunk: int | None = None):
+    """``(offset, values)`` pieces of ``torch.empty(numel).normal_(0, std, generator=generator)``,
+    the same bits, ``chunk`` elements at a time. torch's CPU ``normal_`` fills a tensor of at
+    least 16 elements with uniforms in order and transforms them in blocks of 16 (its last 16
+    redrawn when the size is not a multiple of 16): pieces that are multiples of 16, the last at
+    least 16 long, continue the one stream exactly (``tests/test_models.py`` checks it against
+    the one-shot draw, tails included)."""
+    chunk = chunk or DRAW_CHUNK
+    if chunk % 16:
+        raise ValueError(f"chunk={chunk} must be a multiple of 16")
+    start = 0
+    while start < numel:
+        size = min(chunk, numel - start)
+        if numel - start - size < 16:  # a tail shorter than 16 goes with this piece
+            size = numel - start
+        yield start, torch.empty(size, device=generator.device).normal_(0.0, std, generator=generator)
+        start += size
+
+
+def _init_shard(p, module, generator: torch.Generator, shape: tuple[int, ...], std: float) -> None:
+    """:func:`init_weights` of one ZeRO-3 weight without its whole value: the draw streams in
+    :data:`DRAW_CHUNK` pieces and each rank keeps the elements its shard holds (the build's host
+    transient is one piece, not a second copy of the embedding)."""
+    for offset, values in normal_chunks(math.prod(shape), std, generator):
+        set_shard_slice(p, offset, values)
+    pad = getattr(module, "padding_idx", None)
+    if pad is not None:
+        row = math.prod(shape[1:])
+        set_shard_slice(p, pad * row, torch.zeros(row))
 
 
 def describe_params(model) -> dict[str, int]:

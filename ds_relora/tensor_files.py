@@ -109,20 +109,41 @@ class BackgroundWriter:
     """Feeds tensors to :class:`StreamingWriter` s (by key) from one background thread through a
     queue of ``depth`` tensors, so a rank's disk writes (and their hashing and fsync) overlap the
     gathers of the next tensors. Peak extra host memory: ``depth`` queued tensors plus the one
-    being written. The first error in the thread stops the writing (the writers' temp files are
+    being written, and at most ``max_bytes`` of them with the gathered one when the caller
+    :meth:`reserve` s before each gather. The first error in the thread stops the writing (the writers' temp files are
     removed; the rest of the queue is dropped) and is returned by :meth:`finish`; ``put`` never
     blocks the caller on a failed writer, so a rank keeps taking part in collective gathers."""
 
-    def __init__(self, writers: dict[str, StreamingWriter], depth: int = 1):
+    def __init__(self, writers: dict[str, StreamingWriter], depth: int = 1, max_bytes: int | None = None):
         self.writers = writers
         self.error: BaseException | None = None
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.max_bytes = max_bytes
+        self.pending = 0  # bytes queued or being written
+        self.drained = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self.thread.start()
 
+    def reserve(self, nbytes: int) -> None:
+        """Wait until a tensor of ``nbytes`` fits next to what is queued and being written within
+        ``max_bytes`` (or nothing is pending): call it before making the tensor, so a rank's
+        save holds at most ``max_bytes`` of tensors (one alone may be larger)."""
+        if self.max_bytes is None:
+            return
+        with self.drained:
+            self.drained.wait_for(lambda: self.pending == 0 or self.pending + nbytes <= self.max_bytes
+                                  or self.error is not None)
+
     def put(self, key: str, name: str, tensor: torch.Tensor) -> None:
         if self.error is None:
+            with self.drained:
+                self.pending += tensor.numel() * tensor.element_size()
             self.queue.put((key, name, tensor))
+
+    def _written(self, tensor: torch.Tensor) -> None:
+        with self.drained:
+            self.pending -= tensor.numel() * tensor.element_size()
+            self.drained.notify_all()
 
     def _abort(self) -> None:
         for w in self.writers.values():
@@ -142,6 +163,8 @@ class BackgroundWriter:
             except BaseException as exc:  # handed to the caller's thread by finish
                 self.error = exc
                 self._abort()
+            self._written(tensor)
+            del item, tensor
         if self.error is None:
             try:
                 for w in self.writers.values():

@@ -90,3 +90,50 @@ def test_a_flat_range_read_is_1d_also_when_it_is_the_whole_tensor(tmp_path):
     assert tensors.get_flat("m", 0, 12).shape == (12,) and torch.equal(tensors.get_flat("m", 0, 12), value.reshape(-1))
     assert torch.equal(tensors.get_flat("m", 4, 20), value.reshape(-1)[4:])  # a padded last shard
     assert tensors.get("m").shape == (3, 4)
+
+
+def test_save_holds_at_most_one_layer_of_tensors():
+    # Each gather reserves its bytes first: it waits while what is queued and being written would
+    # not fit with it in the budget (one layer), and a tensor larger than the budget goes alone.
+    import threading
+    import types
+
+    from ds_relora.checkpoint.state_io import save_budget
+    from ds_relora.tensor_files import BackgroundWriter
+
+    class HeldWriter:
+        def __init__(self):
+            self.go, self.names, self.file = threading.Event(), [], types.SimpleNamespace(closed=False)
+
+        def write(self, name, tensor):
+            assert self.go.wait(10)
+            self.names.append(name)
+
+        def close(self):
+            self.file.closed = True
+
+        def abort(self):
+            self.file.closed = True
+
+    held = HeldWriter()
+    background = BackgroundWriter({"w": held}, depth=4, max_bytes=1000)
+    for name in ("a", "b"):
+        background.reserve(400)
+        background.put("w", name, torch.zeros(100))  # 400 bytes each: 800 pending
+    waiting = threading.Thread(target=background.reserve, args=(400,))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive(), "800 + 400 bytes exceed the 1000-byte budget: the gather must wait"
+    held.go.set()
+    waiting.join(10)
+    assert not waiting.is_alive() and background.finish() is None and held.names == ["a", "b"]
+    alone = BackgroundWriter({"w": HeldWriter()}, depth=1, max_bytes=10)
+    alone.reserve(4000)  # nothing pending: a tensor over the budget is not held back
+    assert alone.finish() is None
+
+    f32 = torch.float32
+    weights = [("model.embed_tokens.weight", f32, (100, 8)), ("model.layers.0.q.weight", f32, (30, 8)),
+               ("model.layers.0.k.weight", f32, (30, 8)), ("model.layers.1.q.weight", f32, (30, 8))]
+    assert save_budget(weights, [[] for _ in weights]) == 4 * 100 * 8  # the embedding
+    bigger = [(n, d, (150, 8) if ".layers.0." in n else s) for n, d, s in weights]
+    assert save_budget(bigger, [[] for _ in bigger]) == 4 * 2 * 150 * 8  # layer 0's params together

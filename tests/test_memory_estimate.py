@@ -1,5 +1,8 @@
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -256,12 +259,48 @@ def test_zero3_replicated_frozen_base_weights():
     assert b.weights - a.weights == 2 * FROZEN_13B and "replicated" in b.setting
 
 
-def test_projector_update_transient_is_one_layer_and_its_svd():
-    # 7B: the largest wrapped linear is 11008 x 4096; its fp64 G and LAPACK's copy (16 mn) plus
-    # U and Vh with their sign-fixed copies (16 k (m + n), k = 4096). Methods without a probe: 0.
-    m, n, k = 11008, 4096, 4096
+PROJECTOR_PEAK = """
+import sys, torch
+from ds_relora.worker import return_freed_host_memory
+from ds_relora.train.phase_memory import PhaseMemory, host_peak_bytes
+from ds_relora.zero.owner_reduce import reduce_apply_broadcast
+from ds_relora.zero.projection import gram, projector_from_gram
+return_freed_host_memory()  # as in a rank: multi-MiB arrays are returned to the OS when freed
+m, n, r = (int(a) for a in sys.argv[1:4])
+# BLAS and LAPACK set up their buffers on first use (16-32 MiB here, once per process): a run
+# pays that at its first projector update, the figure measured is every update's.
+projector_from_gram(gram(torch.randn(m, n, dtype=torch.float64)), r, m >= n)
+phase = PhaseMemory()
+phase.start("projector update")
+p = reduce_apply_broadcast(lambda: torch.randn(m, n, dtype=torch.float64), 0,
+                           lambda k: projector_from_gram(k, r, m >= n), (r, n) if m >= n else (m, r), torch.float32,
+                           condense=gram)
+print(host_peak_bytes() - phase.start_bytes, tuple(p.shape))
+"""
+
+
+@pytest.mark.parametrize("m, n", [(2752, 1024), (1024, 2752)])
+def test_projector_update_transient_is_measured_within_the_planner(m, n):
+    # One process makes an fp64 G of the largest linear and runs the projector update's owner
+    # path (Gram matrix, G freed, eigendecomposition): its peak above the start must be within
+    # projection_bytes (+10 % and 8 MiB of allocator slack) and well under the previous design's
+    # SVD of G (G, LAPACK's copy, U, Vh and workspace: 16mn + 16k(m + n)), which this would catch.
+    from ds_relora.estimate.memory import projection_bytes
+
+    shape = Shape(hidden=1024, intermediate=2752, layers=1, heads=8)
+    planned = projection_bytes(shape)
+    k = min(m, n)
+    assert planned == max(8 * m * n + 8 * k * k, 32 * k * k)
+    out = subprocess.run([sys.executable, "-c", PROJECTOR_PEAK, str(m), str(n), "64"], cwd=REPO, check=True,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    peak, proj_shape = out.stdout.split(" ", 1)
+    assert proj_shape.strip() == str((64, n) if m >= n else (m, 64))
+    assert 8 * m * n <= int(peak) <= 1.1 * planned + 8 * 2**20 < 16 * m * n + 16 * k * (m + n)
+
+
+def test_projector_update_transient_only_for_methods_with_a_probe():
     galore = estimate_memory("7b", "galore", 128, 2, 8, 1, 2048, 32000)
-    assert galore.projection_host == 16 * m * n + 16 * k * (m + n)
+    assert galore.projection_host == 32 * 4096**2  # 7B: the eigendecomposition of a 4096 x 4096 Gram matrix
     assert "projector update" in format_table(galore)
     for method in ("full", "relora"):
         assert estimate_memory("7b", method, 128, 2, 8, 1, 2048, 32000).projection_host == 0

@@ -51,3 +51,17 @@ def test_cpu85_preset_is_dominated_by_the_wrapped_linears():
     params = dict(model.named_parameters())
     linear = sum(p.numel() for n, p in params.items() if n.split(".")[-2] in WRAPPED_TYPES)
     assert (linear, sum(p.numel() for p in params.values())) == (counts["linear"], counts["total"])
+
+
+@pytest.mark.parametrize("numel, chunk", [(4096, 1008), (1000 * 64, 1024), (37 * 3, 16), (300 * 7, 48), (17, 16),
+                                          (2 * 1008 + 5, 1008), (16, 1024)])
+def test_normal_chunks_are_the_one_shot_draw(numel, chunk):
+    # A ZeRO-3 weight is initialised from these pieces, its ZeRO 0-2 twin from the one-shot draw:
+    # the bits must agree, tails shorter than 16 elements included.
+    from ds_relora.models import normal_chunks
+
+    whole = torch.empty(numel).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(9))
+    pieces = list(normal_chunks(numel, 0.02, torch.Generator().manual_seed(9), chunk))
+    assert [offset for offset, _ in pieces] == [sum(len(v) for _, v in pieces[:i]) for i in range(len(pieces))]
+    assert torch.equal(torch.cat([v for _, v in pieces]), whole)
+    assert all(len(v) % 16 == 0 for _, v in pieces[:-1]) and len(pieces[-1][1]) >= min(16, numel)

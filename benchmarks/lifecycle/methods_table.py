@@ -12,7 +12,8 @@ The planner's figure of a phase is the process baseline (a rank's resident set w
 began) + the model states alive in it (with Adam moments once a step ran) + estimate-memory's
 transient for it: build (ZeRO-3: ``init_host``; ZeRO 0-2 on CPU ranks: none, the whole model it
 counts *is* the weights), save (``save_host``), switch (``switch_host``), projector update
-(``projection_host``), steps (``activations``) + the ZeRO buckets the DeepSpeed config sizes.
+(``projection_host``), steps (``activations``, the largest param's gradient, ``step_transient``) +
+the ZeRO buckets the DeepSpeed config sizes.
 The second bound, from issue 23: no phase's transient (peak - baseline - states) above one layer's
 fp32 weights (the larger of a decoder layer and the embedding).
 
@@ -76,7 +77,12 @@ def planner(shape, method: str, stage: int, ranks: int, rank: int, vocab: int, s
         return (est.weights + est.grads + est.master) / MiB, (est.weights + est.grads + est.master + est.adam) / MiB
 
     est = estimate_memory(shape, method, rank, stage, ranks, 1, seq, vocab, precision="fp32")
+    full = estimate_memory(shape, "full", rank, stage, ranks, 1, seq, vocab, precision="fp32")
+    largest = 4 * max(vocab * shape.hidden, shape.hidden * shape.intermediate)  # the largest param's fp32 bytes
     return {"full": states("full"), "adapters": states(method), "activations": est.activations / MiB,
+            # backward: the largest param's whole gradient before its reduction; the step: the
+            # optimizer step's flattened fp32 gradient partition (estimate-memory's step_transient)
+            "grad": largest / MiB, "step": {"full": full.step_transient / MiB, "adapters": est.step_transient / MiB},
             "build": (est.init_host if stage == 3 else 0) / MiB, "save": est.save_host / MiB,
             "switch": est.switch_host / MiB, "projector update": est.projection_host / MiB}
 
@@ -96,7 +102,7 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
             if phase == "train adapters" and engine == "full":
                 engine, stepped = "adapters", False
             name = "steps (full rank)" if phase == "train full" else f"steps ({phase[6:]})"
-            transient = plan["activations"] + window
+            transient = plan["activations"] + window + plan["grad"] + plan["step"][engine]
         elif phase == "switch":
             name, transient = "switch", plan["switch"]
         else:
@@ -105,9 +111,12 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
         if phase.startswith("train "):
             stepped = True
             held = plan[engine][1]
+        # The ZeRO buckets are sized by the DeepSpeed config, not the model: counted with the states
+        # in the transient column of the steps (a save on ZeRO-3 releases the gathered params first).
+        buckets = window if phase.startswith("train ") else 0.0
         peak = max(e["host_peak_mib"])
         if name not in rows or peak > rows[name][0]:
-            rows[name] = (peak, held, base + held + transient)
+            rows[name] = (peak, held + buckets, base + held + transient)
     return [(name, *values) for name, values in rows.items()], base
 
 
@@ -117,7 +126,7 @@ def table(method: str, stage: int, events: list[dict], export_mib: float, plan: 
     lines = [f"### {method}, ZeRO-{stage}: process baseline {base:,.0f} MiB, ZeRO buckets {window:,.0f} MiB, "
              f"one layer's fp32 weights {layer_mib:,.0f} MiB",
              "| phase | peak RSS / rank (MiB) | planner (MiB) | bound: planner + 10 % | within | "
-             "transient: peak - baseline - states | <= one layer |",
+             "transient: peak - baseline - states - ZeRO buckets | <= one layer |",
              "|---|---:|---:|---:|:-:|---:|:-:|"]
     for name, peak, held, plan_mib in rows:
         transient = peak - base - held
@@ -158,7 +167,7 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
             # prefetch bucket plus the params gathered in flight (ZeRO-3).
             window = 4 * (2 * args.bucket + (args.max_live if stage == 3 else 0)) / MiB
             plan = planner(shape, method, stage, args.ranks, args.rank, args.vocab, args.seq)
-            need = args.ranks * 1.2 * (1000 + max(plan["full"][1] if cfg["relora"].get("warm_start_steps") else 0, plan["adapters"][1])
+            need = args.ranks * 1.1 * (1000 + max(plan["full"][1] if cfg["relora"].get("warm_start_steps") else 0, plan["adapters"][1])
                                        + max(plan["build"], plan["save"], plan["switch"], plan["projector update"]))
             free = available_mib()
             print(f"\n{run}: {free:,.0f} MiB available, about {need:,.0f} MiB needed", flush=True)

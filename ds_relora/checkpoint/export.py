@@ -13,10 +13,10 @@ import torch
 
 from ds_relora import __version__
 from ds_relora.checkpoint.format import check_intact, fsync_dir, fsync_tree, hf_config_file, public_mode
-from ds_relora.checkpoint.weights import iter_effective_weights
+from ds_relora.checkpoint.weights import EffectiveWeights, iter_effective_weights
 from ds_relora.disk import check_free_space, disk_error, is_disk_error
 from ds_relora.errors import CheckpointError
-from ds_relora.tensor_files import nbytes, shard_name, write_index
+from ds_relora.tensor_files import StreamingWriter, nbytes, shard_name, write_index
 
 
 def _checkpoint_config(folder: Path):
@@ -68,38 +68,66 @@ def load_merged_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32
     return model.to(dtype).eval()
 
 
+def _shard_plan(weights: EffectiveWeights, expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                max_shard_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """The export's shards, each a list of (name, dtype, shape) in the order the modules are
+    folded: a fold keeps W's name and shape and drops the adapters, so the plan comes from the
+    checkpoint's index alone, before any tensor is read."""
+    groups: list[list] = [[]]
+    size = 0
+    for prefix, names in weights.modules.items():
+        for name in names:
+            if name not in expected:
+                continue  # an adapter (folded away) or a tensor the config lacks (reported by _check_fits)
+            entry = (name, dtype, expected[name])
+            if groups[-1] and size + nbytes(entry[2], dtype) > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += nbytes(entry[2], dtype)
+    return groups if groups[-1] else []
+
+
 def _write_weights(folder: Path, config, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
     """The folded weights in HF's layout (``model.safetensors``, or shards of at most
-    ``max_shard_bytes`` with an index), one shard in memory at a time."""
-    from safetensors.torch import save_file  # noqa: PLC0415  (safetensors is needed only when tensors are read or written)
-
+    ``max_shard_bytes`` with an index). Each tensor goes to its shard's file as soon as its module
+    is folded (:class:`StreamingWriter`: the header is planned up front), so the export holds
+    one module's tensors, whatever the shard size."""
     expected = _expected_shapes(config)
-    seen, shards, current, size = {}, [], {}, 0
-
-    def flush():
-        nonlocal current, size
-        if current:
-            save_file(current, str(out / f"part-{len(shards)}.tmp"), metadata={"format": "pt"})
-            shards.append(list(current))
-        current, size = {}, 0
-
-    for name, tensor in iter_effective_weights(folder):
-        seen[name] = tuple(tensor.shape)
-        t = tensor.to(dtype).contiguous()
-        if current and size + t.numel() * t.element_size() > max_shard_bytes:
-            flush()
-        current[name] = t
-        size += t.numel() * t.element_size()
-    flush()
-    _check_fits(folder, expected, seen)
-    if len(shards) == 1:
-        os.replace(out / "part-0.tmp", out / "model.safetensors")
+    weights = EffectiveWeights(folder)
+    groups = _shard_plan(weights, expected, dtype, max_shard_bytes)
+    where = {name: i for i, group in enumerate(groups) for name, _, _ in group}
+    seen: dict[str, tuple[int, ...]] = {}
+    writer, index = None, -1
+    try:
+        for prefix in weights.modules:
+            folded = weights.module(prefix)
+            seen.update({n: tuple(t.shape) for n, t in folded.items()})
+            if any(n not in where or seen[n] != expected[n] for n in folded):
+                break  # _check_fits names the mismatch below
+            for name in (n for n in weights.modules[prefix] if n in folded):
+                while where[name] != index:
+                    if writer is not None:
+                        writer.close()
+                    index += 1
+                    writer = StreamingWriter(out / f"part-{index}", groups[index], {"format": "pt"})
+                writer.write(name, folded[name].to(dtype))
+            del folded
+        _check_fits(folder, expected, seen)
+        if writer is not None:
+            writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    if len(groups) == 1:
+        os.replace(out / "part-0", out / "model.safetensors")
         return
     weight_map = {}
-    for i, names in enumerate(shards):
-        name = shard_name("model", i, len(shards))
-        os.replace(out / f"part-{i}.tmp", out / name)
-        weight_map.update({n: name for n in names})
+    for i, group in enumerate(groups):
+        name = shard_name("model", i, len(groups))
+        os.replace(out / f"part-{i}", out / name)
+        weight_map.update({n: name for n, _, _ in group})
     write_index(out, "model", weight_map, sum(nbytes(shape, dtype) for shape in seen.values()))
 
 
@@ -119,7 +147,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def export_model(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", *, overwrite: bool = False,
                  max_shard_bytes: int = 1 << 30) -> Path:
     """Write ``out_dir`` (config.json, model.safetensors or HF shards, tokenizer) atomically,
-    streaming module by module: at most one shard of weights in memory.
+    streaming module by module: one module's weights in memory, whatever the shard size.
 
     An existing ``out_dir`` is replaced only when it is empty, a previous export (it holds
     ``ds_relora_export.json``) or ``overwrite`` is set; the new export is built beside it and

@@ -82,6 +82,23 @@ def _moment_entries(opt, name: str, p) -> list[tuple[str, torch.dtype, tuple[int
 
 
 @torch.no_grad()
+def save_budget(weight_entries: list, moment_entries: list) -> int:
+    """Bytes of tensors a rank may hold at once while saving (gathered, queued, being written):
+    one layer's fp32 weights (the largest of a decoder layer's params together and any single
+    tensor, the embedding), so the save's transient stays within one layer while small tensors
+    still overlap their gathers with the writes before them."""
+    layers: dict[str, int] = {}
+    largest = 0
+    for (name, dtype, shape), moments in zip(weight_entries, moment_entries + [[]] * len(weight_entries)):
+        size = nbytes(shape, dtype)
+        largest = max([largest, size] + [nbytes(s, d) for _, d, s in moments])
+        head, _, rest = name.partition(".layers.")
+        if rest:
+            key = head + ".layers." + rest.split(".", 1)[0]
+            layers[key] = layers.get(key, 0) + size
+    return max([largest] + list(layers.values()))
+
+
 def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | None = None,
                 errors: list | None = None, depth: int = 1) -> dict[str, list[str]]:
     """Collective: write the weights set (and the moments set) into ``folder``; returns the
@@ -92,12 +109,17 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
 
     Each rank writes its own shards from a background thread (:class:`BackgroundWriter`, a queue
     of ``depth`` tensors) while the gathers go on in :func:`_visit_order`, so every rank's disk is
-    busy at once. Peak extra host memory per rank: ``depth + 2`` tensors (the queue, the one
-    being written, the one being gathered), each one parameter or one of its moments: 3 x the
-    largest by default, the figure ``estimate-memory`` plans for the save."""
+    busy at once. Peak extra host memory per rank: what is queued, being written and being
+    gathered, bounded by :func:`save_budget` (one layer's fp32 weights: each gather waits until
+    it fits), the figure ``estimate-memory`` plans for the save."""
 
     rank, world = dist.get_rank(), dist.get_world_size()
     params = list(engine.module.named_parameters())
+    if any(is_zero3_param(p) for _, p in params):
+        # ZeRO-3 may still hold params gathered for the next step, or being gathered (a prefetch in
+        # flight, which GatheredParameters cannot re-partition: seen after GaLore's probe at the 1.3B
+        # shape). Released first, they are neither in the way nor held through the save.
+        engine.empty_partition_cache()
     buffers = list(adapter_buffers(engine.module).items())
     weight_entries = [(n, torch.float32, full_shape(p)) for n, p in params]
     weight_entries += [(n, _buffer_value(b).dtype, tuple(b.shape)) for n, b in buffers]
@@ -138,7 +160,7 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
         if not disk_error(exc, folder):
             raise
         writers, opened = {}, False
-    background = BackgroundWriter(writers, depth)
+    background = BackgroundWriter(writers, depth, max_bytes=save_budget(weight_entries, moment_entries))
 
     def put(key: str, name: str, value: torch.Tensor) -> None:
         if opened:
@@ -152,11 +174,14 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
                     put(WEIGHTS, weight_entries[i][0], _buffer_value(buffers[i - len(params)][1]))
                 continue
             name, p = params[i]
+            _, dtype, shape = weight_entries[i]
+            background.reserve(nbytes(shape, dtype))  # every rank holds the gathered value for a moment
             value = _full_value(engine, p, keep)
             if keep:
                 put(WEIGHTS, name, value)
             del value
-            for key_name, _, _ in moment_entries[i]:
+            for key_name, dtype, shape in moment_entries[i]:
+                background.reserve(nbytes(shape, dtype))
                 moment = get_moment(engine, p, key_name.rsplit(".", 1)[1])
                 if keep:
                     put(MOMENTS_SET, key_name, moment if moment is not None else torch.zeros(full_shape(p)))

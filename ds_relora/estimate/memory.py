@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 
 from ds_relora.errors import ConfigError
+from ds_relora.estimate.transients import host_transients, projection_bytes, step_bytes
 from ds_relora.methods import METHODS, get_method
 from ds_relora.models import Shape, linear_shapes, param_counts, preset_shape
 
@@ -121,6 +122,8 @@ class MemoryEstimate:
     save_host: int = 0
     switch_host: int = 0
     projection_host: int = 0
+    # Where the optimizer steps (the GPU; host memory with optimizer offload), for a moment: see step_bytes.
+    step_transient: int = 0
     setting: str = ""
 
 
@@ -265,41 +268,10 @@ def estimate_memory(preset: str | Shape, method: str, rank: int | None, zero_sta
                           adam=states["adam"], activations=acts, total=gpu, cpu=states["cpu"],
                           total_params=total, trainable_params=trainable, frozen_params=total - trainable,
                           setting=setting, projection_host=projection_bytes(shape) if trained.full_gradient_probe else 0,
-                          **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus, switch=not full_rank))
-
-
-def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
-                    switch: bool) -> dict[str, int]:
-    """Host bytes a rank holds for a moment, beyond its model states (see ``checkpoint.state_io``):
-
-    * init: ZeRO-3 builds partitioned (``zero.Init``), so one module is whole while it is
-      constructed and one parameter while it is initialised (fp32, the largest: the embedding or
-      the head); other stages build the whole fp32 model on every rank (4 P);
-    * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time
-      (the fp32 getters all-reduce a full-size buffer), while the tensor before it waits in the
-      background writer's queue and the one before that is being written: 3 x 4 bytes of the
-      largest param;
-    * the warm-start switch: this rank's fp32 shards of the full-rank model (4 P / N on ZeRO-3;
-      4 P on ZeRO 0-2, which hold the whole model anyway), next to the full-rank engine.
-    """
-    largest = 4 * max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)
-    if zero_stage == 3:
-        init, snapshot = 2 * largest, 4 * _ceil_div(base_params, num_gpus)
-    else:
-        init, snapshot = 4 * base_params, 4 * base_params
-    return {"init_host": init, "save_host": 3 * largest, "switch_host": snapshot if switch else 0}
-
-
-def projection_bytes(shape: Shape) -> int:
-    """Bytes a rank holds for a moment in a projector update (GaLore: ``methods/galore.py``), on
-    the device the engine trains on (host memory on CPU ranks), beyond the probe's activations:
-    one wrapped linear's full gradient at a time, the largest (m x n): G in fp64 (8mn) and, on
-    its owner, the SVD's: LAPACK's copy of G (8mn), U and Vh (8k(m + n), k = min(m, n)) and
-    LAPACK's workspace, counted as another 8k(m + n) (gesdd's is about 3k^2 + 4k more floats).
-    Every rank meets the owner's figure for some layer (owners are round-robin)."""
-    m, n = max(linear_shapes(shape).values(), key=lambda s: s[0] * s[1])
-    k = min(m, n)
-    return 16 * m * n + 16 * k * (m + n)
+                          step_transient=step_bytes(trainable, zero_stage, num_gpus, precision,
+                                                    max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)),
+                          **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus, switch=not full_rank,
+                                            trainable=trainable))
 
 
 def format_table(est: MemoryEstimate) -> str:
@@ -314,6 +286,8 @@ def format_table(est: MemoryEstimate) -> str:
         rows.append(("host, every rank at the warm-start switch (transient)", est.switch_host))
     if est.projection_host:
         rows.append(("every rank in a projector update, where the engine trains (transient)", est.projection_host))
+    if est.step_transient:
+        rows.append(("the optimizer step, where it steps (transient)", est.step_transient))
     lines = [f"{est.setting}", "",
              f"params: {est.total_params:,} total, {est.trainable_params:,} trainable, {est.frozen_params:,} frozen", "",
              "| part | GiB | bytes |", "|---|---:|---:|"]

@@ -21,9 +21,11 @@ What galore-torch's ``GaLoreAdamW`` does and how we reproduce it (checked agains
   full_matrices=False)`` in fp32: ``Q = Vh[:r]`` when ``m >= n``, else ``P = U[:, :r]``. We take
   G from a probe forward/backward on the step's micro-batches (:func:`probe_activations`), merge
   ``W0 += s P C``, zero C and install the new projector, then run the normal step. Unlike
-  galore-torch, G is summed and reduced in fp64, the SVD runs in fp64 and its signs are
-  canonical (:func:`projector`): the projector is then a function of the global batch, not of
-  the world size, the ZeRO stage or the CPU's kernels;
+  galore-torch, G is summed and reduced in fp64, its singular vectors come from an fp64
+  eigendecomposition of the smaller side's Gram matrix (the same vectors as the fp64 SVD to
+  the fp32 result's last bit, at a quarter of the flops and a few k x k arrays of workspace) and
+  their signs are canonical (:func:`projector`): the projector is then a function of the global
+  batch, not of the world size, the ZeRO stage or the CPU's kernels;
 * the Adam moments live in the projected shape and are kept across updates (C's moments are
   kept: nothing to do), the step counter goes on;
 * its Adam is HF's old AdamW: ``p -= lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps)``, eps *inside*
@@ -51,7 +53,7 @@ from ds_relora.methods.base import AdapterMethod, adapter_rank, register, wrap_t
 from ds_relora.methods.galore_probe import AliveCount, full_gradients, layer_gradient, probe_activations  # noqa: F401  (full_gradients re-exported: the oracle tests' one-process G)
 from ds_relora.methods.merging import merge_and_reinit
 from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
-from ds_relora.zero.projection import canonical_signs, projector
+from ds_relora.zero.projection import canonical_signs, gram, projector, projector_from_gram
 
 __all__ = ["canonical_signs", "projector"]  # re-exported: the tests and older callers read them here
 
@@ -148,18 +150,26 @@ class GaLoreLinear(nn.Module):
         self.galore_proj.copy_(projector(grad, self.rank).to(self.galore_proj.dtype))
 
 
+FOLD_ROWS = 1024
+
+
 def fold_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Fold every ``X.galore_C`` with its ``X.galore_proj`` into ``X.weight`` (fp64); drop both."""
+    """Fold every ``X.galore_C`` with its ``X.galore_proj`` into ``X.weight`` in fp64, ``FOLD_ROWS``
+    rows at a time (an export holds one module, not an m x n fp64 array); drop both."""
     folded = {}
     for name, tensor in state.items():
         if name.endswith(".galore_C") or name.endswith(".galore_proj"):
             continue
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix is not None and prefix + ".galore_C" in state:
-            c = state[prefix + ".galore_C"].double()
-            proj = state[prefix + ".galore_proj"].double()
-            delta = proj @ c if side_of(*tensor.shape) == "left" else c @ proj
-            tensor = (tensor.double() + scale * delta).to(tensor.dtype)
+            c, proj = state[prefix + ".galore_C"], state[prefix + ".galore_proj"]
+            left = side_of(*tensor.shape) == "left"
+            out = torch.empty_like(tensor)
+            for r0 in range(0, tensor.shape[0], FOLD_ROWS):  # fp64 a block of rows at a time: no m x n fp64 array
+                rows = slice(r0, r0 + FOLD_ROWS)
+                delta = proj[rows].double() @ c.double() if left else c[rows].double() @ proj.double()
+                out[rows] = (tensor[rows].double() + scale * delta).to(tensor.dtype)
+            tensor = out
         folded[name] = tensor
     return folded
 
@@ -172,25 +182,29 @@ def _update_projectors(engine, layers, acts, rank: int, step: int) -> dict:
     Adam moments are kept, as galore-torch keeps them), then the new projector.
 
     The projector of layer i: every rank makes its G_i (fp64, from the probe's activations),
-    ``dist.reduce``s it to owner ``i mod world`` and frees it; the owner runs the SVD and
-    broadcasts the r x n (or m x r) projector (:func:`reduce_apply_broadcast`). So a rank holds
-    at most one layer's full G at a time (the owner: plus its SVD's workspace, about two more
-    G-sized fp64 arrays), and the SVDs are spread over the ranks. They still run one after the
+    ``dist.reduce``s it to owner ``i mod world`` and frees it; the owner turns G into its k x k
+    Gram matrix (k the smaller side), frees G, runs the eigendecomposition and broadcasts the
+    r x n (or m x r) projector (:func:`reduce_apply_broadcast`). So a rank holds at most one
+    layer's full G at a time, never next to the decomposition's workspace (a few k x k fp64
+    arrays), and the decompositions are spread over the ranks. They still run one after the
     other: overlapping them would keep a second G alive on each owner. Returns the rank's
     ``svd_layers`` and ``peak_full_gradients`` (the most G buffers alive at once: 1)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     where = {id(layer): (index, name) for index, (name, layer) in enumerate(layers)}
     alive, svds = AliveCount(), []
 
-    def svd(g: torch.Tensor) -> torch.Tensor:
-        svds.append(1)
-        return projector(g, rank)
-
     def install_projector(layer) -> None:
         index, name = where[id(layer)]
         pairs = acts.pop(name)  # this layer's activations go with its G
-        new = reduce_apply_broadcast(lambda: alive.track(layer_gradient(pairs)), owner_of(index, world), svd,
-                                     tuple(layer.galore_proj.shape), torch.float32)
+        tall = layer.side == "right"
+
+        def decompose(gram_matrix: torch.Tensor) -> torch.Tensor:
+            svds.append(1)
+            return projector_from_gram(gram_matrix, rank, tall)
+
+        # The owner turns G into its Gram matrix and frees G before the eigendecomposition.
+        new = reduce_apply_broadcast(lambda: alive.track(layer_gradient(pairs)), owner_of(index, world), decompose,
+                                     tuple(layer.galore_proj.shape), torch.float32, condense=gram)
         layer.galore_proj.copy_(new.to(layer.galore_proj.dtype))
 
     # C's reset draws nothing (zeros): the seed only feeds merge_and_reinit's unused generators.
@@ -206,7 +220,7 @@ class GaLoreMethod(AdapterMethod):
 
     name = "galore"
     writes_base = True  # each projector change merges C into W
-    full_gradient_probe = True  # one layer's fp64 G and its SVD per rank at a time (_update_projectors)
+    full_gradient_probe = True  # one layer's fp64 G, then its Gram matrix's eigendecomposition, per rank at a time
     resume_keys = ("galore.rank", "galore.scale", "relora.rank", "relora.target_modules")
 
     def validate(self, cfg, zero_stage: int) -> None:

@@ -43,16 +43,17 @@ def make_optimizer(groups, ds_config: dict, *, lr: float, betas=(0.9, 0.999), ep
     """The client AdamW, fused wherever its parameters will live; the projected optimizer when a
     group asks for a projection (``proj_rank``: APOLLO, APOLLO-Mini, Fira).
 
-    With optimizer offload DeepSpeed steps it on fp32 partitions in CPU memory, where torch's
-    default is the single-tensor loop (one Python iteration and a dozen small kernels per
-    parameter, per step); the fused CPU kernel does the same update in one pass. Without
-    offload it steps on the GPU: fused there too. Elsewhere (CPU runs) torch's default."""
+    Fused on the GPU, and in CPU memory (optimizer offload, CPU ranks) wherever this torch has
+    the fused CPU kernel: torch's default there is the multi-tensor path, which makes a
+    denominator temporary the size of the whole partition it steps (4 bytes per trainable
+    param / N: 0.4 GiB per rank at two layers of the 1.3B shape on 2 ranks, measured) and, with
+    offload, a Python loop of a dozen small kernels per parameter. The fused kernel does the same
+    update in one pass in place (equal to the loop within 1e-6 over 25 steps:
+    ``tests/test_train_engine.py``)."""
     if any("proj_rank" in g for g in groups):
         return ProjectedAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-    if _offloads_optimizer(ds_config):
-        fused = fused_cpu_adamw_supported()
-    else:
-        fused = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() and not _offloads_optimizer(ds_config)
+    fused = on_gpu or fused_cpu_adamw_supported()
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 

@@ -32,19 +32,26 @@ def owner_of(index: int, world: int) -> int:
 
 
 def reduce_apply_broadcast(make: Callable[[], torch.Tensor], owner: int, fn: Callable[[torch.Tensor], torch.Tensor],
-                           shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                           shape: tuple[int, ...], dtype: torch.dtype,
+                           condense: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``fn(sum over ranks of make())`` computed on ``owner`` only, returned on every rank.
 
     ``make()`` builds this rank's summand (on the device the collectives run on); the sum is
     formed in ``make()``'s dtype (fp64 keeps it independent of the reduction order in practice).
     ``fn``'s result must have ``shape`` and ``dtype``; the other ranks receive it into an empty
-    tensor of that shape on the summand's device."""
+    tensor of that shape on the summand's device.
+
+    ``condense`` (optional) shrinks the sum before ``fn`` sees it, and the sum is freed in
+    between: ``fn(condense(sum))`` with one full-size tensor alive only while ``condense`` runs
+    (GaLore's projector: the sum G to its k x k Gram matrix, then the eigendecomposition)."""
+    condense = condense or (lambda t: t)
     if not (dist.is_available() and dist.is_initialized()):
-        return fn(make()).to(dtype).contiguous()
+        return fn(condense(make())).to(dtype).contiguous()
     local = make()
     device = local.device
     dist.reduce(local, dst=owner)
     if dist.get_rank() == owner:
+        local = condense(local)  # the only reference to the sum: freed here when condense shrinks it
         result = fn(local).to(dtype).contiguous()
     else:
         result = torch.empty(shape, dtype=dtype, device=device)

@@ -26,7 +26,7 @@ works on the rows its range touches (a row cut by a partition edge is computed p
 ranks sharing it). Per call: one all-reduce, batched over the call's matrices, of the cut rows'
 partial ``G P^T`` (tall) and the whole partial ``P^T G`` (wide, r x n), and one of 4 partial
 squared norms per matrix; every rank runs them in the same order (zeros where it holds
-nothing). An SVD projector reduces G to an owner rank (round robin; fp64 SVD, canonical signs)
+nothing). An SVD projector reduces G to an owner rank (round robin; fp64 Gram eigenvectors, canonical signs)
 and broadcasts it; the random one is drawn from the seed chain on every rank, no communication.
 """
 
@@ -41,7 +41,7 @@ from ds_relora.errors import ConfigError
 from ds_relora.zero.adam_kernels import adam_direction, channel_norms
 from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
 from ds_relora.zero.projected_layout import Matrix, Segment
-from ds_relora.zero.projection import next_seed, projector, random_projector
+from ds_relora.zero.projection import gram, next_seed, projector, projector_from_gram, random_projector
 from ds_relora.zero.state import full_shape
 
 # Group keys a projection method puts on its param group (see ``methods/apollo.py``, ``fira.py``).
@@ -219,7 +219,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             return g.view(m.shape)
 
         new = reduce_apply_broadcast(whole, owner_of(m.index, dist.get_world_size()),
-                                     lambda g: projector(g, rank), shape, torch.float32)
+                                     lambda k: projector_from_gram(k, rank, m.tall), shape, torch.float32, condense=gram)
         return new.to(device)
 
     def _reduce_r(self, work: list[dict]) -> None:

@@ -1,5 +1,6 @@
-"""Gradient projectors shared by every projection method: GaLore's SVD projector (fp64, canonical
-signs) and the seeded random projector of APOLLO (``apollo-torch``'s ``random_projector.py``).
+"""Gradient projectors shared by every projection method: GaLore's SVD projector (fp64 eigenvectors of
+the Gram matrix, canonical signs) and the seeded random projector of APOLLO (``apollo-torch``'s
+``random_projector.py``).
 
 They sit below ``methods/`` because the ZeRO-exact projected optimizer (``projected_adam.py``)
 computes them on whatever rank owns a matrix; the methods only choose which one."""
@@ -31,23 +32,47 @@ def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, to
     return u * signs, vh * signs[:, None]
 
 
+def gram(grad: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The smaller side's Gram matrix of ``grad`` (m x n) in fp64: ``GᵀG`` (n x n) if m >= n, else
+    ``G Gᵀ`` (m x m). Summed over ``chunk`` rows (or columns) at a time, so an fp32 G is never
+    copied whole to fp64: the only full-size array is G itself."""
+    tall = grad.shape[0] >= grad.shape[1]
+    g = grad if tall else grad.mT  # rows of g: the long side
+    side = g.shape[1]
+    out = torch.zeros(side, side, dtype=torch.float64, device=grad.device)
+    for start in range(0, g.shape[0], chunk):
+        piece = g[start: start + chunk].to(torch.float64)
+        out.addmm_(piece.mT, piece)
+    return out
+
+
+def projector_from_gram(gram_matrix: torch.Tensor, rank: int, tall: bool) -> torch.Tensor:
+    """GaLore's projector from :func:`gram` of G: the top ``rank`` eigenvectors of the Gram
+    matrix are G's top right (``tall``: rows, ``Vh[:r]``) or left (columns, ``U[:, :r]``) singular
+    vectors, with :func:`canonical_signs`' rule, fp32."""
+    _, vectors = torch.linalg.eigh(gram_matrix)  # ascending eigenvalues: the top r are the last r
+    kept = vectors[:, -rank:].flip(1).mT  # the kept singular vectors as rows, largest first
+    top = kept.abs().argmax(dim=1, keepdim=True)
+    signs = torch.where(kept.gather(1, top) < 0, -1.0, 1.0).to(kept.dtype)
+    kept = kept * signs
+    return (kept if tall else kept.mT).float().contiguous()
+
+
 def projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
     """GaLore's projector of gradient ``grad`` (m x n): ``Vh[:r]`` if m >= n else ``U[:, :r]``, fp32.
 
-    The SVD runs in float64 and the signs are canonical (:func:`canonical_signs`): the same G
-    gives the same projector bits on any number of ranks and any ZeRO stage, and a G that differs
-    in its last fp32 bits (another CPU's kernels) gives a projector that differs in its last
-    bits, not another basis (unless singular values r and r+1 coincide, where no method can
-    choose). The reference packages run the SVD in fp32 and keep LAPACK's signs; the oracle
-    tests give their SVD the same rule."""
-    u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
-    # canonical_signs' rule applied to the kept factor only (a sign flip is exact, so the bits are
-    # those of canonical_signs(u, vh)'s): no sign-fixed copy of the whole U and Vh at 7B sizes.
-    basis = vh if grad.shape[0] >= grad.shape[1] else u.mT
-    top = basis[:rank].abs().argmax(dim=1, keepdim=True)
-    signs = torch.where(basis[:rank].gather(1, top) < 0, -1.0, 1.0).to(basis.dtype)
-    kept = basis[:rank] * signs  # the kept singular vectors as rows, sign-fixed
-    return (kept if basis is vh else kept.mT).float().contiguous()
+    Computed as the top eigenvectors of the smaller side's Gram matrix in float64 (:func:`gram`,
+    :func:`projector_from_gram`), not by an SVD of G: the same subspace (eigenvalues are the
+    squared singular values; fp64 keeps the top r's error at about 1e-16 of the largest
+    eigenvalue, far below the fp32 result's rounding), about 4x fewer flops at 11008 x 4096, and
+    a workspace of a few k x k arrays (k the smaller side) instead of G-sized copies: at the 7B
+    shape 0.5 GiB instead of 1.3 GiB for the largest linear. The signs are canonical
+    (:func:`canonical_signs`' rule): the same G gives the same projector bits on any number of
+    ranks and any ZeRO stage, and a G that differs in its last fp32 bits (another CPU's kernels)
+    gives a projector that differs in its last bits, not another basis (unless singular values r
+    and r+1 coincide, where no method can choose). The reference packages run an fp32 SVD and
+    keep LAPACK's signs; the oracle tests give their SVD the same sign rule."""
+    return projector_from_gram(gram(grad), rank, grad.shape[0] >= grad.shape[1])
 
 
 def next_seed(seed: int) -> int:

@@ -57,6 +57,25 @@ def _partition_rank(p) -> int:
     return dist.get_rank(group=p.ds_process_group)
 
 
+def shard_bounds(p) -> tuple[int, int] | None:
+    """``[start, end)`` of the flattened full tensor that this rank's ZeRO-3 shard of ``p`` holds,
+    or None where writing the whole value is needed: ``p`` is not partitioned, or it is also
+    gathered (persistent)."""
+    if not is_zero3_param(p) or p.data.numel() == p.ds_numel:
+        return None
+    start = _partition_rank(p) * p.ds_tensor.numel()
+    return start, min(start + p.ds_tensor.numel(), p.ds_numel)
+
+
+def set_shard_slice(p, start: int, values: torch.Tensor) -> None:
+    """Write ``values``, elements ``[start, start + len)`` of the flattened full tensor, into this
+    rank's shard of ZeRO-3 ``p`` where they overlap it."""
+    bounds = shard_bounds(p)
+    lo, hi = max(start, bounds[0]), min(start + values.numel(), bounds[1])
+    if hi > lo:
+        p.ds_tensor.data[lo - bounds[0]: hi - bounds[0]].copy_(values[lo - start: hi - start].to(p.ds_tensor.dtype))
+
+
 def set_module_value(p, value: torch.Tensor) -> None:
     """Write the full ``value`` into the module's (low-precision) copy of ``p`` on this rank: on
     ZeRO-3 only this rank's slice of its shard, plus the whole tensor when ``p`` is gathered

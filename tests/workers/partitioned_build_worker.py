@@ -9,6 +9,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from ds_relora import models
 from ds_relora.models import PRESETS, build_model, llama_config
 from ds_relora.methods.lora_layer import wrap_model
 from ds_relora.worker import init_distributed
@@ -47,6 +48,9 @@ def report(hf, wrap: bool) -> dict:
 
 if __name__ == "__main__":
     init_distributed()
+    # ZeRO-3 weights above this many elements are drawn in pieces (the 7B embedding's 131 M in
+    # 16 M pieces): small here so the tiny model's draws are split, across shard edges too.
+    models.DRAW_CHUNK = 1008
     out = {"preset": report(llama_config(PRESETS["tiny"], 512, 32), wrap=False),
            "wrapped": report(llama_config(PRESETS["tiny"], 512, 32), wrap=True)}
     tied = llama_config(PRESETS["tiny"], 512, 32)

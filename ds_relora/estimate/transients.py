@@ -1,0 +1,72 @@
+"""Memory a rank holds for a moment beyond its model states (host transients of the build, the
+save, the warm-start switch; the optimizer step's and the projector update's), the figures
+``estimate-memory`` prints under its table and the lifecycle benchmark bounds each phase with."""
+
+from __future__ import annotations
+
+from ds_relora.models import DRAW_CHUNK, Shape, linear_shapes
+
+
+def _ceil_div(x: int, n: int) -> int:
+    return -(-x // n)
+
+
+# ds_configs/zero3*.json's sub_group_size (elements of a rank's partition per optimizer sub-group).
+SUB_GROUP_SIZE = 50_000_000
+
+
+def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
+                    switch: bool, trainable: int | None = None, sub_group_size: int = SUB_GROUP_SIZE) -> dict[str, int]:
+    """Host bytes a rank holds for a moment, beyond its model states (see ``checkpoint.state_io``):
+
+    * init: ZeRO-3 builds partitioned (``zero.Init``), so one module is whole while it is
+      constructed (fp32, the largest: the embedding or the head), and initialises each weight
+      from a draw streamed in 16 MiB pieces (``models.DRAW_CHUNK``); then DeepSpeed's
+      ``initialize_optimizer_states`` fills a zero fp32 buffer sized by the largest optimizer
+      sub-group's *full* element count (``sum(p.ds_numel)``, not the partition's: DeepSpeed 0.19,
+      ``stage3.py``), at most N x ``sub_group_size`` plus one param and at most the trainable
+      params T (4 T with DeepSpeed's default 1e9: the whole trainable model, once, per rank);
+      other stages build the whole fp32 model on every rank (4 P);
+    * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time
+      (the fp32 getters all-reduce a full-size buffer), while the tensors before it are queued
+      and written; each gather waits until it fits with them in one layer's fp32 weights
+      (``checkpoint.state_io.save_budget``: a decoder layer's params or the largest tensor);
+    * the warm-start switch: this rank's fp32 shards of the full-rank model (4 P / N on ZeRO-3;
+      4 P on ZeRO 0-2, which hold the whole model anyway), next to the full-rank engine.
+    """
+    largest = 4 * max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)
+    if zero_stage == 3:
+        trainable = base_params if trainable is None else trainable
+        zero_buffer = 4 * min(trainable, num_gpus * sub_group_size + largest // 4)
+        init, snapshot = max(largest + 4 * DRAW_CHUNK, zero_buffer), 4 * _ceil_div(base_params, num_gpus)
+    else:
+        init, snapshot = 4 * base_params, 4 * base_params
+    layer = 4 * (4 * shape.hidden**2 + 3 * shape.hidden * shape.intermediate + 2 * shape.hidden)
+    return {"init_host": init, "save_host": max(largest, layer), "switch_host": snapshot if switch else 0}
+
+
+def step_bytes(trainable: int, zero_stage: int, num_gpus: int, precision: str, largest_param: int) -> int:
+    """Bytes DeepSpeed's optimizer step holds for a moment beyond the model states, measured at
+    two layers of the 1.3B shape and read in DeepSpeed 0.19's source: on ZeRO 1-3 it flattens
+    this rank's gradient partition into one new tensor and casts it to fp32 for the step
+    (``stage_1_and_2.step``, ``stage3._prepare_fp32_grad_for_sub_group``; ZeRO-3 per sub-group:
+    at most ``sub_group_size`` elements plus one param's partition): 4 bytes per trainable param / N, plus the bf16 flat copy under
+    bf16. ZeRO-0's optimizer steps the params' own gradients: nothing. The client AdamW is
+    fused (``train/engine.make_optimizer``), so the step itself adds no temporary."""
+    if zero_stage == 0:
+        return 0
+    elements = _ceil_div(trainable, num_gpus)
+    if zero_stage == 3:
+        elements = min(elements, SUB_GROUP_SIZE + _ceil_div(largest_param, num_gpus))
+    return elements * (4 + (2 if precision == "bf16" else 0))
+
+
+def projection_bytes(shape: Shape) -> int:
+    """Bytes a rank holds for a moment in a projector update (GaLore: ``methods/galore.py``), on
+    the device the engine trains on (host memory on CPU ranks), beyond the probe's activations:
+    one wrapped linear's full gradient at a time. For a linear of m x n (k = min(m, n)): G in
+    fp64 (8mn) while its owner forms the k x k Gram matrix (8k^2); then, G freed, the
+    eigendecomposition: the Gram matrix, LAPACK's copy that becomes the eigenvectors, and syevd's
+    workspace of 2k^2 doubles (32k^2 in all). The largest over the wrapped linears; every rank
+    meets the owner's figure for some layer (owners are round-robin)."""
+    return max(max(8 * m * n + 8 * min(m, n) ** 2, 32 * min(m, n) ** 2) for m, n in linear_shapes(shape).values())
