@@ -12,7 +12,7 @@ The planner's figure of a phase is the process baseline (a rank's resident set w
 began) + the model states alive in it (with Adam moments once a step ran) + estimate-memory's
 transient for it: build (ZeRO-3: ``init_host``; ZeRO 0-2 on CPU ranks: none, the whole model it
 counts *is* the weights), save (``save_host``), switch (``switch_host``), projector update
-(``projection_host``), steps (``activations``, the largest param's gradient, ``step_transient``) +
+(``projection_host``, plus the probe's activations and ZeRO buckets), steps (``activations``, the largest param's gradient, ``step_transient``) +
 the ZeRO buckets the DeepSpeed config sizes.
 The second bound, from issue 23: no phase's transient (peak - baseline - states) above one layer's
 fp32 weights (the larger of a decoder layer and the embedding).
@@ -105,6 +105,8 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
             transient = plan["activations"] + window + plan["grad"] + plan["step"][engine]
         elif phase == "switch":
             name, transient = "switch", plan["switch"]
+        elif phase == "projector update":  # GaLore's probe is a forward/backward: ZeRO's windows and activations too
+            name, transient = phase, plan[phase] + plan["activations"] + window
         else:
             name, transient = phase, plan.get(phase, 0.0)
         held = plan[engine][1 if stepped else 0]
@@ -113,7 +115,7 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
             held = plan[engine][1]
         # The ZeRO buckets are sized by the DeepSpeed config, not the model: counted with the states
         # in the transient column of the steps (a save on ZeRO-3 releases the gathered params first).
-        buckets = window if phase.startswith("train ") else 0.0
+        buckets = window if phase.startswith("train ") or phase == "projector update" else 0.0
         peak = max(e["host_peak_mib"])
         if name not in rows or peak > rows[name][0]:
             rows[name] = (peak, held + buckets, base + held + transient)
@@ -175,8 +177,13 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
                 print(f"{run}: skipped (not enough free memory now)", flush=True)
                 continue
             events, wall = run_train(cfg, out / run, args.reuse)
-            last = max((out / run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-            export = run_export(last, out / f"{run}_export")
+            saved = out / run / "export.json"  # the checkpoints are deleted below: --reuse reads the export's figures here
+            if args.reuse and saved.is_file():
+                export = tuple(json.loads(saved.read_text()))
+            else:
+                last = max((out / run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+                export = run_export(last, out / f"{run}_export")
+                saved.write_text(json.dumps(export))
             print("\n".join(table(method, stage, events, export[0], plan, window, layer_mib)))
             print(f"train {wall:.0f} s, export {export[1]:.0f} s", flush=True)
             if not args.reuse:  # checkpoints and exports are GBs per run at the 7B shape: the table is kept

@@ -86,7 +86,8 @@ def write_hf_model(folder: Path, shape, vocab: int, seq: int, shard_bytes: int =
 def run_train(cfg: dict, folder: Path, reuse: bool = False) -> tuple[list[dict], float]:
     from ds_relora.run_folder import checkpoint_root, metrics_file
 
-    if reuse and metrics_file(folder).is_file() and any(checkpoint_root(folder).glob("step-*")):
+    finished = any(checkpoint_root(folder).glob("step-*")) or (folder / "export.json").is_file()
+    if reuse and metrics_file(folder).is_file() and finished:
         return read_memory_events(folder), float("nan")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"

@@ -270,8 +270,7 @@ def estimate_memory(preset: str | Shape, method: str, rank: int | None, zero_sta
                           setting=setting, projection_host=projection_bytes(shape) if trained.full_gradient_probe else 0,
                           step_transient=step_bytes(trainable, zero_stage, num_gpus, precision,
                                                     max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)),
-                          **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus, switch=not full_rank,
-                                            trainable=trainable))
+                          **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus, switch=not full_rank))
 
 
 def format_table(est: MemoryEstimate) -> str:

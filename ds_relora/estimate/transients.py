@@ -16,16 +16,15 @@ SUB_GROUP_SIZE = 50_000_000
 
 
 def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
-                    switch: bool, trainable: int | None = None, sub_group_size: int = SUB_GROUP_SIZE) -> dict[str, int]:
+                    switch: bool) -> dict[str, int]:
     """Host bytes a rank holds for a moment, beyond its model states (see ``checkpoint.state_io``):
 
     * init: ZeRO-3 builds partitioned (``zero.Init``), so one module is whole while it is
-      constructed (fp32, the largest: the embedding or the head), and initialises each weight
-      from a draw streamed in 16 MiB pieces (``models.DRAW_CHUNK``); then DeepSpeed's
-      ``initialize_optimizer_states`` fills a zero fp32 buffer sized by the largest optimizer
-      sub-group's *full* element count (``sum(p.ds_numel)``, not the partition's: DeepSpeed 0.19,
-      ``stage3.py``), at most N x ``sub_group_size`` plus one param and at most the trainable
-      params T (4 T with DeepSpeed's default 1e9: the whole trainable model, once, per rank);
+      constructed, and initialises each weight from a draw streamed in 16 MiB pieces
+      (``models.DRAW_CHUNK``: 32 MiB above the built shards at 7B, measured); then DeepSpeed's
+      engine initialisation holds 2 x the largest param for a moment (measured at the 7B and
+      1.3B shapes on 2 ranks, with ``sub_group_size`` 5e7 and 1e9 alike; its optimizer-state
+      zero buffer, sized by a sub-group's *full* element count, is one of them);
       other stages build the whole fp32 model on every rank (4 P);
     * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time
       (the fp32 getters all-reduce a full-size buffer), while the tensors before it are queued
@@ -36,9 +35,7 @@ def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage:
     """
     largest = 4 * max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)
     if zero_stage == 3:
-        trainable = base_params if trainable is None else trainable
-        zero_buffer = 4 * min(trainable, num_gpus * sub_group_size + largest // 4)
-        init, snapshot = max(largest + 4 * DRAW_CHUNK, zero_buffer), 4 * _ceil_div(base_params, num_gpus)
+        init, snapshot = max(2 * largest, largest + 4 * DRAW_CHUNK), 4 * _ceil_div(base_params, num_gpus)
     else:
         init, snapshot = 4 * base_params, 4 * base_params
     layer = 4 * (4 * shape.hidden**2 + 3 * shape.hidden * shape.intermediate + 2 * shape.hidden)

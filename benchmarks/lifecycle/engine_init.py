@@ -1,0 +1,74 @@
+"""Host memory of a ZeRO-3 build and engine initialisation, per step, on rank 0 (CPU ranks).
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/lifecycle/engine_init.py --preset 7b --layers 2 \\
+        [--sub-group-size 1e9]
+
+Prints rank 0's resident set (``rss``) and its high-water mark since the previous line (``hwm``,
+reset through ``/proc/self/clear_refs``) after: the start, ``build_model`` (partitioned
+construction and the streamed initialisation) and ``deepspeed.initialize`` with the embedding
+and head trainable (fused AdamW), under ``ds_configs/zero3.json`` with ``--sub-group-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="7b")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--sub-group-size", type=float)
+    ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = ap.parse_args()
+
+    import deepspeed
+    import torch
+
+    from ds_relora import models
+    from ds_relora.worker import return_freed_host_memory
+
+    return_freed_host_memory()  # as a training rank does
+    deepspeed.init_distributed("gloo")
+    rank = int(os.environ.get("RANK", 0))
+
+    def report(tag: str) -> None:
+        if rank == 0:
+            print(f"{tag}: rss {status('VmRSS'):,} MiB, hwm since the last line {status('VmHWM'):,} MiB", flush=True)
+        Path("/proc/self/clear_refs").write_text("5")
+
+    shape = dataclasses.replace(models.preset_shape(args.preset), layers=args.layers)
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds.pop("bf16", None)
+    ds.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    ds["zero_optimization"].update({"stage3_max_live_parameters": int(1e8), "stage3_max_reuse_distance": int(1e8)})
+    if args.sub_group_size:
+        ds["zero_optimization"]["sub_group_size"] = int(args.sub_group_size)
+    report("start")
+    model = models.build_model(models.llama_config(shape, args.vocab, 32), 0, ds)
+    report("built")
+    for p in model.parameters():  # an adapter method's trainable set, without adapters: embedding and head
+        p.requires_grad_(p.ds_shape[0] == args.vocab)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    report("engine")
+
+
+if __name__ == "__main__":
+    main()
