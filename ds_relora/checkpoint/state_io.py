@@ -89,7 +89,7 @@ def save_budget(weight_entries: list, moment_entries: list) -> int:
     still overlap their gathers with the writes before them."""
     layers: dict[str, int] = {}
     largest = 0
-    for (name, dtype, shape), moments in zip(weight_entries, moment_entries + [[]] * len(weight_entries)):
+    for (name, dtype, shape), moments in zip(weight_entries, moment_entries):
         size = nbytes(shape, dtype)
         largest = max([largest, size] + [nbytes(s, d) for _, d, s in moments])
         head, _, rest = name.partition(".layers.")

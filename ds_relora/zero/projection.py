@@ -26,10 +26,14 @@ def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, to
     differ in the 8th digit (another world size, another CPU) then follow two trajectories. The
     largest entry's sign changes only where two entries tie in magnitude, which the 8th digit
     does not reach in practice."""
-    basis = vh if u.shape[0] >= vh.shape[1] else u.mT
-    top = basis.abs().argmax(dim=1, keepdim=True)
-    signs = torch.where(basis.gather(1, top) < 0, -1.0, 1.0).to(basis.dtype).squeeze(1)
+    signs = row_signs(vh if u.shape[0] >= vh.shape[1] else u.mT)
     return u * signs, vh * signs[:, None]
+
+
+def row_signs(rows: torch.Tensor) -> torch.Tensor:
+    """The sign (+-1, ``rows``' dtype) that makes each row's largest-magnitude entry positive."""
+    top = rows.abs().argmax(dim=1, keepdim=True)
+    return torch.where(rows.gather(1, top) < 0, -1.0, 1.0).to(rows.dtype).squeeze(1)
 
 
 def gram(grad: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -52,9 +56,7 @@ def projector_from_gram(gram_matrix: torch.Tensor, rank: int, tall: bool) -> tor
     vectors, with :func:`canonical_signs`' rule, fp32."""
     _, vectors = torch.linalg.eigh(gram_matrix)  # ascending eigenvalues: the top r are the last r
     kept = vectors[:, -rank:].flip(1).mT  # the kept singular vectors as rows, largest first
-    top = kept.abs().argmax(dim=1, keepdim=True)
-    signs = torch.where(kept.gather(1, top) < 0, -1.0, 1.0).to(kept.dtype)
-    kept = kept * signs
+    kept = kept * row_signs(kept)[:, None]
     return (kept if tall else kept.mT).float().contiguous()
 
 

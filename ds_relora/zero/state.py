@@ -63,6 +63,10 @@ def shard_bounds(p) -> tuple[int, int] | None:
     gathered (persistent)."""
     if not is_zero3_param(p) or p.data.numel() == p.ds_numel:
         return None
+    return _shard_range(p)
+
+
+def _shard_range(p) -> tuple[int, int]:
     start = _partition_rank(p) * p.ds_tensor.numel()
     return start, min(start + p.ds_tensor.numel(), p.ds_numel)
 
@@ -83,8 +87,7 @@ def set_module_value(p, value: torch.Tensor) -> None:
     if is_zero3_param(p):
         part = p.ds_tensor
         flat = value.reshape(-1)
-        start = _partition_rank(p) * part.numel()
-        end = min(start + part.numel(), flat.numel())
+        start, end = _shard_range(p)
         if end > start:
             part.data[: end - start].copy_(flat[start:end].to(part.dtype))
         if p.data.numel() == p.ds_numel:
