@@ -166,7 +166,10 @@ def _json_lines(path: Path, text_field: str) -> Iterator[dict]:
     # Text mode: each line is decoded once, as it is read (no bytes copy beside the str).
     with open(path, encoding="utf-8-sig") as f:
         try:
-            for lineno, line in enumerate(f, 1):
+            # Not enumerate(): its cached result tuple keeps the previous line alive after `del
+            # line`, a second copy of a 20 MB document while it is tokenized.
+            for line in f:
+                lineno += 1
                 if not line.strip():
                     continue
                 try:

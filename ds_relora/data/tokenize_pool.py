@@ -82,29 +82,39 @@ def encode_documents(encode: Callable[[list[str]], list[list[int]]], texts: list
 def _encode_long(encode: Callable[[list[str]], list[list[int]]], text: str, dtype: np.dtype) -> tuple[np.ndarray, ...]:
     # Arrays of the token dtype (a Python list of ids takes ~36 bytes per token), kept as parts:
     # flatten copies them into its output once, with no concatenated copy in between.
-    return tuple(np.asarray(encode([piece])[0], dtype=dtype) for piece in pieces(text))
+    return [np.asarray(encode([piece])[0], dtype=dtype) for piece in pieces(text)]
 
 
 def flatten(ids_per_doc: list, eos: int, dtype: np.dtype) -> Chunk:
     """``(flat, lengths)``: each document's ids followed by EOS, concatenated. A document is a
-    list of ids, or a tuple of id arrays (a long document's pieces, ``_encode_long``).
+    list of ids, or a list of id arrays (a long document's pieces, ``_encode_long``).
 
     ``lengths[i]`` counts document ``i``'s tokens with its EOS; it is 0 for a document that
     tokenizes to nothing (no EOS either: the packer skips it).
+
+    It consumes ``ids_per_doc``: each document's ids (each piece's) are released once copied, so
+    the output's pages (touched as they are filled) replace them instead of adding to them.
     """
-    sizes = [sum(map(len, ids)) if isinstance(ids, tuple) else len(ids) for ids in ids_per_doc]
+    sizes = [sum(map(len, ids)) if _is_pieces(ids) else len(ids) for ids in ids_per_doc]
     lengths = np.fromiter((n + 1 if n else 0 for n in sizes), dtype=np.int64, count=len(sizes))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     pos = 0
-    for ids, n in zip(ids_per_doc, sizes):
-        if not n:
-            continue
-        for part in ids if isinstance(ids, tuple) else (ids,):
+    for i, n in enumerate(sizes):
+        ids, ids_per_doc[i] = ids_per_doc[i], None
+        parts = ids if _is_pieces(ids) else [ids]
+        del ids
+        for j in range(len(parts) if n else 0):
+            part, parts[j] = parts[j], None
             flat[pos:pos + len(part)] = part
             pos += len(part)
-        flat[pos] = eos
-        pos += 1
+        if n:
+            flat[pos] = eos
+            pos += 1
     return flat, lengths
+
+
+def _is_pieces(ids) -> bool:
+    return bool(ids) and isinstance(ids[0], np.ndarray)
 
 
 def tokenizer_payload(tok) -> tuple[str, object]:
