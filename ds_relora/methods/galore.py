@@ -50,6 +50,7 @@ from torch import nn
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import AdapterMethod, adapter_rank, register, wrap_targets
+from ds_relora.methods.fold import fold_rows
 from ds_relora.methods.galore_probe import AliveCount, full_gradients, layer_gradient, probe_activations  # noqa: F401  (full_gradients re-exported: the oracle tests' one-process G)
 from ds_relora.methods.merging import merge_and_reinit
 from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
@@ -150,26 +151,20 @@ class GaLoreLinear(nn.Module):
         self.galore_proj.copy_(projector(grad, self.rank).to(self.galore_proj.dtype))
 
 
-FOLD_ROWS = 1024
-
-
 def fold_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Fold every ``X.galore_C`` with its ``X.galore_proj`` into ``X.weight`` in fp64, ``FOLD_ROWS``
-    rows at a time (an export holds one module, not an m x n fp64 array); drop both."""
+    """Fold every ``X.galore_C`` with its ``X.galore_proj`` into ``X.weight`` (fp64, row blocks:
+    :func:`~ds_relora.methods.fold.fold_rows`); drop both."""
     folded = {}
     for name, tensor in state.items():
         if name.endswith(".galore_C") or name.endswith(".galore_proj"):
             continue
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix is not None and prefix + ".galore_C" in state:
-            c, proj = state[prefix + ".galore_C"], state[prefix + ".galore_proj"]
-            left = side_of(*tensor.shape) == "left"
-            out = torch.empty_like(tensor)
-            for r0 in range(0, tensor.shape[0], FOLD_ROWS):  # fp64 a block of rows at a time: no m x n fp64 array
-                rows = slice(r0, r0 + FOLD_ROWS)
-                delta = proj[rows].double() @ c.double() if left else c[rows].double() @ proj.double()
-                out[rows] = (tensor[rows].double() + scale * delta).to(tensor.dtype)
-            tensor = out
+            c, proj = state[prefix + ".galore_C"].double(), state[prefix + ".galore_proj"].double()
+            if side_of(*tensor.shape) == "left":
+                tensor = fold_rows(tensor, lambda r0, r1, c=c, proj=proj: scale * (proj[r0:r1] @ c))
+            else:
+                tensor = fold_rows(tensor, lambda r0, r1, c=c, proj=proj: scale * (c[r0:r1] @ proj))
         folded[name] = tensor
     return folded
 

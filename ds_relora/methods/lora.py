@@ -6,6 +6,7 @@ import torch
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import AdapterMethod, register
+from ds_relora.methods.fold import fold_rows
 from ds_relora.methods.lora_layer import check_lora_shapes, wrap_model
 from ds_relora.methods.merging import MergingMethod
 
@@ -51,7 +52,8 @@ class ReLoRAMethod(MergingMethod, LoRAMethod):
 
 
 def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """Fold every ``X.lora_B @ X.lora_A`` (times ``scale``) into ``X.weight``; drop the adapters."""
+    """Fold every ``X.lora_B @ X.lora_A`` (times ``scale``) into ``X.weight`` (fp64, row blocks:
+    :func:`~ds_relora.methods.fold.fold_rows`); drop the adapters."""
     merged = {}
     for name, tensor in state.items():
         if name.endswith(".lora_A") or name.endswith(".lora_B"):
@@ -60,6 +62,6 @@ def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, to
             prefix = name[: -len(".weight")]
             a = state[prefix + ".lora_A"].double()
             b = state[prefix + ".lora_B"].double()
-            tensor = (tensor.double() + scale * (b @ a)).to(tensor.dtype)
+            tensor = fold_rows(tensor, lambda r0, r1, a=a, b=b: scale * (b[r0:r1] @ a))
         merged[name] = tensor
     return merged

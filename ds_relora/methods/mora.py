@@ -39,6 +39,7 @@ from torch import nn
 
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import AdapterMethod, adapter_rank, register, wrap_targets
+from ds_relora.methods.fold import fold_rows
 from ds_relora.methods.lora_layer import adopt_frozen_base
 from ds_relora.methods.merging import MergingMethod
 
@@ -254,7 +255,8 @@ class MoRALinear(nn.Module):
 
 
 def fold_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """Fold every ``X.mora_M`` into ``X.weight`` (fp64) using its saved ``X.mora_pattern``; drop both."""
+    """Fold every ``X.mora_M`` into ``X.weight`` (fp64, row blocks: :func:`~ds_relora.methods.fold.fold_rows`)
+    using its saved ``X.mora_pattern``; drop both."""
     folded = {}
     for name, tensor in state.items():
         if name.endswith(".mora_M") or name.endswith(".mora_pattern"):
@@ -263,7 +265,8 @@ def fold_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
         if prefix is not None and prefix + ".mora_M" in state:
             seed, index = (int(v) for v in state[prefix + ".mora_pattern"].tolist())
             m = state[prefix + ".mora_M"].double()
-            tensor = (tensor.double() + delta_weight(m, tuple(tensor.shape), kind, index, seed)).to(tensor.dtype)
+            pat = Pattern(tensor.shape[0], tensor.shape[1], m.shape[0], kind, seed, index, m.device)
+            tensor = fold_rows(tensor, lambda r0, r1, m=m, pat=pat: delta_rows(m, r0, r1, pat))
         folded[name] = tensor
     return folded
 
