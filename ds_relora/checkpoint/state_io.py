@@ -9,8 +9,9 @@ tensor sets, one parameter at a time, so that no rank ever holds the whole model
 * :func:`load_weights` (warm start, elastic resume, continued pre-training): each parameter is
   read from the memory-mapped set and every rank writes only its own shard (module and master).
 * :func:`local_snapshot` / :func:`restore_snapshot` (the warm-start switch): this rank's fp32
-  shards of an engine, copied into an engine of the same world size and stage without any
-  gather (ZeRO-3: ``4 P / N`` bytes per rank instead of a whole model).
+  shards of an engine (the engine's own tensors, no copy), written into an engine of the same
+  world size and stage without any gather (ZeRO-3: ``4 P / N`` bytes per rank, never a whole
+  model).
 """
 
 from __future__ import annotations
@@ -288,20 +289,30 @@ def load_weights(module, tensors, *, source: str, engine=None, skip: set[str] = 
 @torch.no_grad()
 def local_snapshot(engine) -> dict[str, torch.Tensor]:
     """This rank's fp32 share of every parameter, where it lives (a GPU run's snapshot stays on
-    the GPU, whose old engine is freed before the next is built; host memory never holds a whole
-    fp32 model): the local master fragment (ZeRO-3 trainable) or shard (ZeRO-3 frozen) without
-    communication; the whole value of a ZeRO-3 persistent (always gathered, small) param and on
-    ZeRO 0-2, which replicate the module anyway. Collective (the master getters): every rank
-    calls it."""
+    the GPU; host memory never holds a whole fp32 model): the local master fragment (ZeRO-3
+    trainable) or shard (ZeRO-3 frozen) without communication; the whole value of a ZeRO-3
+    persistent (always gathered, small) param and on ZeRO 0-2, which replicate the module anyway.
+    Collective (the master getters): every rank calls it.
+
+    The values are the old engine's own fp32 tensors wherever they hold the exact value (views of
+    its masters and shards; on ZeRO 0-2 the module's fp32 params, which equal their masters after
+    every step: checked here), not copies: the snapshot costs nothing beside the engine it is
+    taken from, and after that engine is released it keeps only those tensors (the masters; the
+    moments and gradients go). Nothing writes them before :func:`restore_snapshot` reads them.
+    """
     from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
     out = {}
     for name, p in engine.module.named_parameters():
         if _partitioned(p):
             local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
-            out[name] = local.detach().reshape(-1).float().clone()
-        else:
-            out[name] = get_master(engine, p).clone() if p.requires_grad else p.detach().float().clone()
+            out[name] = local.detach().reshape(-1).float()
+            continue
+        module = p.detach()
+        value = get_master(engine, p) if p.requires_grad else module.float()
+        if value is not module and module.dtype == torch.float32 and torch.equal(value, module.reshape(value.shape)):
+            value = module.reshape(value.shape)  # the module's own tensor: the gathered copy is dropped
+        out[name] = value
     return out
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from ds_relora.errors import ConfigError
@@ -88,10 +86,16 @@ def compile_engine(engine, backend: str) -> None:
 
 
 def release_engine(engine) -> None:
-    """Free an engine that is done (the warm-start switch): its optimizer's masters and moments
-    must not sit next to the next engine's. ``destroy`` releases DeepSpeed's own buffers; under
-    ZeRO-3 the root module also stays in DeepSpeed's module-level ``FWD_MODULE_STACK`` (appended
-    at initialisation, never popped), whose hooks would keep the whole engine reachable."""
+    """Cut what keeps an engine that is done (the warm-start switch) reachable, so that its
+    optimizer's masters and moments need not sit next to the next engine's. ``destroy`` releases
+    DeepSpeed's own buffers; under ZeRO-3 the root module also stays in DeepSpeed's module-level
+    ``FWD_MODULE_STACK`` (appended at initialisation, never popped), whose hooks would keep the
+    whole engine reachable.
+
+    The engine's hooks and lambdas still form reference cycles: the caller drops its own
+    references and then runs ``gc.collect()``. A collection in here, while the caller still
+    holds the engine, frees nothing: the engine went at the next automatic collection, in the
+    middle of the next engine's build."""
 
     module = engine.module
     if hasattr(engine, "destroy"):
@@ -115,8 +119,6 @@ def release_engine(engine) -> None:
         cached = inner
     if cached is not None:
         cached.cache_clear()
-    del module, engine
-    gc.collect()
 
 
 def _offloads_optimizer(ds_config: dict) -> bool:

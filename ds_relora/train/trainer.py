@@ -8,6 +8,7 @@ around the wrapped model with a fresh optimizer.
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -104,6 +105,7 @@ class Trainer:
             old, self.engine, self.phase_method, self.modules = self.engine, None, None, []
             release_engine(old)
             del old
+            gc.collect()  # the engine's reference cycles, now that nothing here holds it
         method = self.method if phase == "adapters" else Method()
         model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config, device=comm_device())
         self.modules = method.wrap(model, cfg, seed=cfg.train.seed + 1)
@@ -231,8 +233,11 @@ class Trainer:
         self._memory_phase("switch")
         probe = self.val_batches[:1]
         before = self.evaluate(probe)
-        # This rank's fp32 shards only (the whole model nowhere): the old engine is freed before
-        # the new one is built, and the new one starts from exactly these values.
+        if zero_stage(self.plan.ds_config) == 3:
+            self.engine.empty_partition_cache()  # what the probe left gathered
+        # This rank's fp32 shards only (the whole model nowhere), views of the old engine's own
+        # tensors: the rest of the old engine is freed before the new one is built, and the new
+        # one starts from exactly these values.
         self._build_phase("adapters", self.step, snapshot=local_snapshot(self.engine))
         after = self.evaluate(probe)
         self.metrics.event("switch", self.step, to=self.cfg.train.method, probe_loss_before=before,
