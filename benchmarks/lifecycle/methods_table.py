@@ -11,7 +11,9 @@ whose ``before_step_phase`` names one), export.
 The planner's figure of a phase is the process baseline (a rank's resident set when the build
 began) + the model states alive in it (with Adam moments once a step ran) + estimate-memory's
 transient for it: build (ZeRO-3: ``init_host``; ZeRO 0-2 on CPU ranks: none, the whole model it
-counts *is* the weights), save (``save_host``), switch (``switch_host``), projector update
+counts *is* the weights), save (``save_host``), switch (the larger of the probe's forward beside
+the full-rank engine, with its activations and ZeRO buckets, and the adapter phase's build beside
+``switch_host``), projector update
 (``projection_host``, plus the probe's activations and ZeRO buckets), steps (``activations``, the largest param's gradient, ``step_transient``) +
 the ZeRO buckets the DeepSpeed config sizes.
 The second bound, from issue 23: no phase's transient (peak - baseline - states) above one layer's
@@ -87,6 +89,35 @@ def planner(shape, method: str, stage: int, ranks: int, rank: int, vocab: int, s
             "switch": est.switch_host / MiB, "projector update": est.projection_host / MiB}
 
 
+def phase_plan(phase: str, engine: str, stepped: bool, plan: dict, window: float) -> tuple[str, float, float]:
+    """(row name, model states MiB, planner's transient MiB) of a trainer ``memory`` phase, run by
+    ``engine`` ("full" or "adapters"), after a step of it or not."""
+    held = plan[engine][1 if stepped else 0]
+    if phase == "init":
+        return "build", held, plan["build"]
+    if phase.startswith("train "):
+        name = "steps (full rank)" if phase == "train full" else f"steps ({phase[6:]})"
+        return name, plan[engine][1], plan["activations"] + window + plan["grad"] + plan["step"][engine]
+    if phase == "switch":
+        # The probe's forward beside the full-rank engine; then, that engine freed, the adapter
+        # phase's build beside the snapshot (switch_host): the larger of the two.
+        probe = plan["full"][1] + plan["activations"] + window
+        rebuild = plan["adapters"][0] + plan["switch"] + plan["build"]
+        return "switch", held, max(probe, rebuild) - held
+    if phase == "projector update":  # GaLore's probe is a forward/backward: ZeRO's windows and activations too
+        return phase, held, plan[phase] + plan["activations"] + window
+    return phase, held, plan.get(phase, 0.0)
+
+
+def planned_peak(plan: dict, window: float, warm_start: bool) -> float:
+    """The largest planner figure (MiB above the process baseline) of the phases a run goes through."""
+    phases = [("init", "adapters", False), ("train adapters", "adapters", True), ("save", "adapters", True),
+              ("projector update", "adapters", True)]
+    if warm_start:
+        phases += [("init", "full", False), ("train full", "full", True), ("save", "full", True), ("switch", "full", True)]
+    return max(held + transient for _, held, transient in (phase_plan(*p, plan, window) for p in phases))
+
+
 def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tuple[str, float, float, float]], float]:
     """(phase, peak MiB of any rank, model states MiB, planner MiB) per phase, in run order (a
     phase seen twice, two saves, keeps its largest peak), and the process baseline."""
@@ -96,23 +127,11 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
     stepped = False
     for e in events:
         phase = e["phase"]
-        if phase == "init":
-            name, transient = "build", plan["build"]
-        elif phase.startswith("train "):
-            if phase == "train adapters" and engine == "full":
-                engine, stepped = "adapters", False
-            name = "steps (full rank)" if phase == "train full" else f"steps ({phase[6:]})"
-            transient = plan["activations"] + window + plan["grad"] + plan["step"][engine]
-        elif phase == "switch":
-            name, transient = "switch", plan["switch"]
-        elif phase == "projector update":  # GaLore's probe is a forward/backward: ZeRO's windows and activations too
-            name, transient = phase, plan[phase] + plan["activations"] + window
-        else:
-            name, transient = phase, plan.get(phase, 0.0)
-        held = plan[engine][1 if stepped else 0]
+        if phase == "train adapters" and engine == "full":
+            engine, stepped = "adapters", False
+        name, held, transient = phase_plan(phase, engine, stepped, plan, window)
         if phase.startswith("train "):
             stepped = True
-            held = plan[engine][1]
         # The ZeRO buckets are sized by the DeepSpeed config, not the model: counted with the states
         # in the transient column of the steps (a save on ZeRO-3 releases the gathered params first).
         buckets = window if phase.startswith("train ") or phase == "projector update" else 0.0
@@ -169,8 +188,7 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
             # prefetch bucket plus the params gathered in flight (ZeRO-3).
             window = 4 * (2 * args.bucket + (args.max_live if stage == 3 else 0)) / MiB
             plan = planner(shape, method, stage, args.ranks, args.rank, args.vocab, args.seq)
-            need = args.ranks * 1.1 * (1000 + max(plan["full"][1] if cfg["relora"].get("warm_start_steps") else 0, plan["adapters"][1])
-                                       + max(plan["build"], plan["save"], plan["switch"], plan["projector update"]))
+            need = args.ranks * 1.1 * (1000 + planned_peak(plan, window, bool(cfg["relora"].get("warm_start_steps"))))
             free = available_mib()
             print(f"\n{run}: {free:,.0f} MiB available, about {need:,.0f} MiB needed", flush=True)
             if free < need and not args.reuse:

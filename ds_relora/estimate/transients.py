@@ -31,7 +31,9 @@ def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage:
       and written; each gather waits until it fits with them in one layer's fp32 weights
       (``checkpoint.state_io.save_budget``: a decoder layer's params or the largest tensor);
     * the warm-start switch: this rank's fp32 shards of the full-rank model (4 P / N on ZeRO-3;
-      4 P on ZeRO 0-2, which hold the whole model anyway), next to the full-rank engine.
+      4 P on ZeRO 0-2, which hold the whole model anyway). They are the full-rank engine's own
+      tensors (``state_io.local_snapshot``), so they add nothing beside it; once it is freed they
+      sit beside the adapter phase's build until they are written into it.
     """
     largest = 4 * max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)
     if zero_stage == 3:

@@ -129,8 +129,8 @@ class GaLoreLinear(nn.Module):
         c = c.to(work)
         proj = values.get("galore_proj", self.galore_proj).to(c.device, work)
         if self.side == "left":
-            return self.scale * (proj[row0:row1] @ c)
-        return self.scale * (c[row0:row1] @ proj)
+            return (proj[row0:row1] @ c).mul_(self.scale)
+        return (c[row0:row1] @ proj).mul_(self.scale)
 
     def reset_values(self, values: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
         return {"galore_C": torch.zeros_like(values["galore_C"])}

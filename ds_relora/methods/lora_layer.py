@@ -39,7 +39,7 @@ def kaiming_uniform_A(shape: tuple[int, int], generator: torch.Generator) -> tor
 def base_delta(a: torch.Tensor, b: torch.Tensor, scale: float, device: torch.device,
                rows: slice = slice(None)) -> torch.Tensor:
     """``scale * b[rows] @ a`` in fp32 on ``device``."""
-    return scale * (b[rows].to(device, torch.float32) @ a.to(device, torch.float32))
+    return (b[rows].to(device, torch.float32) @ a.to(device, torch.float32)).mul_(scale)  # in place: one W-sized block
 
 
 def reinit_values(shape_a, shape_b, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

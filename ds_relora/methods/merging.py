@@ -54,7 +54,10 @@ def compute_device(target: torch.Tensor, operand: torch.Tensor | torch.device) -
 def _add_into(target: torch.Tensor, delta: torch.Tensor) -> None:
     """``target += delta`` in fp32, rounded once to ``target``'s dtype, on ``target``'s device."""
     delta = delta.to(target.device).reshape(target.shape)
-    target.copy_((target.float() + delta).to(target.dtype))
+    if target.dtype == torch.float32:
+        target.add_(delta)  # the same sum in place: no temporary the size of W's shard
+    else:
+        target.copy_((target.float() + delta).to(target.dtype))
 
 
 def add_delta_rows(weight, rows: RowsFn, source: torch.device) -> None:
