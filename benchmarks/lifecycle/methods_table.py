@@ -133,8 +133,9 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
         if phase.startswith("train "):
             stepped = True
         # The ZeRO buckets are sized by the DeepSpeed config, not the model: counted with the states
-        # in the transient column of the steps (a save on ZeRO-3 releases the gathered params first).
-        buckets = window if phase.startswith("train ") or phase == "projector update" else 0.0
+        # in the transient column of the phases that run a forward (the steps, GaLore's probe, the
+        # switch's probe evaluation); a save on ZeRO-3 releases the gathered params first.
+        buckets = window if phase.startswith("train ") or phase in ("projector update", "switch") else 0.0
         peak = max(e["host_peak_mib"])
         if name not in rows or peak > rows[name][0]:
             rows[name] = (peak, held + buckets, base + held + transient)
