@@ -2,8 +2,8 @@
 
 One ``Trainer`` per rank. A run has up to two phases that share one global step counter and
 one LR schedule: ``full`` (full-rank) and ``adapters`` (ReLoRA or LoRA). Switching phase inside a
-run checkpoints the full-rank model, gathers its weights and rebuilds the DeepSpeed engine
-around the wrapped model with a fresh optimizer.
+run checkpoints the full-rank model, keeps each rank's fp32 shards of it, frees the rest and
+rebuilds the DeepSpeed engine around the wrapped model with a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -73,12 +73,8 @@ class Trainer:
         pin = comm_device().type == "cuda"
         self.val_batches = [b.pin_memory() if pin else b for b in val[: int(count)]]
         self.tokenizer_dir = Path(cfg.data.path) / "tokenizer"
-        self.engine = None
-        self.phase_method = None
-        self.modules = []
-        self.tokens_seen = 0
-        self.last_saved_step = None
-        self.metrics_note = None
+        self.engine, self.phase_method, self.modules = None, None, []
+        self.tokens_seen, self.last_saved_step, self.metrics_note = 0, None, None
 
     # ----------------------------------------------------------------------------- phases
     def _phase_lr_and_schedule(self, method: Method, offset: int) -> tuple[float, JaggedCosine]:
@@ -235,9 +231,8 @@ class Trainer:
         before = self.evaluate(probe)
         if zero_stage(self.plan.ds_config) == 3:
             self.engine.empty_partition_cache()  # what the probe left gathered
-        # This rank's fp32 shards only (the whole model nowhere), views of the old engine's own
-        # tensors: the rest of the old engine is freed before the new one is built, and the new
-        # one starts from exactly these values.
+        # This rank's fp32 shards, the old engine's own tensors (no copy); the rest of that engine
+        # is freed before the new one is built, which starts from exactly these values.
         self._build_phase("adapters", self.step, snapshot=local_snapshot(self.engine))
         after = self.evaluate(probe)
         self.metrics.event("switch", self.step, to=self.cfg.train.method, probe_loss_before=before,
