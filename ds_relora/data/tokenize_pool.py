@@ -79,7 +79,7 @@ def encode_documents(encode: Callable[[list[str]], list[list[int]]], texts: list
     return flatten(ids, eos, dtype)
 
 
-def _encode_long(encode: Callable[[list[str]], list[list[int]]], text: str, dtype: np.dtype) -> tuple[np.ndarray, ...]:
+def _encode_long(encode: Callable[[list[str]], list[list[int]]], text: str, dtype: np.dtype) -> list[np.ndarray]:
     # Arrays of the token dtype (a Python list of ids takes ~36 bytes per token), kept as parts:
     # flatten copies them into its output once, with no concatenated copy in between.
     return [np.asarray(encode([piece])[0], dtype=dtype) for piece in pieces(text)]
@@ -114,7 +114,7 @@ def flatten(ids_per_doc: list, eos: int, dtype: np.dtype) -> Chunk:
 
 
 def _is_pieces(ids) -> bool:
-    return bool(ids) and isinstance(ids[0], np.ndarray)
+    return len(ids) > 0 and isinstance(ids[0], np.ndarray)  # len: a document may be an id array too
 
 
 def tokenizer_payload(tok) -> tuple[str, object]:
