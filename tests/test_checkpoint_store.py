@@ -137,3 +137,21 @@ def test_save_holds_at_most_one_layer_of_tensors():
     assert save_budget(weights, [[] for _ in weights]) == 4 * 100 * 8  # the embedding
     bigger = [(n, d, (150, 8) if ".layers.0." in n else s) for n, d, s in weights]
     assert save_budget(bigger, [[] for _ in bigger]) == 4 * 2 * 150 * 8  # layer 0's params together
+
+
+@pytest.mark.distributed
+def test_zero3_saves_gather_each_tensor_on_its_owner_alone(tmp_path):
+    # tests/workers/owner_gather_worker.py on 3 ranks: the point-to-point gather on hand-made
+    # layouts, then ZeRO-3 saves whose every tensor equals DeepSpeed's own full getters while no
+    # collective that lands on every rank moved a whole parameter (APOLLO: the largest one, the
+    # embedding; its small R-shaped state is still summed on every rank).
+    outs = results(run_workers(["tests/workers/owner_gather_worker.py", str(tmp_path)], 3, timeout=600))
+    assert sorted(r["rank"] for r in outs) == [0, 1, 2]
+    for r in outs:
+        assert len(r["layouts"]) == 7 and all(c["ok"] for c in r["layouts"]), r["layouts"]
+        assert [s["method"] for s in r["saves"]] == ["full", "relora", "apollo"]
+        for s in r["saves"]:
+            assert s["largest_collective"] < s["smallest_param" if s["method"] != "apollo" else "largest_param"], s
+            if r["rank"] == 0:
+                assert s["differ"] == [] and s["checked"] > 20, s
+    assert next(s for s in outs[0]["saves"] if s["method"] == "relora")["frozen"] > 0

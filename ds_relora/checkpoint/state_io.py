@@ -2,20 +2,22 @@
 tensor sets, one parameter at a time, so that no rank ever holds the whole model.
 
 * :func:`write_state` (a save): every parameter's fp32 value (the optimizer's master of a
-  trainable one, the module tensor of a frozen one) and its Adam moments are gathered in turn;
-  the rank that owns it (contiguous runs of about equal bytes, one per rank) queues it for its
-  own shard's background writer and the others drop it; the gathers interleave the owners, so
-  every rank writes at the same time. Peak extra host memory per rank: a few parameters.
+  trainable one, the module tensor of a frozen one) and its Adam moments are gathered in turn
+  for the rank that owns it (contiguous runs of about equal bytes, one per rank), which queues
+  it for its own shard's background writer: a partitioned value (ZeRO-3, the projected
+  optimizer's moments) is sent to the owner alone, piece by piece into the buffer it writes from
+  (``zero/owner_gather.py``); a replicated one (ZeRO 0-2) is gathered by every rank and dropped
+  by the others. The gathers interleave the owners, so every rank writes at the same time. Peak
+  extra host memory per rank: a few parameters (:func:`save_budget`).
 * :func:`load_weights` (warm start, elastic resume, continued pre-training): each parameter is
   read from the memory-mapped set and every rank writes only its own shard (module and master).
-* :func:`local_snapshot` / :func:`restore_snapshot` (the warm-start switch): this rank's fp32
-  shards of an engine (the engine's own tensors, no copy), written into an engine of the same
-  world size and stage without any gather (ZeRO-3: ``4 P / N`` bytes per rank, never a whole
-  model).
+* :func:`write_local` / :func:`write_whole`: one param's new value, each rank its own part
+  (module and master), as loads and the switch's snapshot (``checkpoint/snapshot.py``) write it.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from ds_relora.errors import CheckpointError
 from ds_relora.methods import adapter_buffers
 from ds_relora.tensor_files import BackgroundWriter, StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
 from ds_relora.zero import projected_state
+from ds_relora.zero.owner_gather import gather_to_owner
 from ds_relora.zero.state import (
     MOMENTS,
     _z3_local_slice,
@@ -34,6 +37,8 @@ from ds_relora.zero.state import (
     get_master,
     get_moment,
     is_zero3_param,
+    master_pieces,
+    moment_pieces,
     projected,
     set_master,
     set_module_value,
@@ -41,10 +46,22 @@ from ds_relora.zero.state import (
 )
 
 
-def _full_value(engine, p, wanted: bool) -> torch.Tensor | None:
-    """``p``'s whole fp32 value on the ranks that want it (collective where ZeRO needs it)."""
+def _owner_value(engine, pieces: list, shape: tuple[int, ...], owner: int, background) -> torch.Tensor | None:
+    """The whole fp32 value of a partitioned tensor on ``owner`` (None elsewhere), from every
+    rank's ``pieces``: only the owner holds it, so only it reserves the bytes (collective)."""
+    if dist.get_rank() == owner:
+        background.reserve(nbytes(shape, torch.float32))
+    whole = gather_to_owner(pieces, math.prod(shape), torch.float32, owner, engine.device)
+    return None if whole is None else whole.view(shape)
+
+
+def _full_value(engine, p, wanted: bool, background, size: int) -> torch.Tensor | None:
+    """``p``'s whole fp32 value on the ranks that want it, where ZeRO keeps no partition of it
+    (replicated: ZeRO 0-2, ZeRO-3's persistent params); collective where ZeRO needs it. Every
+    rank may hold it for a moment: each reserves its ``size`` bytes."""
     import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
+    background.reserve(size)
     if p.requires_grad:
         if wanted or is_zero3_param(p) or hasattr(p, "_hp_mapping"):
             value = get_master(engine, p)
@@ -176,14 +193,20 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
                 continue
             name, p = params[i]
             _, dtype, shape = weight_entries[i]
-            background.reserve(nbytes(shape, dtype))  # every rank holds the gathered value for a moment
-            value = _full_value(engine, p, keep)
+            pieces = master_pieces(p)
+            value = (_owner_value(engine, pieces, shape, owners[i], background) if pieces is not None
+                     else _full_value(engine, p, keep, background, nbytes(shape, dtype)))
             if keep:
                 put(WEIGHTS, name, value)
             del value
             for key_name, dtype, shape in moment_entries[i]:
-                background.reserve(nbytes(shape, dtype))
-                moment = get_moment(engine, p, key_name.rsplit(".", 1)[1])
+                key = key_name.rsplit(".", 1)[1]
+                pieces = moment_pieces(engine, p, key)
+                if pieces is not None:
+                    moment = _owner_value(engine, pieces, shape, owners[i], background)
+                else:
+                    background.reserve(nbytes(shape, dtype))  # every rank holds the gathered value for a moment
+                    moment = get_moment(engine, p, key)
                 if keep:
                     put(MOMENTS_SET, key_name, moment if moment is not None else torch.zeros(full_shape(p)))
                 del moment
@@ -225,12 +248,12 @@ def restore_projected(engine, moments) -> bool:
     return True
 
 
-def _partitioned(p) -> bool:
+def partitioned(p) -> bool:
     """A ZeRO-3 param that is not held whole (not persistent)."""
     return is_zero3_param(p) and p.data.numel() != p.ds_numel
 
 
-def _write_local(p, local: torch.Tensor, with_master: bool) -> None:
+def write_local(p, local: torch.Tensor, with_master: bool) -> None:
     """Write this rank's flat fp32 shard of a partitioned ZeRO-3 param (module and master)."""
     from deepspeed.utils import safe_set_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
@@ -240,7 +263,7 @@ def _write_local(p, local: torch.Tensor, with_master: bool) -> None:
         safe_set_local_fp32_param(p, local.to(part.device))
 
 
-def _write_whole(engine, p, value: torch.Tensor, with_master: bool) -> None:
+def write_whole(engine, p, value: torch.Tensor, with_master: bool) -> None:
     """Write a param's whole fp32 value (each rank its own part of it) and its master."""
     if engine is not None:
         value = value.to(engine.device)
@@ -280,56 +303,7 @@ def load_weights(module, tensors, *, source: str, engine=None, skip: set[str] = 
             raise CheckpointError(f"{source}: {name} has shape {tuple(shape)}, this model's is {full_shape(p)}: "
                                   "use a checkpoint of the same model shape")
         with_master = engine is not None and p.requires_grad
-        if _partitioned(p):
-            _write_local(p, _read_local(tensors, name, p), with_master)
+        if partitioned(p):
+            write_local(p, _read_local(tensors, name, p), with_master)
             continue
-        _write_whole(engine, p, tensors[name].float(), with_master)
-
-
-@torch.no_grad()
-def local_snapshot(engine) -> dict[str, torch.Tensor]:
-    """This rank's fp32 share of every parameter, where it lives (a GPU run's snapshot stays on
-    the GPU; host memory never holds a whole fp32 model): the local master fragment (ZeRO-3
-    trainable) or shard (ZeRO-3 frozen) without communication; the whole value of a ZeRO-3
-    persistent (always gathered, small) param and on ZeRO 0-2, which replicate the module anyway.
-    Collective (the master getters): every rank calls it.
-
-    The values are the old engine's own fp32 tensors wherever they hold the exact value (views of
-    its masters and shards; on ZeRO 0-2 the module's fp32 params, which equal their masters after
-    every step: checked here), not copies: the snapshot costs nothing beside the engine it is
-    taken from, and after that engine is released it keeps only those tensors (the masters; the
-    moments and gradients go). Nothing writes them before :func:`restore_snapshot` reads them.
-    """
-    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
-
-    out = {}
-    for name, p in engine.module.named_parameters():
-        if _partitioned(p):
-            local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
-            out[name] = local.detach().reshape(-1).float()
-            continue
-        module = p.detach()
-        value = get_master(engine, p) if p.requires_grad else module.float()
-        if value is not module and module.dtype == torch.float32 and torch.equal(value, module.reshape(value.shape)):
-            value = module.reshape(value.shape)  # the module's own tensor: the gathered copy is dropped
-        out[name] = value
-    return out
-
-
-@torch.no_grad()
-def restore_snapshot(engine, snapshot: dict[str, torch.Tensor]) -> None:
-    """Write a :func:`local_snapshot` of an engine of the same stage and world size into the
-    matching parameters of ``engine`` (names absent from the snapshot, the new adapters, keep
-    their values). ZeRO-3 shards are written as they are, so no rank sees a whole tensor."""
-    for name, p in engine.module.named_parameters():
-        if name not in snapshot:
-            continue
-        value = snapshot.pop(name)
-        if is_zero3_param(p) and value.numel() != p.ds_numel:
-            if value.numel() != p.ds_tensor.numel() or not _partitioned(p):
-                raise RuntimeError(f"{name}: a shard of {value.numel()} values for a partition of {p.ds_tensor.numel()} "
-                                   "(the switch keeps the world size and the stage)")
-            _write_local(p, value, p.requires_grad)
-        else:
-            _write_whole(engine, p, value, p.requires_grad)
-
+        write_whole(engine, p, tensors[name].float(), with_master)

@@ -26,13 +26,15 @@ def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage:
       1.3B shapes on 2 ranks, with ``sub_group_size`` 5e7 and 1e9 alike; its optimizer-state
       zero buffer, sized by a sub-group's *full* element count, is one of them);
       other stages build the whole fp32 model on every rank (4 P);
-    * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time
-      (the fp32 getters all-reduce a full-size buffer), while the tensors before it are queued
-      and written; each gather waits until it fits with them in one layer's fp32 weights
-      (``checkpoint.state_io.save_budget``: a decoder layer's params or the largest tensor);
+    * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time,
+      while the tensors before it are queued and written; each gather waits until it fits with
+      them in one layer's fp32 weights (``checkpoint.state_io.save_budget``: a decoder layer's
+      params or the largest tensor). On ZeRO-3 only the rank that writes a tensor holds it (the
+      pieces are sent to it: ``zero/owner_gather.py``); ZeRO 0-2's fp32 getters all-reduce a
+      full-size buffer on every rank, within the same budget;
     * the warm-start switch: this rank's fp32 shards of the full-rank model (4 P / N on ZeRO-3;
       4 P on ZeRO 0-2, which hold the whole model anyway). They are the full-rank engine's own
-      tensors (``state_io.local_snapshot``), so they add nothing beside it; once it is freed they
+      tensors (``checkpoint.snapshot.local_snapshot``), so they add nothing beside it; once it is freed they
       sit beside the adapter phase's build until they are written into it.
     """
     largest = 4 * max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)

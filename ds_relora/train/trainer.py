@@ -1,9 +1,8 @@
 """The training loop: full-rank warm start, ReLoRA phase, eval, checkpoints and exact resume.
 
-One ``Trainer`` per rank. A run has up to two phases that share one global step counter and
-one LR schedule: ``full`` (full-rank) and ``adapters`` (ReLoRA or LoRA). Switching phase inside a
-run checkpoints the full-rank model, keeps each rank's fp32 shards of it, frees the rest and
-rebuilds the DeepSpeed engine around the wrapped model with a fresh optimizer.
+One ``Trainer`` per rank. A run has up to two phases sharing one step counter and one LR schedule:
+``full`` (full-rank) and ``adapters`` (ReLoRA or LoRA). The switch checkpoints the full-rank model,
+keeps each rank's fp32 shards of it, frees the rest and rebuilds the engine around the wrapped model.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from ds_relora import __version__
 from ds_relora.checkpoint.choose import agree_on_resume
 from ds_relora.checkpoint.elastic import engine_counters
 from ds_relora.checkpoint.format import CheckpointMeta, open_weights
-from ds_relora.checkpoint.state_io import load_weights, local_snapshot, restore_snapshot
+from ds_relora.checkpoint.snapshot import local_snapshot, restore_snapshot
+from ds_relora.checkpoint.state_io import load_weights
 from ds_relora.checkpoint.store import load_checkpoint, optimizer_update_count, save_checkpoint
 from ds_relora.config import RunConfig, dump_config
 from ds_relora.config_base import to_dict

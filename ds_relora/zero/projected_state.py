@@ -59,6 +59,21 @@ def plain_moment(opt, p, key: str, numel: int) -> torch.Tensor | None:
     return _sum(opt, whole)
 
 
+def plain_moment_pieces(opt, p, key: str) -> list[tuple[int, torch.Tensor]] | None:
+    """This rank's pieces of :func:`plain_moment` (``[(start, flat values)]``, views; none for a
+    projected matrix or before the first step) where the layout is partitioned, else None."""
+    if not opt.partitioned:
+        return None
+    if any(m.param is p for m in opt.matrices) or not opt.plain_state:
+        return []
+    out = []
+    for unit, s, at in _plain_slots(opt, p):
+        st = opt.plain_state.get(unit)
+        if st is not None and key in st:
+            out.append((s.start, st[key].reshape(-1)[at: at + s.numel]))
+    return out
+
+
 def set_plain_moment(opt, p, key: str, value: torch.Tensor, step: int) -> None:
     """Each rank writes its elements of ``p``'s whole moment ``value`` into its plain state."""
     if any(m.param is p for m in opt.matrices):

@@ -152,6 +152,20 @@ def get_master(engine, p) -> torch.Tensor:
     return (hp if hp is not None else p).detach().float().clone().reshape(full_shape(p))
 
 
+def master_pieces(p) -> list[tuple[int, torch.Tensor]] | None:
+    """This rank's piece of partitioned ZeRO-3 ``p``'s fp32 value, ``[(start in the flattened
+    whole, flat values)]``, without communication: a view of the master fragment of a trainable
+    ``p``, the module's shard of a frozen one (in its dtype). None where ``p`` is not
+    partitioned (ZeRO 0-2, a persistent param): use :func:`get_master`."""
+    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
+
+    bounds = shard_bounds(p)
+    if bounds is None:
+        return None
+    local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
+    return [(bounds[0], local.detach().reshape(-1)[: bounds[1] - bounds[0]])]
+
+
 def set_master(engine, p, value: torch.Tensor) -> None:
     """Write the full fp32 ``value`` into ``p``'s master copy (same value on every rank)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
@@ -207,6 +221,24 @@ def get_moment(engine, p, key: str) -> torch.Tensor | None:
         return safe_get_full_optimizer_state(p, key).reshape(full_shape(p)).float()
     state = _stage0_state(engine, p)
     return state[key].detach().float().clone() if key in state else None
+
+
+def moment_pieces(engine, p, key: str) -> list[tuple[int, torch.Tensor]] | None:
+    """This rank's pieces of Adam moment ``key`` of ``p`` (as :func:`master_pieces`; none before
+    the first step), where the optimizer partitions it: ZeRO-3, and the projected optimizer's
+    plain moments when it is partitioned. None otherwise: use :func:`get_moment`."""
+    from deepspeed.utils import safe_get_local_optimizer_state  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
+
+    opt = projected(engine)
+    if opt is not None:
+        return None if key in projected_state.SUFFIXES else projected_state.plain_moment_pieces(opt, p, key)
+    bounds = shard_bounds(p)
+    if bounds is None:
+        return None
+    if not any(key in s for s in p._z3_optimizer.optimizer.state.values()):
+        return []
+    local = safe_get_local_optimizer_state(p, key)
+    return [(bounds[0], local.detach().reshape(-1)[: bounds[1] - bounds[0]])]
 
 
 def set_moment(engine, p, key: str, value: torch.Tensor) -> None:
