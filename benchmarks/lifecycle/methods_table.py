@@ -11,7 +11,8 @@ whose ``before_step_phase`` names one), export.
 The planner's figure of a phase is the process baseline (a rank's resident set when the build
 began) + the model states alive in it (with Adam moments once a step ran) + estimate-memory's
 transient for it: build (ZeRO-3: ``init_host``; ZeRO 0-2 on CPU ranks: none, the whole model it
-counts *is* the weights), save (``save_host``), switch (the larger of the probe's forward beside
+counts *is* the weights), save (``save_host``, plus ZeRO-3's reduce bucket, which the engine
+keeps from its first backward on), switch (the larger of the probe's forward beside
 the full-rank engine, with its activations and ZeRO buckets, and the adapter phase's build beside
 ``switch_host``), projector update
 (``projection_host``, plus the probe's activations and ZeRO buckets), steps (``activations``, the largest param's gradient, ``step_transient``) +
@@ -89,9 +90,10 @@ def planner(shape, method: str, stage: int, ranks: int, rank: int, vocab: int, s
             "switch": est.switch_host / MiB, "projector update": est.projection_host / MiB}
 
 
-def phase_plan(phase: str, engine: str, stepped: bool, plan: dict, window: float) -> tuple[str, float, float]:
+def phase_plan(phase: str, engine: str, stepped: bool, plan: dict, window: float, kept: float = 0.0) -> tuple[str, float, float]:
     """(row name, model states MiB, planner's transient MiB) of a trainer ``memory`` phase, run by
-    ``engine`` ("full" or "adapters"), after a step of it or not."""
+    ``engine`` ("full" or "adapters"), after a step of it or not. ``kept``: the ZeRO buckets an
+    engine keeps once its first backward has touched them (ZeRO-3's reduce bucket), in a save."""
     held = plan[engine][1 if stepped else 0]
     if phase == "init":
         return "build", held, plan["build"]
@@ -106,19 +108,21 @@ def phase_plan(phase: str, engine: str, stepped: bool, plan: dict, window: float
         return "switch", held, max(probe, rebuild) - held
     if phase == "projector update":  # GaLore's probe is a forward/backward: ZeRO's windows and activations too
         return phase, held, plan[phase] + plan["activations"] + window
+    if phase == "save":
+        return phase, held, plan["save"] + (kept if stepped else 0.0)
     return phase, held, plan.get(phase, 0.0)
 
 
-def planned_peak(plan: dict, window: float, warm_start: bool) -> float:
+def planned_peak(plan: dict, window: float, warm_start: bool, kept: float = 0.0) -> float:
     """The largest planner figure (MiB above the process baseline) of the phases a run goes through."""
     phases = [("init", "adapters", False), ("train adapters", "adapters", True), ("save", "adapters", True),
               ("projector update", "adapters", True)]
     if warm_start:
         phases += [("init", "full", False), ("train full", "full", True), ("save", "full", True), ("switch", "full", True)]
-    return max(held + transient for _, held, transient in (phase_plan(*p, plan, window) for p in phases))
+    return max(held + transient for _, held, transient in (phase_plan(*p, plan, window, kept) for p in phases))
 
 
-def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tuple[str, float, float, float]], float]:
+def phase_rows(events: list[dict], plan: dict, window: float, kept: float = 0.0) -> tuple[list[tuple[str, float, float, float]], float]:
     """(phase, peak MiB of any rank, model states MiB, planner MiB) per phase, in run order (a
     phase seen twice, two saves, keeps its largest peak), and the process baseline."""
     base = max(max(e["host_start_mib"]) for e in events if e["phase"] == "init")
@@ -129,13 +133,16 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
         phase = e["phase"]
         if phase == "train adapters" and engine == "full":
             engine, stepped = "adapters", False
-        name, held, transient = phase_plan(phase, engine, stepped, plan, window)
+        name, held, transient = phase_plan(phase, engine, stepped, plan, window, kept)
         if phase.startswith("train "):
             stepped = True
         # The ZeRO buckets are sized by the DeepSpeed config, not the model: counted with the states
         # in the transient column of the phases that run a forward (the steps, GaLore's probe, the
-        # switch's probe evaluation); a save on ZeRO-3 releases the gathered params first.
+        # switch's probe evaluation); a save on ZeRO-3 releases the gathered params first but not
+        # the reduce bucket (``kept``).
         buckets = window if phase.startswith("train ") or phase in ("projector update", "switch") else 0.0
+        if phase == "save" and stepped:
+            buckets = kept
         peak = max(e["host_peak_mib"])
         if name not in rows or peak > rows[name][0]:
             rows[name] = (peak, held + buckets, base + held + transient)
@@ -143,9 +150,10 @@ def phase_rows(events: list[dict], plan: dict, window: float) -> tuple[list[tupl
 
 
 def table(method: str, stage: int, events: list[dict], export_mib: float, plan: dict, window: float,
-          layer_mib: float) -> list[str]:
-    rows, base = phase_rows(events, plan, window)
-    lines = [f"### {method}, ZeRO-{stage}: process baseline {base:,.0f} MiB, ZeRO buckets {window:,.0f} MiB, "
+          layer_mib: float, kept: float = 0.0) -> list[str]:
+    rows, base = phase_rows(events, plan, window, kept)
+    kept_text = f" (kept through a save: {kept:,.0f})" if kept else ""
+    lines = [f"### {method}, ZeRO-{stage}: process baseline {base:,.0f} MiB, ZeRO buckets {window:,.0f} MiB{kept_text}, "
              f"one layer's fp32 weights {layer_mib:,.0f} MiB",
              "| phase | peak RSS / rank (MiB) | planner (MiB) | bound: planner + 10 % | within | "
              "transient: peak - baseline - states - ZeRO buckets | <= one layer |",
@@ -188,10 +196,15 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
             # Config-sized, not model-sized: the reduce bucket and the all-gather (ZeRO-2) or
             # prefetch bucket plus the params gathered in flight (ZeRO-3).
             window = 4 * (2 * args.bucket + (args.max_live if stage == 3 else 0)) / MiB
+            # ZeRO-3 allocates its reduce bucket once (stage3.py: ``bucket.buffer = torch.empty(reduce_bucket_size)``
+            # per communication dtype) and keeps it: resident from the first backward on, through
+            # every save (dropping it after two steps freed 205 MiB at this bucket size). ZeRO-2
+            # releases its buckets after each step (``_release_ipg_buffers``).
+            kept = 4 * args.bucket / MiB if stage == 3 else 0.0
             plan = planner(shape, method, stage, args.ranks, args.rank, args.vocab, args.seq)
             # The planner's largest phase plus a process baseline per rank: the planner already
             # counts the phases' transients (a full-rank ZeRO-2 run at this shape peaked at 96 %).
-            need = args.ranks * (1000 + planned_peak(plan, window, bool(cfg["relora"].get("warm_start_steps"))))
+            need = args.ranks * (1000 + planned_peak(plan, window, bool(cfg["relora"].get("warm_start_steps")), kept))
             free = available_mib()
             print(f"\n{run}: {free:,.0f} MiB available, about {need:,.0f} MiB needed", flush=True)
             if free < need and not args.reuse:
@@ -205,7 +218,7 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
                 last = max((out / run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
                 export = run_export(last, out / f"{run}_export")
                 saved.write_text(json.dumps(export))
-            print("\n".join(table(method, stage, events, export[0], plan, window, layer_mib)))
+            print("\n".join(table(method, stage, events, export[0], plan, window, layer_mib, kept)))
             print(f"train {wall:.0f} s, export {export[1]:.0f} s", flush=True)
             if not args.reuse:  # checkpoints and exports are GBs per run at the 7B shape: the table is kept
                 shutil.rmtree(out / f"{run}_export", ignore_errors=True)
