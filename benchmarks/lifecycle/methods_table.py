@@ -16,7 +16,9 @@ keeps from its first backward on), switch (the larger of the probe's forward bes
 the full-rank engine, with its activations and ZeRO buckets, and the adapter phase's build beside
 ``switch_host``), projector update
 (``projection_host``, plus the probe's activations and ZeRO buckets), steps (``activations``, the largest param's gradient, ``step_transient``) +
-the ZeRO buckets the DeepSpeed config sizes.
+the ZeRO buckets the DeepSpeed config sizes; on ZeRO-3 the phases that run a forward add the
+largest param once more: gloo's all-gather copies each gathered param through a full-size buffer
+of its own (CPU ranks; NCCL gathers in place).
 The second bound, from issue 23: no phase's transient (peak - baseline - states) above one layer's
 fp32 weights (the larger of a decoder layer and the embedding).
 
@@ -86,6 +88,11 @@ def planner(shape, method: str, stage: int, ranks: int, rank: int, vocab: int, s
             # backward: the largest param's whole gradient before its reduction; the step: the
             # optimizer step's flattened fp32 gradient partition (estimate-memory's step_transient)
             "grad": largest / MiB, "step": {"full": full.step_transient / MiB, "adapters": est.step_transient / MiB},
+            # ZeRO-3 gathers each param whole for the forward and the backward, and gloo's
+            # all-gather copies through a second full-size buffer (NCCL gathers in place): the
+            # largest param once more while it is gathered (measured: the first forward's peak is
+            # the embedding twice above the step's start; init_host counts the same copy).
+            "gather": (largest if stage == 3 else 0) / MiB,
             "build": (est.init_host if stage == 3 else 0) / MiB, "save": est.save_host / MiB,
             "switch": est.switch_host / MiB, "projector update": est.projection_host / MiB}
 
@@ -99,15 +106,15 @@ def phase_plan(phase: str, engine: str, stepped: bool, plan: dict, window: float
         return "build", held, plan["build"]
     if phase.startswith("train "):
         name = "steps (full rank)" if phase == "train full" else f"steps ({phase[6:]})"
-        return name, plan[engine][1], plan["activations"] + window + plan["grad"] + plan["step"][engine]
+        return name, plan[engine][1], plan["activations"] + window + plan["gather"] + plan["grad"] + plan["step"][engine]
     if phase == "switch":
         # The probe's forward beside the full-rank engine; then, that engine freed, the adapter
         # phase's build beside the snapshot (switch_host): the larger of the two.
-        probe = plan["full"][1] + plan["activations"] + window
+        probe = plan["full"][1] + plan["activations"] + window + plan["gather"]
         rebuild = plan["adapters"][0] + plan["switch"] + plan["build"]
         return "switch", held, max(probe, rebuild) - held
     if phase == "projector update":  # GaLore's probe is a forward/backward: ZeRO's windows and activations too
-        return phase, held, plan[phase] + plan["activations"] + window
+        return phase, held, plan[phase] + plan["activations"] + window + plan["gather"]
     if phase == "save":
         return phase, held, plan["save"] + (kept if stepped else 0.0)
     return phase, held, plan.get(phase, 0.0)

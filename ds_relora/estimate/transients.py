@@ -23,8 +23,10 @@ def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage:
       constructed, and initialises each weight from a draw streamed in 16 MiB pieces
       (``models.DRAW_CHUNK``: 32 MiB above the built shards at 7B, measured); then DeepSpeed's
       engine initialisation holds 2 x the largest param for a moment (measured at the 7B and
-      1.3B shapes on 2 ranks, with ``sub_group_size`` 5e7 and 1e9 alike; its optimizer-state
-      zero buffer, sized by a sub-group's *full* element count, is one of them);
+      1.3B shapes on 2 ranks, with ``sub_group_size`` 5e7 and 1e9 alike): it gathers every
+      trainable param whole to register its gradient hook (``stage3.py``,
+      ``create_reduce_and_remove_grad_hooks``), and gloo's all-gather copies through a second
+      full-size buffer (NCCL writes in place: one);
       other stages build the whole fp32 model on every rank (4 P);
     * save: each parameter is gathered whole in turn, its fp32 value and one moment at a time,
       while the tensors before it are queued and written; each gather waits until it fits with
