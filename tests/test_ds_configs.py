@@ -49,6 +49,14 @@ def test_config_shape(path):
     assert str(stage) in path.stem or (stage == 2 and "comms" in path.stem)
 
 
+def test_every_zero3_config_has_the_sub_group_size_the_planner_reads():
+    from ds_relora.estimate.transients import SUB_GROUP_SIZE
+
+    zero3 = [p for p in CONFIGS if _load(p)["zero_optimization"]["stage"] == 3]
+    assert len(zero3) >= 2
+    assert {p.name: _load(p)["zero_optimization"]["sub_group_size"] for p in zero3} == {p.name: SUB_GROUP_SIZE for p in zero3}
+
+
 def test_top_level_keys_are_deepspeed_keys():
     known = _deepspeed_top_level_keys()
     for path in CONFIGS:

@@ -1,12 +1,17 @@
-"""Host memory of a ZeRO-3 build and engine initialisation, per step, on rank 0 (CPU ranks).
+"""Host memory of a ZeRO-3 build, engine initialisation and first steps, on rank 0 (CPU ranks).
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/lifecycle/engine_init.py --preset 7b --layers 2 \\
-        [--sub-group-size 1e9]
+        [--sub-group-size 1e9] [--all-trainable] [--trace] [--steps 2]
 
 Prints rank 0's resident set (``rss``) and its high-water mark since the previous line (``hwm``,
 reset through ``/proc/self/clear_refs``) after: the start, ``build_model`` (partitioned
 construction and the streamed initialisation) and ``deepspeed.initialize`` with the embedding
-and head trainable (fused AdamW), under ``ds_configs/zero3.json`` with ``--sub-group-size``.
+and head trainable (``--all-trainable``: every param, a full-rank run; fused AdamW), under
+``ds_configs/zero3.json`` with ``--sub-group-size``. ``--trace`` also prints a line at each of
+DeepSpeed's own memory checkpoints inside the initialisation (its ``see_memory_usage`` calls,
+which print nothing unless forced). ``--steps N`` then runs N steps of one 32-token sequence, a
+line after each forward, backward and step, and at the end drops the reduce bucket ZeRO-3 keeps
+(``ipg_buckets``) to show what it holds.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--sub-group-size", type=float)
+    ap.add_argument("--all-trainable", action="store_true")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = ap.parse_args()
 
@@ -60,14 +68,40 @@ def main() -> None:
     ds["zero_optimization"].update({"stage3_max_live_parameters": int(1e8), "stage3_max_reuse_distance": int(1e8)})
     if args.sub_group_size:
         ds["zero_optimization"]["sub_group_size"] = int(args.sub_group_size)
+    if args.trace:
+        import deepspeed.runtime.engine
+        import deepspeed.runtime.zero.stage3
+
+        def trace(message, force=False):
+            report("  deepspeed: " + message[:80])
+
+        deepspeed.runtime.zero.stage3.see_memory_usage = trace
+        deepspeed.runtime.engine.see_memory_usage = trace
     report("start")
     model = models.build_model(models.llama_config(shape, args.vocab, 32), 0, ds)
     report("built")
     for p in model.parameters():  # an adapter method's trainable set, without adapters: embedding and head
-        p.requires_grad_(p.ds_shape[0] == args.vocab)
+        p.requires_grad_(args.all_trainable or p.ds_shape[0] == args.vocab)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     report("engine")
+    ids = torch.arange(32).reshape(1, 32) * 7 % args.vocab
+    for step in range(args.steps):
+        loss = engine(input_ids=ids, labels=ids).loss
+        report(f"step {step} forward")
+        engine.backward(loss)
+        report(f"step {step} backward")
+        engine.step()
+        report(f"step {step} step")
+    if args.steps:
+        import ctypes
+        import gc
+
+        for bucket in engine.optimizer.ipg_buckets.values():
+            bucket.buffer = None
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        report("reduce bucket dropped")
 
 
 if __name__ == "__main__":

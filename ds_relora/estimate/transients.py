@@ -4,15 +4,19 @@ save, the warm-start switch; the optimizer step's and the projector update's), t
 
 from __future__ import annotations
 
+import json
+
 from ds_relora.models import DRAW_CHUNK, Shape, linear_shapes
+from ds_relora.zero.ds_config import SHIPPED
 
 
 def _ceil_div(x: int, n: int) -> int:
     return -(-x // n)
 
 
-# ds_configs/zero3*.json's sub_group_size (elements of a rank's partition per optimizer sub-group).
-SUB_GROUP_SIZE = 50_000_000
+# The shipped ZeRO-3 configs' sub_group_size (elements of a rank's partition per optimizer
+# sub-group), read from them (tests/test_ds_configs.py checks that every zero3*.json agrees).
+SUB_GROUP_SIZE = int(json.loads((SHIPPED / "zero3.json").read_text())["zero_optimization"]["sub_group_size"])
 
 
 def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
