@@ -275,6 +275,17 @@ def _init_shard(p, module, generator: torch.Generator, shape: tuple[int, ...], s
         set_shard_slice(p, pad * row, torch.zeros(row))
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, through transformers' own
+    switch: ``activation_checkpointing_enable`` where it exists (transformers 5.x, which
+    deprecates ``gradient_checkpointing_enable`` and drops it in v6), the old name before it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def describe_params(model) -> dict[str, int]:
     def count(p):  # a ZeRO-3 param holds only its shard
         return getattr(p, "ds_numel", p.numel())

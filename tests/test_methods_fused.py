@@ -10,7 +10,7 @@ from torch import nn
 
 from harness.checks import within_abs
 from harness.ranks import results, run_workers
-from ds_relora.models import Shape, build_model, llama_config
+from ds_relora.models import Shape, build_model, enable_activation_checkpointing, llama_config
 from ds_relora.methods.lora_layer import ReLoRALinear, wrap_model
 from ds_relora.methods.dropout_gemm import draw_seed, dropout_gemm
 from ds_relora.methods.lora_layer import ReLoRALinear
@@ -134,7 +134,8 @@ def test_activation_checkpointing_recomputes_the_same_masks():
     base = tiny_wrapped(0.1)
     ckpt = copy.deepcopy(base)
     link_shared_inputs(ckpt, ReLoRALinear)  # deepcopy keeps the links; relinking is idempotent
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(ckpt)  # what the trainer calls
+    assert all(layer.gradient_checkpointing for layer in ckpt.model.layers)
     base.train(), ckpt.train()
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     assert_same(loss_and_grads(base, x, seed=5), loss_and_grads(ckpt, x, seed=5), tol=1e-5)

@@ -31,7 +31,7 @@ from ds_relora.display import human, plural
 from ds_relora.faults import fault_point
 from ds_relora.methods import Method, get_method
 from ds_relora.methods.schedule import JaggedCosine
-from ds_relora.models import build_model, describe_params, pretrained_weights
+from ds_relora.models import build_model, describe_params, enable_activation_checkpointing, pretrained_weights
 from ds_relora.run_folder import checkpoint_root
 from ds_relora.train.engine import build_engine, compile_engine, record_grad_norm_without_zero, release_engine
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE, JobLimits
@@ -106,7 +106,7 @@ class Trainer:
         model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config, device=comm_device())
         self.modules = method.wrap(model, cfg, seed=cfg.train.seed + 1)
         if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         self.params = describe_params(model)
         lr, schedule = self._phase_lr_and_schedule(method, offset)
         o = cfg.optim
