@@ -85,7 +85,7 @@ def worker(cfg: dict) -> None:
 
     rank, world = init_distributed()
     from ds_relora.config import RunConfig
-    from ds_relora.models import WRAPPED_TYPES, Shape, build_model, describe_params, llama_config
+    from ds_relora.models import WRAPPED_TYPES, Shape, build_model, describe_params, enable_activation_checkpointing, llama_config
     from ds_relora.methods import get_method
     from ds_relora.methods.schedule import JaggedCosine
     from ds_relora.zero.ds_config import build_ds_config
@@ -106,7 +106,7 @@ def worker(cfg: dict) -> None:
         setting.relora.fuse_shared_inputs = cfg["fuse_shared_inputs"]
         get_method(cfg["method"]).wrap(model, setting, seed=1)
     if cfg["activation_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     params = describe_params(model)
     # The package's own DeepSpeed JSON (buckets, overlap) with the run-config-owned keys injected.
     run = RunConfig()
