@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ds_relora.checkpoint.state_io import partitioned, write_local, write_whole
-from ds_relora.zero.state import get_master, is_zero3_param
+from ds_relora.zero.state import get_master, is_zero3_param, local_partition
 
 
 @torch.no_grad()
@@ -24,13 +24,10 @@ def local_snapshot(engine) -> dict[str, torch.Tensor]:
     taken from, and after that engine is released it keeps only those tensors (the masters; the
     moments and gradients go). Nothing writes them before :func:`restore_snapshot` reads them.
     """
-    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
-
     out = {}
     for name, p in engine.module.named_parameters():
         if partitioned(p):
-            local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
-            out[name] = local.detach().reshape(-1).float()
+            out[name] = local_partition(p).float()
             continue
         module = p.detach()
         value = get_master(engine, p) if p.requires_grad else module.float()

@@ -157,13 +157,20 @@ def master_pieces(p) -> list[tuple[int, torch.Tensor]] | None:
     whole, flat values)]``, without communication: a view of the master fragment of a trainable
     ``p``, the module's shard of a frozen one (in its dtype). None where ``p`` is not
     partitioned (ZeRO 0-2, a persistent param): use :func:`get_master`."""
-    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
-
     bounds = shard_bounds(p)
     if bounds is None:
         return None
+    return [(bounds[0], local_partition(p)[: bounds[1] - bounds[0]])]
+
+
+def local_partition(p) -> torch.Tensor:
+    """This rank's flat, padded partition of ZeRO-3 ``p``'s value, no copy on the device it
+    lives on: a view of the master fragment of a trainable ``p``, the module's shard of a frozen
+    one (in its dtype)."""
+    from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
+
     local = safe_get_local_fp32_param(p) if p.requires_grad else p.ds_tensor
-    return [(bounds[0], local.detach().reshape(-1)[: bounds[1] - bounds[0]])]
+    return local.detach().reshape(-1)
 
 
 def set_master(engine, p, value: torch.Tensor) -> None:
