@@ -158,7 +158,7 @@ def cmd_estimate(args) -> int:
                           args.seq_len, vocab_size=args.vocab_size, precision=args.precision,
                           keep_base_fp32=args.keep_base_fp32, activation_checkpointing=args.activation_checkpointing,
                           offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
-                          zero3_frozen_base=args.zero3_frozen_base)
+                          zero3_frozen_base=args.zero3_frozen_base, split_vocab=args.split_vocab)
     print(format_table(est))
     if args.gpu_memory_gib:
         from ds_relora.estimate.stage_advice import format_advice, recommend_stage  # noqa: PLC0415  (keeps this module's import light (no torch) for the CLI's start-up)
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-params", action="store_true")
     p.add_argument("--zero3-frozen-base", default="partition", choices=["partition", "replicate"],
                    help="ZeRO-3: frozen W partitioned (default) or replicated on every GPU")
+    p.add_argument("--split-vocab", action="store_true",
+                   help="the embedding and head in row blocks (model.split_vocab): transients bounded by a decoder layer")
     p.add_argument("--gpu-memory-gib", type=float, help="also recommend the fastest ZeRO setting that fits this much per GPU")
     p.set_defaults(fn=cmd_estimate)
     p = sub.add_parser("config", help="print the resolved config, or every field's help (--explain)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ds_relora.errors import ConfigError
+from ds_relora.row_blocks import RowBlocks, block_rows, placeholder_vocab, split_vocab, splits
 from ds_relora.tensor_files import TensorSet
 from ds_relora.zero.ds_config import bf16_available, zero_stage
 from ds_relora.zero.state import full_shape, set_module_value, set_shard_slice, shard_bounds
@@ -159,13 +160,28 @@ def llama_config(shape: Shape, vocab_size: int, max_positions: int, *, eos_token
     return cfg
 
 
-def build_model(hf_config, seed: int, ds_config: dict | None = None, device: torch.device | str | None = None):
+def largest_linear(shape: Shape) -> int:
+    """Elements of a decoder layer's largest wrapped linear: the row blocks' limit (row_blocks)."""
+    return max(o * i for o, i in linear_shapes(shape).values())
+
+
+def largest_param(shape: Shape, vocab_size: int, split_vocab: bool = False) -> int:
+    """Elements of the model's largest parameter: the embedding (or one of its row blocks with
+    ``model.split_vocab``) or a decoder layer's largest linear."""
+    vocab_rows = max(block_rows(vocab_size, shape.hidden, largest_linear(shape))) if split_vocab else vocab_size
+    return max(vocab_rows * shape.hidden, largest_linear(shape))
+
+
+def build_model(hf_config, seed: int, ds_config: dict | None = None, device: torch.device | str | None = None,
+                vocab_block: int | None = None):
     """A freshly initialised causal LM; the same values on every rank and every ZeRO stage for
     the same seed. With a ZeRO-3 ``ds_config`` it is built already partitioned
     (``deepspeed.zero.Init``: each module is whole only while it is constructed, then each rank
     keeps its shard), so no rank ever holds the whole model. Otherwise it is built directly on
     ``device`` (the device the engine trains on; default CPU), so a GPU run never holds a whole
-    fp32 model in host memory. Either way the weights are initialised once, by
+    fp32 model in host memory. With ``vocab_block`` (elements) an untied embedding and head
+    larger than it are held in row blocks of at most that many (``row_blocks``), built in the same
+    context, with the whole tensors' values. Either way the weights are initialised once, by
     :func:`init_weights`: transformers' own initialisation is skipped (it would draw every
     weight a second time, for nothing)."""
 
@@ -182,10 +198,14 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None, device: tor
         context = deepspeed.zero.Init(config_dict_or_path=ds_config)
     else:
         context = torch.device(device or "cpu")
+    split = splits(hf_config, vocab_block)
     torch.manual_seed(seed)
     with context, _no_hf_init():
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
+        built = placeholder_vocab(hf_config) if split else hf_config
+        model = AutoModelForCausalLM.from_config(built, attn_implementation=hf_config._attn_implementation)
         model.tie_weights()  # part of the initialisation skipped above (tie_word_embeddings)
+        if split:
+            split_vocab(model, hf_config.vocab_size, hf_config.pad_token_id, vocab_block)
     if not partitioned:
         model = model.float()
     init_weights(model, seed, getattr(hf_config, "initializer_range", 0.02))
@@ -217,8 +237,16 @@ def init_weights(model, seed: int, std: float) -> None:
     memory at a time, no communication). Other parameters (norms) keep their constructor's
     constant values."""
 
+    blocked = set()
     for module_name, module in model.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        if isinstance(module, RowBlocks):
+            # The whole tensor's draw (its own name's generator), streamed: the unsplit values.
+            for offset, values in normal_chunks(module.starts[-1] * module.cols, std, _param_generator(seed, f"{module_name}.weight")):
+                module.write_flat(offset, values)
+            module.zero_padding_row()
+            blocked.update(id(b) for b in module.blocks)
+            continue
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or id(module) in blocked:
             continue
         for key, p in module.named_parameters(recurse=False):
             name = f"{module_name}.{key}" if module_name else key

@@ -69,21 +69,29 @@ class StreamingWriter:
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
         self.total = offset
         self.next = 0
+        self.rows = 0  # rows of the next tensor written so far (one written in row pieces)
         self.file = open(self.tmp, "wb")
         self.out = HashingFile(self.file)
         self.out.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write tensor ``name``, whole or as its next rows (a row-blocked weight is written one
+        block at a time: ``row_blocks``); the next name is due once all its rows are written."""
         if self.next >= len(self.order) or self.order[self.next] != name:
             expected = self.order[self.next] if self.next < len(self.order) else "nothing"
             raise RuntimeError(f"{self.path.name}: wrote {name}, expected {expected}")
         dtype, shape = self.spec[name]
         t = tensor.detach().to("cpu", dtype).contiguous()
-        if tuple(t.shape) != shape:
+        whole = tuple(t.shape) == shape and not self.rows
+        piece = t.dim() == len(shape) >= 1 and tuple(t.shape[1:]) == shape[1:] and 0 < self.rows + t.shape[0] <= shape[0]
+        if not (whole or piece):
             raise RuntimeError(f"{self.path.name}: {name} has shape {tuple(t.shape)}, declared {shape}")
         if t.numel():
             self.out.write(t.reshape(-1).view(torch.uint8).numpy())
-        self.next += 1
+        self.rows = 0 if whole else self.rows + t.shape[0]
+        if self.rows == (shape[0] if shape else 0) or whole:
+            self.rows = 0
+            self.next += 1
 
     def close(self) -> None:
         if self.next != len(self.order):

@@ -72,18 +72,21 @@ def write_hf_config(folder: Path, shape, vocab: int, seq: int) -> None:
         llama_config(shape, vocab, seq).save_pretrained(str(folder))
 
 
-def planner(shape, method: str, stage: int, ranks: int, rank: int, vocab: int, seq: int) -> dict:
+def planner(shape, method: str, stage: int, ranks: int, rank: int, vocab: int, seq: int, split_vocab: bool = False) -> dict:
     """estimate-memory's per-rank figures (MiB) for one run: model states per engine (with and
     without Adam moments) and each phase's transient."""
     from ds_relora.estimate.memory import estimate_memory
+    from ds_relora.models import largest_param
+
+    def estimate(name: str):
+        return estimate_memory(shape, name, rank, stage, ranks, 1, seq, vocab, precision="fp32", split_vocab=split_vocab)
 
     def states(name: str) -> tuple[float, float]:
-        est = estimate_memory(shape, name, rank, stage, ranks, 1, seq, vocab, precision="fp32")
+        est = estimate(name)
         return (est.weights + est.grads + est.master) / MiB, (est.weights + est.grads + est.master + est.adam) / MiB
 
-    est = estimate_memory(shape, method, rank, stage, ranks, 1, seq, vocab, precision="fp32")
-    full = estimate_memory(shape, "full", rank, stage, ranks, 1, seq, vocab, precision="fp32")
-    largest = 4 * max(vocab * shape.hidden, shape.hidden * shape.intermediate)  # the largest param's fp32 bytes
+    est, full = estimate(method), estimate("full")
+    largest = 4 * largest_param(shape, vocab, split_vocab)  # the largest param's fp32 bytes (a row block with split_vocab)
     return {"full": states("full"), "adapters": states(method), "activations": est.activations / MiB,
             # backward: the largest param's whole gradient before its reduction; the step: the
             # optimizer step's flattened fp32 gradient partition (estimate-memory's step_transient)
@@ -185,13 +188,14 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
     write_hf_config(hf, shape, args.vocab, args.seq)
     h, f = shape.hidden, shape.intermediate
     layer_mib = 4 * max(4 * h * h + 3 * h * f + 2 * h, args.vocab * h) / MiB
-    print(f"\n## phases per method: {args.preset} shape, {shape.layers} layers, vocab {args.vocab}, "
+    print(f"\n## phases per method: {args.preset} shape, {shape.layers} layers, vocab {args.vocab}"
+          f"{' in row blocks (model.split_vocab)' if args.split_vocab else ''}, "
           f"{args.ranks} CPU ranks, fp32, micro-batch 1 x {args.seq}")
     for stage in stages:
         for method in methods:
             run = f"{method}-z{stage}"
-            cfg = method_config(base_config(run, 5, model={"preset": None, "name_or_path": str(hf),
-                                                          "from_pretrained": False}), method)
+            cfg = method_config(base_config(run, 5, model={"preset": None, "name_or_path": str(hf), "from_pretrained": False,
+                                                          "split_vocab": args.split_vocab}), method)
             cfg["deepspeed"]["config"] = str(Path(cfg["deepspeed"]["config"]).parent / f"zero{stage}.json")
             zero = cfg["deepspeed"]["overrides"]["zero_optimization"]
             if stage < 3:
@@ -208,7 +212,7 @@ def run_methods(args, data: Path, out: Path, base_config, run_train, run_export,
             # every save (dropping it after two steps freed 205 MiB at this bucket size). ZeRO-2
             # releases its buckets after each step (``_release_ipg_buffers``).
             kept = 4 * args.bucket / MiB if stage == 3 else 0.0
-            plan = planner(shape, method, stage, args.ranks, args.rank, args.vocab, args.seq)
+            plan = planner(shape, method, stage, args.ranks, args.rank, args.vocab, args.seq, args.split_vocab)
             # The planner's largest phase plus a process baseline per rank: the planner already
             # counts the phases' transients (a full-rank ZeRO-2 run at this shape peaked at 96 %).
             need = args.ranks * (1000 + planned_peak(plan, window, bool(cfg["relora"].get("warm_start_steps")), kept))

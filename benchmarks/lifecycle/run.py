@@ -18,7 +18,8 @@ model states and host transients are printed for the same runs.
 
     python benchmarks/lifecycle/run.py --data data/bench_stdlib                 # 1.3B shape, 2 ranks
     python benchmarks/lifecycle/run.py --data data/bench_stdlib --preset 350m --switch-layers 6
-    python benchmarks/lifecycle/run.py --data data/bench_stdlib --preset 7b --layers 2 --methods full,relora,galore
+    python benchmarks/lifecycle/run.py --data data/bench_stdlib --preset 7b --layers 2 --methods full,relora,galore \
+        --split-vocab
 
 The last prints, per method and ZeRO stage, every phase's peak next to estimate-memory's figure
 and its bound (``methods_table.py``).
@@ -197,6 +198,9 @@ def main() -> int:
                                       "e.g. full,relora,galore; a projection optimizer such as apollo is one more name)")
     ap.add_argument("--stages", default="2,3", help="ZeRO stages of the --methods table")
     ap.add_argument("--vocab", type=int, default=32000, help="embedding rows of the --methods runs' model")
+    ap.add_argument("--split-vocab", action="store_true",
+                    help="--methods runs: model.split_vocab (the embedding and head in row blocks of a decoder "
+                         "layer's largest linear)")
     ap.add_argument("--bucket", type=float, default=5e7,
                     help="--methods runs: reduce and all-gather/prefetch bucket sizes (elements)")
     args = ap.parse_args()

@@ -32,6 +32,7 @@ from ds_relora.checkpoint.state_io import load_weights, restore_projected
 from ds_relora.display import plural
 from ds_relora.errors import CheckpointError
 from ds_relora.methods import load_adapter_buffers
+from ds_relora.row_blocks import reader
 from ds_relora.zero.state import MOMENTS, set_moment
 
 
@@ -117,7 +118,7 @@ def restore(engine, folder: Path, meta: CheckpointMeta) -> None:
     load_adapter_buffers(engine.module, weights)
     step = int(meta.optimizer_step)
     if step > 0:
-        moments = open_moments(folder)
+        moments = reader(open_moments(folder), engine.module)  # row blocks read their rows of the whole moments
         if not restore_projected(engine, moments):  # APOLLO / Fira: their own state, taken whole
             _init_adam_state(engine, step)
             for name, p in engine.module.named_parameters():

@@ -27,6 +27,7 @@ from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
 from ds_relora.disk import is_disk_error
 from ds_relora.errors import CheckpointError
 from ds_relora.methods import adapter_buffers
+from ds_relora.row_blocks import reader, whole_names
 from ds_relora.tensor_files import BackgroundWriter, StreamingWriter, nbytes, owners_by_bytes, shard_name, write_index
 from ds_relora.zero import projected_state
 from ds_relora.zero.owner_gather import gather_to_owner
@@ -99,6 +100,31 @@ def _moment_entries(opt, name: str, p) -> list[tuple[str, torch.dtype, tuple[int
     return [(f"{name}.{k}", torch.float32, full_shape(p)) for k in MOMENTS]
 
 
+def _units(module, params: list, param_moments: list) -> tuple[list[list[int]], list, list]:
+    """The sets' tensors: ``[param indices]`` of each (one param, or a row-blocked weight's
+    blocks in row order), its weights entry and its moments entries, named as HF names them."""
+    blocks = whole_names(module)
+    units, weights, moments = [], [], []
+    for i, (name, p) in enumerate(params):
+        if name not in blocks:
+            units.append([i])
+            weights.append((name, torch.float32, full_shape(p)))
+            moments.append(param_moments[i])
+            continue
+        whole, start, _, rows = blocks[name]
+        if start:  # a later block of the unit before it
+            units[-1].append(i)
+            continue
+        if [n.rsplit(".", 1)[1] for n, _, _ in param_moments[i]] not in ([], list(MOMENTS)):
+            raise CheckpointError(f"{name} is a row block (model.split_vocab) that a projection optimizer steps: "
+                                  "its state has no whole form; leave the head out of the method's target_modules")
+        shape = (rows, *full_shape(p)[1:])
+        units.append([i])
+        weights.append((whole, torch.float32, shape))
+        moments.append([(f"{whole}.{n.rsplit('.', 1)[1]}", d, shape) for n, d, _ in param_moments[i]])
+    return units, weights, moments
+
+
 @torch.no_grad()
 def save_budget(weight_entries: list, moment_entries: list) -> int:
     """Bytes of tensors a rank may hold at once while saving (gathered, queued, being written):
@@ -139,10 +165,13 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
         # shape). Released first, they are neither in the way nor held through the save.
         engine.empty_partition_cache()
     buffers = list(adapter_buffers(engine.module).items())
-    weight_entries = [(n, torch.float32, full_shape(p)) for n, p in params]
-    weight_entries += [(n, _buffer_value(b).dtype, tuple(b.shape)) for n, b in buffers]
     opt = projected(engine)
-    moment_entries = [_moment_entries(opt, n, p) if with_moments and p.requires_grad else [] for n, p in params]
+    param_moments = [_moment_entries(opt, n, p) if with_moments and p.requires_grad else [] for n, p in params]
+    budget = save_budget([(n, torch.float32, full_shape(p)) for n, p in params], param_moments)
+    # A tensor of the sets is one param, or the row blocks of one (``row_blocks``: written whole,
+    # under its own name, one block at a time).
+    units, weight_entries, moment_entries = _units(engine.module, params, param_moments)
+    weight_entries += [(n, _buffer_value(b).dtype, tuple(b.shape)) for n, b in buffers]
     moment_entries += [[] for _ in buffers]
     sizes = [nbytes(shape, dtype) + sum(nbytes(s, d) for _, d, s in moments)
              for (_, dtype, shape), moments in zip(weight_entries, moment_entries)]
@@ -178,7 +207,7 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
         if not disk_error(exc, folder):
             raise
         writers, opened = {}, False
-    background = BackgroundWriter(writers, depth, max_bytes=save_budget(weight_entries, moment_entries))
+    background = BackgroundWriter(writers, depth, max_bytes=budget)
 
     def put(key: str, name: str, value: torch.Tensor) -> None:
         if opened:
@@ -187,29 +216,31 @@ def write_state(engine, folder: Path, *, with_moments: bool, digests: dict | Non
     try:
         for i in _visit_order(sizes, owners, world):
             keep = owners[i] == rank
-            if i >= len(params):  # an adapter buffer: every rank holds it whole, its owner writes it
+            if i >= len(units):  # an adapter buffer: every rank holds it whole, its owner writes it
                 if keep:
-                    put(WEIGHTS, weight_entries[i][0], _buffer_value(buffers[i - len(params)][1]))
+                    put(WEIGHTS, weight_entries[i][0], _buffer_value(buffers[i - len(units)][1]))
                 continue
-            name, p = params[i]
-            _, dtype, shape = weight_entries[i]
-            pieces = master_pieces(p)
-            value = (_owner_value(engine, pieces, shape, owners[i], background) if pieces is not None
-                     else _full_value(engine, p, keep, background, nbytes(shape, dtype)))
-            if keep:
-                put(WEIGHTS, name, value)
-            del value
+            members = [params[j][1] for j in units[i]]
+            for p in members:
+                pieces = master_pieces(p)
+                value = (_owner_value(engine, pieces, full_shape(p), owners[i], background) if pieces is not None
+                         else _full_value(engine, p, keep, background, nbytes(full_shape(p), torch.float32)))
+                if keep:
+                    put(WEIGHTS, weight_entries[i][0], value)
+                del value
             for key_name, dtype, shape in moment_entries[i]:
                 key = key_name.rsplit(".", 1)[1]
-                pieces = moment_pieces(engine, p, key)
-                if pieces is not None:
-                    moment = _owner_value(engine, pieces, shape, owners[i], background)
-                else:
-                    background.reserve(nbytes(shape, dtype))  # every rank holds the gathered value for a moment
-                    moment = get_moment(engine, p, key)
-                if keep:
-                    put(MOMENTS_SET, key_name, moment if moment is not None else torch.zeros(full_shape(p)))
-                del moment
+                for p in members:
+                    part = shape if len(members) == 1 else full_shape(p)
+                    pieces = moment_pieces(engine, p, key)
+                    if pieces is not None:
+                        moment = _owner_value(engine, pieces, part, owners[i], background)
+                    else:
+                        background.reserve(nbytes(part, dtype))  # every rank holds the gathered value for a moment
+                        moment = get_moment(engine, p, key)
+                    if keep:
+                        put(MOMENTS_SET, key_name, moment if moment is not None else torch.zeros(full_shape(p)))
+                    del moment
     except BaseException:
         background.finish(abort=True)
         raise
@@ -291,7 +322,8 @@ def load_weights(module, tensors, *, source: str, engine=None, skip: set[str] = 
     values): each rank its own shard (under ZeRO-3 reading only that shard's bytes); with
     ``engine`` (whose module it is) the trainable params' fp32 masters too. Params named in
     ``skip`` (new adapters) keep their values. A missing or misshapen parameter is one line
-    naming ``source``."""
+    naming ``source``. A row-blocked weight (``row_blocks``) reads its rows of the whole tensor."""
+    tensors = reader(tensors, module)
     for name, p in module.named_parameters():
         if name in skip:
             continue

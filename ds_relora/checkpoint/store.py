@@ -58,6 +58,7 @@ from ds_relora.disk import disk_error, is_disk_error
 from ds_relora.errors import CheckpointError
 from ds_relora.faults import fault_point
 from ds_relora.methods import load_adapter_buffers
+from ds_relora.row_blocks import whole_names
 from ds_relora.run_folder import CONFIG
 
 __all__ = ["write_atomic", "save_checkpoint", "load_checkpoint"]
@@ -272,7 +273,8 @@ def load_checkpoint(engine, folder: Path, meta: CheckpointMeta, *, same_layout: 
     (:func:`ds_relora.checkpoint.elastic.restore`, any world size and stage), and on the layout
     it was written with (``same_layout``) this rank's RNG too. The data position is the meta's
     (:meth:`~ds_relora.checkpoint.meta.CheckpointMeta.data_position`)."""
-    if same_layout and (meta.format_version or 0) < SETS_ONLY_VERSION:
+    # DeepSpeed's files name the unsplit tensors: a model in row blocks reads the sets.
+    if same_layout and (meta.format_version or 0) < SETS_ONLY_VERSION and not whole_names(engine.module):
         _load_deepspeed_files(engine, folder)
     else:
         restore(engine, folder, meta)

@@ -58,7 +58,7 @@ import dataclasses
 from ds_relora.errors import ConfigError
 from ds_relora.estimate.transients import host_transients, projection_bytes, step_bytes
 from ds_relora.methods import METHODS, get_method
-from ds_relora.models import Shape, linear_shapes, param_counts, preset_shape
+from ds_relora.models import Shape, largest_param, linear_shapes, param_counts, preset_shape
 
 
 def method_adapter_params(shape: Shape, method: str, rank: int) -> tuple[int, int]:
@@ -216,7 +216,7 @@ def estimate_memory(preset: str | Shape, method: str, rank: int | None, zero_sta
                     keep_base_fp32: bool = False, activation_checkpointing: bool = False,
                     offload_optimizer: bool = False, offload_params: bool = False, *,
                     attn_implementation: str = "sdpa", grad_accum_steps: int = 1,
-                    zero3_frozen_base: str = "partition") -> MemoryEstimate:
+                    zero3_frozen_base: str = "partition", split_vocab: bool = False) -> MemoryEstimate:
     """Per-GPU bytes of a training run: model states exactly, activations approximately.
 
     ReLoRA and LoRA freeze every wrapped linear (q/k/v/o/gate/up/down) and train their
@@ -224,7 +224,8 @@ def estimate_memory(preset: str | Shape, method: str, rank: int | None, zero_sta
     the paper's smaller full-rank model with as many params as ReLoRA trains
     (``models.control_shape``); the projection methods train everything with their own
     optimizer state (:func:`projection_state_bytes`). ``rank`` None: the method's default
-    (``Method.default_rank``).
+    (``Method.default_rank``). ``split_vocab``: the embedding and head in row blocks
+    (``model.split_vocab``), which bounds the transients by the largest block.
     """
     if rank is None and method in METHODS:
         rank = get_method(method).default_rank
@@ -264,13 +265,13 @@ def estimate_memory(preset: str | Shape, method: str, rank: int | None, zero_sta
                + (", frozen W replicated" if zero_stage == 3 and zero3_frozen_base == "replicate" and not full_rank else "")
                + (", offload opt" if offload_optimizer else "") + (", offload params" if offload_params else ""))
     gpu = states["weights"] + states["grads"] + states["master"] + states["adam"] + acts
+    largest = largest_param(shape, vocab_size, split_vocab)
     return MemoryEstimate(weights=states["weights"], grads=states["grads"], master=states["master"],
                           adam=states["adam"], activations=acts, total=gpu, cpu=states["cpu"],
                           total_params=total, trainable_params=trainable, frozen_params=total - trainable,
                           setting=setting, projection_host=projection_bytes(shape) if trained.full_gradient_probe else 0,
-                          step_transient=step_bytes(trainable, zero_stage, num_gpus, precision,
-                                                    max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)),
-                          **host_transients(shape, vocab_size, counts["total"], zero_stage, num_gpus, switch=not full_rank))
+                          step_transient=step_bytes(trainable, zero_stage, num_gpus, precision, largest),
+                          **host_transients(shape, counts["total"], largest, zero_stage, num_gpus, switch=not full_rank))
 
 
 def format_table(est: MemoryEstimate) -> str:

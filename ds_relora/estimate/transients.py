@@ -19,7 +19,7 @@ def _ceil_div(x: int, n: int) -> int:
 SUB_GROUP_SIZE = int(json.loads((SHIPPED / "zero3.json").read_text())["zero_optimization"]["sub_group_size"])
 
 
-def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage: int, num_gpus: int,
+def host_transients(shape: Shape, base_params: int, largest_param: int, zero_stage: int, num_gpus: int,
                     switch: bool) -> dict[str, int]:
     """Host bytes a rank holds for a moment, beyond its model states (see ``checkpoint.state_io``):
 
@@ -43,7 +43,7 @@ def host_transients(shape: Shape, vocab_size: int, base_params: int, zero_stage:
       tensors (``checkpoint.snapshot.local_snapshot``), so they add nothing beside it; once it is freed they
       sit beside the adapter phase's build until they are written into it.
     """
-    largest = 4 * max(vocab_size * shape.hidden, shape.hidden * shape.intermediate)
+    largest = 4 * largest_param  # fp32 bytes
     if zero_stage == 3:
         init, snapshot = max(2 * largest, largest + 4 * DRAW_CHUNK), 4 * _ceil_div(base_params, num_gpus)
     else:

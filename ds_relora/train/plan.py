@@ -47,6 +47,7 @@ class RunPlan:
     fingerprint: dict       # data_fingerprint(data.path): written into every checkpoint, matched on resume
     resume: Optional[ResumePoint] = None        # the checkpoint this run resumes from, checked
     warm_start: Optional[CheckpointMeta] = None  # relora.warm_start_from's meta (a full-rank checkpoint)
+    vocab_block: Optional[int] = None  # model.split_vocab: elements per row block of the embedding and head
 
     def layout(self, seq_len: int) -> dict:
         """What a checkpoint of this run records and a resume must find unchanged."""
@@ -192,13 +193,24 @@ def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_bef
             f"batch ({global_batch}): prepare more data or lower data.seq_len / the batch size"
         )
     plan = RunPlan(world_size, micro, accum, global_batch, ds, hf, meta, adapters, merges, start,
-                   data_fingerprint(cfg.data.path), warm_start=warm)
+                   data_fingerprint(cfg.data.path), warm_start=warm, vocab_block=vocab_block(cfg, hf))
     folder = resolve(cfg.train.resume, Path(cfg.train.run_dir))
     if folder is not None:
         plan.resume = check_resume(cfg, folder, read_meta(folder, for_resume=True), world_size=world_size,
                                    stage=zero_stage(ds), adapters=adapters, hf_config=hf,
                                    layout=plan.layout(cfg.data.seq_len))
     return plan
+
+
+def vocab_block(cfg: RunConfig, hf) -> int | None:
+    """Elements per row block of the embedding and head (``model.split_vocab``): a decoder layer's
+    largest linear; None when unsplit."""
+    if not cfg.model.split_vocab:
+        return None
+    if getattr(hf, "tie_word_embeddings", False):
+        raise ConfigError("model.split_vocab needs an untied embedding and head, and this model ties them "
+                          "(tie_word_embeddings): set model.split_vocab false")
+    return max(hf.hidden_size**2, hf.hidden_size * hf.intermediate_size)
 
 
 def _meta_model(hf):

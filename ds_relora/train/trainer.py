@@ -103,7 +103,7 @@ class Trainer:
             del old
             gc.collect()  # the engine's reference cycles, now that nothing here holds it
         method = self.method if phase == "adapters" else Method()
-        model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config, device=comm_device())
+        model = build_model(self.plan.hf_config, cfg.train.seed, self.plan.ds_config, comm_device(), self.plan.vocab_block)
         self.modules = method.wrap(model, cfg, seed=cfg.train.seed + 1)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from collectives import Recorder
+
 from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
 from ds_relora.checkpoint.state_io import write_state
 from ds_relora.config import RunConfig
@@ -57,32 +59,6 @@ def layouts(rank: int, world: int) -> list[dict]:
     got = gather_to_owner([(rank * 3, whole[rank * 3: rank * 3 + 3])], 9, torch.float32, 0, "cpu")
     out.append({"case": "bf16", "owner": 0, "ok": got is None if rank else (got.dtype == torch.float32 and torch.equal(got, whole.float()))})
     return out
-
-
-class Recorder:
-    """The largest element count any collective that lands on every rank moved, while on."""
-
-    NAMES = ("all_gather_into_tensor", "allgather_fn", "all_gather", "all_reduce", "broadcast")
-
-    def __init__(self):
-        import deepspeed.comm  # noqa: PLC0415  (DeepSpeed's ZeRO calls its own wrappers, which hold torch's functions)
-
-        self.on, self.largest = False, 0
-        for module in (dist, deepspeed.comm):
-            for name in self.NAMES:
-                if hasattr(module, name):
-                    setattr(module, name, self.wrap(getattr(module, name)))
-
-    def wrap(self, original):
-        def wrapped(*args, **kwargs):
-            if self.on:
-                values = list(args) + list(kwargs.values())
-                tensors = [a for a in values if isinstance(a, torch.Tensor)]
-                tensors += [t for a in values if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
-                self.largest = max([self.largest] + [t.numel() for t in tensors])
-            return original(*args, **kwargs)
-
-        return wrapped
 
 
 def frozen_value(p) -> torch.Tensor:
