@@ -31,6 +31,19 @@ def test_block_rows_cover_the_rows_and_keep_each_block_within_the_limit():
     assert largest_param(PRESETS["7b"], 32000) == 32000 * 4096
 
 
+def test_estimate_memory_bounds_the_transients_by_a_block():
+    from ds_relora.estimate.memory import estimate_memory
+
+    def est(split):
+        return estimate_memory("7b", "full", None, 3, 16, 1, 1024, 32000, split_vocab=split)
+
+    whole, split = est(False), est(True)
+    assert whole.init_host == 2 * 4 * 32000 * 4096  # DeepSpeed's hook-registration gather + gloo's copy
+    assert split.init_host == 2 * 4 * largest_linear(PRESETS["7b"])
+    assert split.save_host == whole.save_host  # a decoder layer's params, either way
+    assert split.total == whole.total  # the same model states
+
+
 @pytest.mark.parametrize("pad", [None, 171])  # 171: the second block's first row
 def test_blocked_model_has_the_whole_models_values_logits_and_head_gradient(pad):
     hf = llama_config(SHAPE, VOCAB, 32)

@@ -1,7 +1,7 @@
 """Host memory of a ZeRO-3 build, engine initialisation and first steps, on rank 0 (CPU ranks).
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/lifecycle/engine_init.py --preset 7b --layers 2 \\
-        [--sub-group-size 1e9] [--all-trainable] [--trace] [--steps 2]
+        [--sub-group-size 1e9] [--all-trainable] [--trace] [--steps 2] [--split-vocab]
 
 Prints rank 0's resident set (``rss``) and its high-water mark since the previous line (``hwm``,
 reset through ``/proc/self/clear_refs``) after: the start, ``build_model`` (partitioned
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--all-trainable", action="store_true")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--split-vocab", action="store_true", help="the embedding and head in row blocks (model.split_vocab)")
     ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = ap.parse_args()
 
@@ -78,10 +79,11 @@ def main() -> None:
         deepspeed.runtime.zero.stage3.see_memory_usage = trace
         deepspeed.runtime.engine.see_memory_usage = trace
     report("start")
-    model = models.build_model(models.llama_config(shape, args.vocab, 32), 0, ds)
+    model = models.build_model(models.llama_config(shape, args.vocab, 32), 0, ds,
+                               vocab_block=models.largest_linear(shape) if args.split_vocab else None)
     report("built")
-    for p in model.parameters():  # an adapter method's trainable set, without adapters: embedding and head
-        p.requires_grad_(args.all_trainable or p.ds_shape[0] == args.vocab)
+    for name, p in model.named_parameters():  # an adapter method's trainable set, without adapters: embedding and head
+        p.requires_grad_(args.all_trainable or "embed_tokens" in name or "lm_head" in name)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     report("engine")
