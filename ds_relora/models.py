@@ -11,13 +11,11 @@ import difflib
 import importlib.util
 import math
 import zlib
-from pathlib import Path
 
 import torch
 
 from ds_relora.errors import ConfigError
 from ds_relora.row_blocks import RowBlocks, block_rows, placeholder_vocab, split_vocab, splits
-from ds_relora.tensor_files import TensorSet
 from ds_relora.zero.ds_config import bf16_available, zero_stage
 from ds_relora.zero.state import full_shape, set_module_value, set_shard_slice, shard_bounds
 
@@ -191,10 +189,7 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None, device: tor
     if partitioned:
         import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
-        # zero.Init patches tensor constructors, which breaks modules first imported inside it
-        # (torch._dynamo, through transformers' generation utils): import them all beforehand.
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
+        import_model_code(hf_config)  # zero.Init patches tensor constructors, which breaks modules first imported inside it
         context = deepspeed.zero.Init(config_dict_or_path=ds_config)
     else:
         context = torch.device(device or "cpu")
@@ -211,6 +206,17 @@ def build_model(hf_config, seed: int, ds_config: dict | None = None, device: tor
     init_weights(model, seed, getattr(hf_config, "initializer_range", 0.02))
     torch.manual_seed(seed)  # what follows (dropout) draws from a state that does not depend on the stage
     return model
+
+
+def import_model_code(hf_config) -> None:
+    """Import every module that building this model imports (transformers' model classes; through
+    their generation utils, torch._dynamo: tens of MiB), by building it on the meta device. The
+    trainer does it before its build phase starts, so a run's host-memory baseline holds the code
+    whatever the method (an adapter method's checks build a meta model before it anyway)."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
+
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation)
 
 
 def _no_hf_init():
@@ -321,29 +327,3 @@ def describe_params(model) -> dict[str, int]:
     total = sum(count(p) for p in model.parameters())
     trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
-
-
-def pretrained_weights(name_or_path: str):
-    """The weights of a pretrained HF model (a local folder or a hub name), read per tensor from
-    its safetensors files, so that each rank only ever holds one tensor beyond its shard. A model
-    published only as ``pytorch_model*.bin`` is loaded whole once, as ``transformers`` does."""
-
-    folder = Path(name_or_path).expanduser()
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download  # noqa: PLC0415  (the hub client is needed only for hub names)
-
-        folder = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    if any(folder.glob("*.safetensors")):
-        return TensorSet(folder, "model")
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (transformers takes seconds to import; only code that builds a model needs it)
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
-    return _DictSet({n: p.detach() for n, p in model.named_parameters()}, str(folder))
-
-
-class _DictSet(dict):
-    """A dict of tensors with the ``folder`` a TensorSet names (for messages)."""
-
-    def __init__(self, tensors: dict, folder: str):
-        super().__init__(tensors)
-        self.folder = folder

@@ -1,13 +1,14 @@
-"""Host memory of a ZeRO-3 build, engine initialisation and first steps, on rank 0 (CPU ranks).
+"""Host memory of a ZeRO-3 (or ZeRO-2) build, engine initialisation and first steps, on rank 0 (CPU ranks).
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/lifecycle/engine_init.py --preset 7b --layers 2 \\
-        [--sub-group-size 1e9] [--all-trainable] [--trace] [--steps 2] [--split-vocab]
+        [--sub-group-size 1e9] [--all-trainable] [--trace] [--steps 2] [--split-vocab] [--stage 2]
 
 Prints rank 0's resident set (``rss``) and its high-water mark since the previous line (``hwm``,
 reset through ``/proc/self/clear_refs``) after: the start, ``build_model`` (partitioned
 construction and the streamed initialisation) and ``deepspeed.initialize`` with the embedding
 and head trainable (``--all-trainable``: every param, a full-rank run; fused AdamW), under
-``ds_configs/zero3.json`` with ``--sub-group-size``. ``--trace`` also prints a line at each of
+``ds_configs/zero3.json`` with ``--sub-group-size`` (``--stage 2``: ``zero2.json``, the whole model
+built on every rank; ``--split-vocab``: the embedding and head in row blocks). ``--trace`` also prints a line at each of
 DeepSpeed's own memory checkpoints inside the initialisation (its ``see_memory_usage`` calls,
 which print nothing unless forced). ``--steps N`` then runs N steps of one 32-token sequence, a
 line after each forward, backward and step, and at the end drops the reduce bucket ZeRO-3 keeps
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--split-vocab", action="store_true", help="the embedding and head in row blocks (model.split_vocab)")
+    ap.add_argument("--stage", type=int, default=3, choices=[2, 3], help="ZeRO stage (2: the whole model built on every rank)")
     ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = ap.parse_args()
 
@@ -63,23 +65,28 @@ def main() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
     shape = dataclasses.replace(models.preset_shape(args.preset), layers=args.layers)
-    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds = json.loads((REPO / "ds_configs" / f"zero{args.stage}.json").read_text())
     ds.pop("bf16", None)
     ds.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
-    ds["zero_optimization"].update({"stage3_max_live_parameters": int(1e8), "stage3_max_reuse_distance": int(1e8)})
+    if args.stage == 3:
+        ds["zero_optimization"].update({"stage3_max_live_parameters": int(1e8), "stage3_max_reuse_distance": int(1e8)})
+    else:  # the lifecycle table's buckets
+        ds["zero_optimization"].update({"reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)})
     if args.sub_group_size:
         ds["zero_optimization"]["sub_group_size"] = int(args.sub_group_size)
     if args.trace:
         import deepspeed.runtime.engine
         import deepspeed.runtime.zero.stage3
+        import deepspeed.runtime.zero.stage_1_and_2
 
         def trace(message, force=False):
             report("  deepspeed: " + message[:80])
 
         deepspeed.runtime.zero.stage3.see_memory_usage = trace
+        deepspeed.runtime.zero.stage_1_and_2.see_memory_usage = trace
         deepspeed.runtime.engine.see_memory_usage = trace
     report("start")
-    model = models.build_model(models.llama_config(shape, args.vocab, 32), 0, ds,
+    model = models.build_model(models.llama_config(shape, args.vocab, 32), 0, ds if args.stage == 3 else None,
                                vocab_block=models.largest_linear(shape) if args.split_vocab else None)
     report("built")
     for name, p in model.named_parameters():  # an adapter method's trainable set, without adapters: embedding and head
@@ -95,7 +102,7 @@ def main() -> None:
         report(f"step {step} backward")
         engine.step()
         report(f"step {step} step")
-    if args.steps:
+    if args.steps and args.stage == 3:
         import ctypes
         import gc
 

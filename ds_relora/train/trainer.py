@@ -1,9 +1,6 @@
-"""The training loop: full-rank warm start, ReLoRA phase, eval, checkpoints and exact resume.
-
-One ``Trainer`` per rank. A run has up to two phases sharing one step counter and one LR schedule:
-``full`` (full-rank) and ``adapters`` (ReLoRA or LoRA). The switch checkpoints the full-rank model,
-keeps each rank's fp32 shards of it, frees the rest and rebuilds the engine around the wrapped model.
-"""
+"""The training loop: full-rank warm start, ReLoRA phase, eval, checkpoints and exact resume. One
+``Trainer`` per rank; a run's phases ``full`` and ``adapters`` share one step counter and LR schedule.
+The switch checkpoints the full-rank model, keeps each rank's fp32 shards, frees the rest, rebuilds."""
 
 from __future__ import annotations
 
@@ -20,6 +17,7 @@ from ds_relora import __version__
 from ds_relora.checkpoint.choose import agree_on_resume
 from ds_relora.checkpoint.elastic import engine_counters
 from ds_relora.checkpoint.format import CheckpointMeta, open_weights
+from ds_relora.checkpoint.pretrained import pretrained_weights
 from ds_relora.checkpoint.snapshot import local_snapshot, restore_snapshot
 from ds_relora.checkpoint.state_io import load_weights
 from ds_relora.checkpoint.store import load_checkpoint, optimizer_update_count, save_checkpoint
@@ -31,7 +29,7 @@ from ds_relora.display import human, plural
 from ds_relora.faults import fault_point
 from ds_relora.methods import Method, get_method
 from ds_relora.methods.schedule import JaggedCosine
-from ds_relora.models import build_model, describe_params, enable_activation_checkpointing, pretrained_weights
+from ds_relora.models import build_model, describe_params, enable_activation_checkpointing, import_model_code
 from ds_relora.run_folder import checkpoint_root
 from ds_relora.train.engine import build_engine, compile_engine, record_grad_norm_without_zero, release_engine
 from ds_relora.train.job_limits import REQUEUE_EXIT_CODE, JobLimits
@@ -245,6 +243,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.memory = PhaseMemory()
+        import_model_code(self.plan.hf_config)  # the code is the process's baseline, not the build's
         self.memory.start("init")
         self._start()
         total = cfg.train.total_steps
