@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ds_relora.errors import ConfigError
-from ds_relora.zero.adam_kernels import adam_direction, channel_norms
+from ds_relora.zero.adam_kernels import adam_direction, adam_step_runs, channel_norms
 from ds_relora.zero.owner_reduce import owner_of, reduce_apply_broadcast
 from ds_relora.zero.projected_layout import Matrix, Segment
 from ds_relora.zero.projection import gram, next_seed, projector, projector_from_gram, random_projector
@@ -145,20 +145,13 @@ class ProjectedAdamW(torch.optim.Optimizer):
         return loss
 
     def _plain_step(self, group, unit, flat, segs: list[Segment]) -> None:
-        """HF AdamW on the non-projected elements of ``flat`` (kept as one concatenated run)."""
+        """HF AdamW on the non-projected elements of ``flat`` (moments kept as one concatenated
+        run), in place on views of each segment: no copy of them is made."""
         if not segs:
             return
-        whole = len(segs) == 1 and segs[0].offset == 0 and segs[0].numel == flat.numel()
-        grad = flat.grad.reshape(-1)
-        g = flat.grad if whole else torch.cat([grad.narrow(0, s.offset, s.numel) for s in segs])
-        st = self.plain_state.setdefault(unit, {"step": 0})
-        direction, step_size = adam_direction(st, g, group)
-        views = [flat] if whole else [flat.data.reshape(-1).narrow(0, s.offset, s.numel) for s in segs]
-        parts = [direction] if whole else direction.split([s.numel for s in segs])
-        for p, d in zip(views, parts):
-            p.add_(d, alpha=-step_size)
-            if group["weight_decay"] > 0.0:
-                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        grad, data = flat.grad.reshape(-1), flat.data.reshape(-1)
+        runs = [(data.narrow(0, s.offset, s.numel), grad.narrow(0, s.offset, s.numel)) for s in segs]
+        adam_step_runs(self.plain_state.setdefault(unit, {"step": 0}), runs, group)
 
     def _projected_step(self, todo: list[Matrix], local: dict) -> None:
         if not todo:
