@@ -121,3 +121,30 @@ def test_split_rows_are_the_rows_cut_by_a_partition_boundary():
     # 5 x 4 matrix over 3 ranks: [0, 6) [6, 13) [13, 20): rows 1 (6) and 3 (13) are cut.
     assert split_rows([(0, 6), (6, 13), (13, 20)], 4) == [1, 3]
     assert split_rows([(0, 8), (8, 20), (0, 0)], 4) == []
+
+
+def test_plain_step_updates_every_run_in_pieces_as_one_concatenated_adamw_step(monkeypatch):
+    """The non-projected elements of a ZeRO partition come in several runs (a row-blocked head's
+    blocks, params beside projected matrices): stepped in place in pieces, their values and
+    moments are those of one HF-AdamW step on the concatenated runs (the whole-tensor kernel)."""
+    from ds_relora.zero import adam_kernels
+
+    monkeypatch.setattr(adam_kernels, "PLAIN_CHUNK", 96)  # pieces inside runs and across run ends
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(1000, generator=gen)
+    runs = [(0, 250), (300, 301), (700, 300)]  # (offset, numel): gaps are another method's elements
+    group = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1}
+    reference, reference_state = torch.cat([flat[o:o + n] for o, n in runs]), {"step": 0}
+    state = {"step": 0}
+    untouched = flat.clone()
+    for _ in range(3):
+        grad = torch.randn(1000, generator=gen)
+        adam_kernels.adam_step_runs(state, [(flat.narrow(0, o, n), grad.narrow(0, o, n)) for o, n in runs], group)
+        direction, step_size = adam_kernels.adam_direction(reference_state, torch.cat([grad[o:o + n] for o, n in runs]), group)
+        reference.add_(direction, alpha=-step_size).add_(reference, alpha=-group["lr"] * group["weight_decay"])
+    # Elementwise kernels: the same sums; only a vector loop's scalar tail may round a fused
+    # multiply-add differently, far below what a moment read at the wrong offset would move.
+    torch.testing.assert_close(torch.cat([flat[o:o + n] for o, n in runs]), reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(state["exp_avg_sq"], reference_state["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+    assert state["step"] == 3
+    assert torch.equal(flat[250:300], untouched[250:300]) and torch.equal(flat[601:700], untouched[601:700])

@@ -8,7 +8,6 @@ import math
 
 import torch
 
-
 # Elements a plain step updates at a time (16 MiB fp32): its temporaries are this size, not the
 # partition's (every op is elementwise, so the pieces compute what the whole would).
 PLAIN_CHUNK = 1 << 22

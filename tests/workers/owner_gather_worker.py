@@ -10,8 +10,6 @@
 
 Prints one ``RESULT {json}`` line per rank."""
 
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from collectives import Recorder
+from rank_tools import Recorder, report_and_exit
 
 from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
 from ds_relora.checkpoint.state_io import write_state
@@ -122,10 +120,7 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         result["saves"].append(save_case(method_name, recorder, folder))
-    print("RESULT " + json.dumps(result), flush=True)
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    report_and_exit(result)
 
 
 if __name__ == "__main__":

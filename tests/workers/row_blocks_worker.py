@@ -10,14 +10,12 @@
 
 Prints one ``RESULT {json}`` line per rank."""
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from collectives import Recorder
+from rank_tools import Recorder, report_and_exit
 
 from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
 from ds_relora.checkpoint.state_io import load_weights, write_state
@@ -111,10 +109,7 @@ def main() -> None:
     release_engine(engine)
     result["load_differ"] = {"split": loaded(folder, True), "unsplit": loaded(folder, False)}
     result["largest_linear"], result["vocab_param"] = largest_linear(preset_shape("tiny")), VOCAB * preset_shape("tiny").hidden
-    print("RESULT " + json.dumps(result), flush=True)
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    report_and_exit(result)
 
 
 if __name__ == "__main__":
