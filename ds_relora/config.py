@@ -71,7 +71,7 @@ class ModelConfig(Checked):
     max_position_embeddings: Optional[int] = doc(None, "model context length; default: data.seq_len")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc("auto", "attention kernel: auto = flash-attn on a GPU in bf16/fp16 when it imports, else PyTorch SDPA")
     init_std: float = doc(0.02, "std of the normal init of linear and embedding weights")
-    split_vocab: bool = doc(False, "hold the embedding and the head in row blocks no larger than a decoder layer's largest linear, so ZeRO gathers, reduces and initialises one block at a time (from 7B up: what a rank holds for a moment is then a decoder layer's, not 2-3 x the embedding); checkpoints and exports keep the whole tensors under HF's names; the head's input gradient then sums the blocks (other bits than unsplit, the same on every stage); needs an untied embedding and head")
+    split_vocab: bool = doc(False, "hold the embedding and the head in row blocks no larger than an attention projection (hidden x hidden), so ZeRO gathers, reduces and initialises one block at a time (from 7B up: what a rank holds for a moment is then a decoder layer's, not 2-3 x the embedding); checkpoints and exports keep the whole tensors under HF's names; the head's input gradient then sums the blocks (other bits than unsplit, the same on every stage); needs an untied embedding and head")
 
     SECTION = "model"
 

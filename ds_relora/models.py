@@ -159,14 +159,23 @@ def llama_config(shape: Shape, vocab_size: int, max_positions: int, *, eos_token
 
 
 def largest_linear(shape: Shape) -> int:
-    """Elements of a decoder layer's largest wrapped linear: the row blocks' limit (row_blocks)."""
+    """Elements of a decoder layer's largest wrapped linear."""
     return max(o * i for o, i in linear_shapes(shape).values())
+
+
+def vocab_block(hidden: int) -> int:
+    """Elements per row block of the embedding and head (``model.split_vocab``, ``row_blocks``): an
+    attention projection's (hidden x hidden), a decoder layer's smallest linear. A block's
+    backward holds it gathered and its gradient (on CPU ranks also gloo's copy of the gather),
+    so at this size no block's moment outweighs a decoder linear's, not even a frozen one's
+    (ReLoRA's W, gathered with no gradient)."""
+    return hidden * hidden
 
 
 def largest_param(shape: Shape, vocab_size: int, split_vocab: bool = False) -> int:
     """Elements of the model's largest parameter: the embedding (or one of its row blocks with
     ``model.split_vocab``) or a decoder layer's largest linear."""
-    vocab_rows = max(block_rows(vocab_size, shape.hidden, largest_linear(shape))) if split_vocab else vocab_size
+    vocab_rows = max(block_rows(vocab_size, shape.hidden, vocab_block(shape.hidden))) if split_vocab else vocab_size
     return max(vocab_rows * shape.hidden, largest_linear(shape))
 
 

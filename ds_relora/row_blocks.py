@@ -5,7 +5,8 @@ whole, and DeepSpeed's initialisation gathers every trainable param whole: what 
 for a moment is a multiple of the largest parameter. At LLaMA's 32,000-row vocabulary that is the
 embedding or the head (500 MiB fp32 at 7B, three times a decoder layer's largest linear). Split
 into blocks of rows, each a module of its own, they are gathered, reduced and released one block
-at a time, so the largest parameter is a decoder layer's (``tests/test_row_blocks.py``).
+at a time (blocks of an attention projection's size, ``models.vocab_block``), so the largest
+parameter is a decoder layer's (``tests/test_row_blocks.py``).
 
 The split is a memory layout, not a format: the blocks' values are the whole tensor's rows
 (initialised from the whole tensor's draw), and a checkpoint, an export and a pretrained model

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds_relora.errors import ConfigError
-from ds_relora.models import PRESETS, build_model, largest_linear, largest_param, llama_config
+from ds_relora.models import PRESETS, build_model, largest_linear, largest_param, llama_config, vocab_block
 from ds_relora.row_blocks import BlockedEmbedding, BlockedLinear, BlockReader, block_rows, whole_names
 from ds_relora.tensor_files import StreamingWriter, TensorSet
 from harness.checks import read_metrics, within_rel
@@ -26,7 +26,8 @@ def test_block_rows_cover_the_rows_and_keep_each_block_within_the_limit():
         assert sum(sizes) == rows and min(sizes) >= 1
         assert max(sizes) * cols <= max(limit, cols)  # one row is the least a block holds
         assert len(sizes) == 1 or max(sizes) - min(sizes) <= len(sizes)  # about equal
-    assert block_rows(32000, 4096, 11008 * 4096) == [10667, 10667, 10666]  # 7B: 166 MiB blocks against 172
+    assert block_rows(32000, 4096, vocab_block(4096)) == [4000] * 8  # 7B: 62.5 MiB blocks
+    assert block_rows(32000, 4096, 11008 * 4096) == [10667, 10667, 10666]
     assert largest_param(PRESETS["7b"], 32000, split_vocab=True) == largest_linear(PRESETS["7b"])
     assert largest_param(PRESETS["7b"], 32000) == 32000 * 4096
 
@@ -39,17 +40,17 @@ def test_estimate_memory_bounds_the_transients_by_a_block():
 
     whole, split = est(False), est(True)
     assert whole.init_host == 2 * 4 * 32000 * 4096  # DeepSpeed's hook-registration gather + gloo's copy
-    assert split.init_host == 2 * 4 * largest_linear(PRESETS["7b"])
+    assert split.init_host == 2 * 4 * largest_linear(PRESETS["7b"])  # a decoder layer's largest linear now
     assert split.save_host == whole.save_host  # a decoder layer's params, either way
     assert split.total == whole.total  # the same model states
 
 
-@pytest.mark.parametrize("pad", [None, 171])  # 171: the second block's first row
+@pytest.mark.parametrize("pad", [None, 64])  # 64: the second block's first row
 def test_blocked_model_has_the_whole_models_values_logits_and_head_gradient(pad):
     hf = llama_config(SHAPE, VOCAB, 32)
     hf.pad_token_id = pad
     whole = build_model(hf, seed=3)
-    split = build_model(hf, seed=3, vocab_block=largest_linear(SHAPE))
+    split = build_model(hf, seed=3, vocab_block=vocab_block(SHAPE.hidden))
     assert split.config.vocab_size == VOCAB and split.config.pad_token_id == pad
     assert isinstance(split.model.embed_tokens, BlockedEmbedding) and isinstance(split.lm_head, BlockedLinear)
     blocks = whole_names(split)
@@ -59,33 +60,35 @@ def test_blocked_model_has_the_whole_models_values_logits_and_head_gradient(pad)
         target, start, stop, _ = blocks.get(name, (name, None, None, None))
         expected = reference[target] if start is None else reference[target][start:stop]
         assert torch.equal(p, expected), name  # the init draws the whole tensor, the blocks take their rows
-    assert all(p.numel() <= largest_linear(SHAPE) for p in ours.values())
+    assert all(p.numel() <= vocab_block(SHAPE.hidden) for n, p in ours.items() if n in blocks)
     ids = torch.randint(0, VOCAB, (3, 32), generator=torch.Generator().manual_seed(0))
-    ids[0, :4] = torch.tensor([0, VOCAB - 1, 170, 171])  # the first and last rows and a block edge
+    ids[0, :4] = torch.tensor([0, VOCAB - 1, 63, 64])  # the first and last rows and a block edge
     a, b = whole(input_ids=ids, labels=ids), split(input_ids=ids, labels=ids)
     assert torch.equal(a.logits, b.logits)  # each logit is the same dot product
     a.loss.backward()
     b.loss.backward()
-    head = torch.cat([ours[f"lm_head.blocks.{i}.weight"].grad for i in range(3)])
+    count = len(split.lm_head.blocks)
+    assert count == 8  # 512 rows of 64 in blocks of at most 64 x 64
+    head = torch.cat([ours[f"lm_head.blocks.{i}.weight"].grad for i in range(count)])
     assert torch.equal(head, reference["lm_head.weight"].grad)
     # The embedding's gradient comes through the head's input gradient, which sums the blocks'
     # products (another order than one matmul): the same up to fp32 rounding.
-    embed = torch.cat([ours[f"model.embed_tokens.blocks.{i}.weight"].grad for i in range(3)])
+    embed = torch.cat([ours[f"model.embed_tokens.blocks.{i}.weight"].grad for i in range(count)])
     torch.testing.assert_close(embed, reference["model.embed_tokens.weight"].grad, rtol=1e-5, atol=1e-7)
 
 
 def test_tied_models_are_left_whole_and_a_tied_run_is_refused_with_one_line():
     from ds_relora.config import RunConfig
-    from ds_relora.train.plan import vocab_block
+    from ds_relora.train.plan import split_vocab_block
 
     tied = llama_config(SHAPE, VOCAB, 32)
     tied.tie_word_embeddings = True
-    assert whole_names(build_model(tied, seed=0, vocab_block=largest_linear(SHAPE))) == {}
+    assert whole_names(build_model(tied, seed=0, vocab_block=vocab_block(SHAPE.hidden))) == {}
     cfg = RunConfig()
     cfg.model.split_vocab = True
     with pytest.raises(ConfigError, match="split_vocab needs an untied"):
-        vocab_block(cfg, tied)
-    assert vocab_block(cfg, llama_config(SHAPE, VOCAB, 32)) == largest_linear(SHAPE)
+        split_vocab_block(cfg, tied)
+    assert split_vocab_block(cfg, llama_config(SHAPE, VOCAB, 32)) == vocab_block(SHAPE.hidden)
 
 
 def test_a_tensor_is_written_in_row_pieces_and_read_back_through_the_blocks(tmp_path):
@@ -119,7 +122,7 @@ def test_zero3_gathers_one_block_at_a_time_and_saves_and_loads_whole_tensors(tmp
     outs = results(run_workers(["tests/workers/row_blocks_worker.py", str(tmp_path / "ckpt")], 2, timeout=300))
     assert len(outs) == 2
     r = outs[0]
-    assert r["split"]["blocks"] == 6
+    assert r["split"]["blocks"] == 16
     # Unsplit, ZeRO-3 gathers the embedding and the head whole (build, initialisation, every
     # forward and backward); in blocks nothing larger than a decoder layer's largest linear
     # moves (+ ZeRO-3's padding to the world size).

@@ -87,7 +87,7 @@ def main() -> None:
         deepspeed.runtime.engine.see_memory_usage = trace
     report("start")
     model = models.build_model(models.llama_config(shape, args.vocab, 32), 0, ds if args.stage == 3 else None,
-                               vocab_block=models.largest_linear(shape) if args.split_vocab else None)
+                               vocab_block=models.vocab_block(shape.hidden) if args.split_vocab else None)
     report("built")
     for name, p in model.named_parameters():  # an adapter method's trainable set, without adapters: embedding and head
         p.requires_grad_(args.all_trainable or "embed_tokens" in name or "lm_head" in name)

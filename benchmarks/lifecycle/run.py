@@ -199,8 +199,8 @@ def main() -> int:
     ap.add_argument("--stages", default="2,3", help="ZeRO stages of the --methods table")
     ap.add_argument("--vocab", type=int, default=32000, help="embedding rows of the --methods runs' model")
     ap.add_argument("--split-vocab", action="store_true",
-                    help="--methods runs: model.split_vocab (the embedding and head in row blocks of a decoder "
-                         "layer's largest linear)")
+                    help="--methods runs: model.split_vocab (the embedding and head in row blocks of an "
+                         "attention projection's size)")
     ap.add_argument("--bucket", type=float, default=5e7,
                     help="--methods runs: reduce and all-gather/prefetch bucket sizes (elements)")
     args = ap.parse_args()

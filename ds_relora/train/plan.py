@@ -25,7 +25,7 @@ from ds_relora.data import read_data_meta
 from ds_relora.errors import ConfigError, DataError
 from ds_relora.methods import get_method
 from ds_relora.methods.schedule import JaggedCosine
-from ds_relora.models import llama_config, preset_shape, resolve_attn_implementation
+from ds_relora.models import llama_config, preset_shape, resolve_attn_implementation, vocab_block
 from ds_relora.train.engine import check_compile_backend
 from ds_relora.train.resume import ResumePoint, check_resume, check_same_model, resume_layout
 from ds_relora.zero.ds_config import batch_layout, build_ds_config, compute_dtype, zero_stage
@@ -193,7 +193,7 @@ def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_bef
             f"batch ({global_batch}): prepare more data or lower data.seq_len / the batch size"
         )
     plan = RunPlan(world_size, micro, accum, global_batch, ds, hf, meta, adapters, merges, start,
-                   data_fingerprint(cfg.data.path), warm_start=warm, vocab_block=vocab_block(cfg, hf))
+                   data_fingerprint(cfg.data.path), warm_start=warm, vocab_block=split_vocab_block(cfg, hf))
     folder = resolve(cfg.train.resume, Path(cfg.train.run_dir))
     if folder is not None:
         plan.resume = check_resume(cfg, folder, read_meta(folder, for_resume=True), world_size=world_size,
@@ -202,15 +202,15 @@ def plan_run(cfg: RunConfig, world_size: int, *, resolve: Resolver = resolve_bef
     return plan
 
 
-def vocab_block(cfg: RunConfig, hf) -> int | None:
-    """Elements per row block of the embedding and head (``model.split_vocab``): a decoder layer's
-    largest linear; None when unsplit."""
+def split_vocab_block(cfg: RunConfig, hf) -> int | None:
+    """Elements per row block of the embedding and head (``model.split_vocab``: ``models.vocab_block``);
+    None when unsplit."""
     if not cfg.model.split_vocab:
         return None
     if getattr(hf, "tie_word_embeddings", False):
         raise ConfigError("model.split_vocab needs an untied embedding and head, and this model ties them "
                           "(tie_word_embeddings): set model.split_vocab false")
-    return max(hf.hidden_size**2, hf.hidden_size * hf.intermediate_size)
+    return vocab_block(hf.hidden_size)
 
 
 def _meta_model(hf):

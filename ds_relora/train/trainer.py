@@ -171,6 +171,7 @@ class Trainer:
         return ended
 
     def save(self) -> Path:
+        self.engine.empty_partition_cache()  # ZeRO-3's gathered params: the save's first act, before its phase
         resume_phase = self._memory_phase("save")
         folder = save_checkpoint(self.engine, self.ckpt_root, self.step, meta=self._meta(),
                                  config_yaml=dump_config(self.cfg), hf_config=self.plan.hf_config,

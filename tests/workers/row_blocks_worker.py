@@ -20,7 +20,7 @@ from rank_tools import Recorder, report_and_exit
 from ds_relora.checkpoint.format import MOMENTS_SET, WEIGHTS
 from ds_relora.checkpoint.state_io import load_weights, write_state
 from ds_relora.methods.schedule import JaggedCosine
-from ds_relora.models import build_model, largest_linear, llama_config, preset_shape
+from ds_relora.models import build_model, largest_linear, llama_config, preset_shape, vocab_block
 from ds_relora.row_blocks import whole_names
 from ds_relora.tensor_files import TensorSet
 from ds_relora.train.engine import build_engine, release_engine
@@ -37,7 +37,7 @@ DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "st
 def engine_of(split: bool):
     shape = preset_shape("tiny")
     model = build_model(llama_config(shape, VOCAB, SEQ, attn_implementation="eager"), seed=0, ds_config=DS,
-                        vocab_block=largest_linear(shape) if split else None)
+                        vocab_block=vocab_block(shape.hidden) if split else None)
     return build_engine(model, DS, lr=1e-3, eps=1e-6, schedule=JaggedCosine(10, 0, 0.1),
                         groups=[{"params": list(model.parameters()), "weight_decay": 0.0}])
 
