@@ -48,14 +48,18 @@ def _flip_middle(path: Path) -> None:
         f.write(bytes([byte[0] ^ 0x10]))
 
 
+# Ends with os._exit, as every worker does: gloo's threads occasionally abort in the interpreter's
+# teardown ("terminate called without an active exception", seen once in CI on this test).
 AGREE = textwrap.dedent('''
-    import sys
+    import os, sys
     import torch.distributed as dist
     from ds_relora.checkpoint.choose import agree_on_resume
     dist.init_process_group("gloo")
     log = (lambda m: print(m, flush=True)) if dist.get_rank() == 0 else None
     print("CHOSEN", agree_on_resume("auto", sys.argv[1], log), flush=True)
     dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
 ''')
 
 

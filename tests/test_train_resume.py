@@ -166,6 +166,8 @@ RESUME_AGREEMENT = textwrap.dedent('''
     except CheckpointError as exc:
         print("ERROR", exc)
     dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # as every worker: gloo's threads occasionally abort in the interpreter's teardown
 ''')
 
 
