@@ -44,3 +44,26 @@ def test_fused_cpu_adamw_matches_the_single_tensor_loop():
     for a, b in zip(fused, plain):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_f.state[a][key], opt_p.state[b][key], rtol=1e-6, atol=1e-9)
+
+
+def test_zero12_gradients_in_partition_order_step_in_place_with_deepspeeds_sums():
+    # tests/workers/grad_order_worker.py on 2 ranks: ZeRO-1 and -2 (overlap_comm, gradient
+    # accumulation, bf16, a parameter with no gradient), DeepSpeed as it is against
+    # zero/grad_order.py. Same losses, params, masters and moments to the bit; the layout's step
+    # concatenates no gradient partition, except on a rank whose partition holds the parameter
+    # without a gradient (DeepSpeed's own zeros tensor for it), which keeps DeepSpeed's copy.
+    from harness.ranks import results, run_workers
+
+    outs = results(run_workers(["tests/workers/grad_order_worker.py"], 2, timeout=300))
+    assert sorted(r["rank"] for r in outs) == [0, 1]
+    for r in outs:
+        assert len(r["cases"]) == 5
+        for case in r["cases"]:
+            assert case["installed"] and case["losses_equal"], case
+            assert case["params"] == case["masters"] == case["moments"] == 0.0, case
+            assert case["flattens_ds"] >= 3, "DeepSpeed alone flattens the partition at every step"
+            if case["unused"] and r["rank"] == 0:
+                assert case["flattens"] == case["flattens_ds"], case
+            else:
+                assert case["flattens"] == 0, case
+    assert any(c["padded"] for c in outs[0]["cases"]), "the last rank's padded tail is exercised"

@@ -89,7 +89,8 @@ def planner(shape, method: str, stage: int, ranks: int, rank: int, vocab: int, s
     largest = 4 * largest_param(shape, vocab, split_vocab)  # the largest param's fp32 bytes (a row block with split_vocab)
     return {"full": states("full"), "adapters": states(method), "activations": est.activations / MiB,
             # backward: the largest param's whole gradient before its reduction; the step: the
-            # optimizer step's flattened fp32 gradient partition (estimate-memory's step_transient)
+            # optimizer step's transient (estimate-memory's step_transient: ZeRO-3 flattens a sub-group
+            # of the gradient partition, ZeRO-1/2 in fp32 step the partition where it lies)
             "grad": largest / MiB, "step": {"full": full.step_transient / MiB, "adapters": est.step_transient / MiB},
             # ZeRO-3 gathers each param whole for the forward and the backward, and gloo's
             # all-gather copies through a second full-size buffer (NCCL gathers in place): the

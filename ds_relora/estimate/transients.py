@@ -54,18 +54,21 @@ def host_transients(shape: Shape, base_params: int, largest_param: int, zero_sta
 
 def step_bytes(trainable: int, zero_stage: int, num_gpus: int, precision: str, largest_param: int) -> int:
     """Bytes DeepSpeed's optimizer step holds for a moment beyond the model states, measured at
-    two layers of the 1.3B shape and read in DeepSpeed 0.19's source: on ZeRO 1-3 it flattens
-    this rank's gradient partition into one new tensor and casts it to fp32 for the step
-    (``stage_1_and_2.step``, ``stage3._prepare_fp32_grad_for_sub_group``; ZeRO-3 per sub-group:
-    at most ``sub_group_size`` elements plus one param's partition): 4 bytes per trainable param / N, plus the bf16 flat copy under
-    bf16. ZeRO-0's optimizer steps the params' own gradients: nothing. The client AdamW is
+    two layers of the 1.3B and 7B shapes and read in DeepSpeed 0.19's source. ZeRO-3 flattens
+    each sub-group's gradient partition into a new tensor and casts it to fp32
+    (``stage3._prepare_fp32_grad_for_sub_group``: at most ``sub_group_size`` elements plus one
+    param's partition; 4 bytes per element, plus the bf16 flat copy under bf16). ZeRO-1/2 keep the
+    gradients in partition order (``zero/grad_order.py``), so the step uses them where they lie:
+    nothing in fp32, the fp32 cast of the rank's bf16 partition (4 bytes per trainable param / N)
+    under bf16. ZeRO-0's optimizer steps the params' own gradients: nothing. The client AdamW is
     fused (``train/engine.make_optimizer``), so the step itself adds no temporary."""
     if zero_stage == 0:
         return 0
     elements = _ceil_div(trainable, num_gpus)
     if zero_stage == 3:
         elements = min(elements, SUB_GROUP_SIZE + _ceil_div(largest_param, num_gpus))
-    return elements * (4 + (2 if precision == "bf16" else 0))
+        return elements * (4 + (2 if precision == "bf16" else 0))
+    return elements * (4 if precision == "bf16" else 0)
 
 
 def projection_bytes(shape: Shape) -> int:

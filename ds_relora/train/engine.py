@@ -7,6 +7,7 @@ import torch
 from ds_relora.errors import ConfigError
 from ds_relora.methods.base import default_param_groups
 from ds_relora.methods.schedule import JaggedCosine, make_scheduler
+from ds_relora.zero.grad_order import write_grads_in_partition_order
 from ds_relora.zero.projected_adam import ProjectedAdamW
 from ds_relora.zero.projected_layout import attach_layout
 
@@ -15,7 +16,8 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
                  weight_decay: float = 0.0, schedule: JaggedCosine, groups: list[dict] | None = None):
     """``deepspeed.initialize`` with a client AdamW over the method's param ``groups`` (default:
     matrices decay, vectors do not) and the jagged LambdaLR (stepped by DeepSpeed once per
-    successful optimizer step). A projection method's groups (``proj_rank``) get the projected
+    successful optimizer step). ZeRO-1/2 gradients are kept in partition order, so that
+    DeepSpeed's step need not copy them (``zero/grad_order.py``). A projection method's groups (``proj_rank``) get the projected
     optimizer instead, told right here where DeepSpeed put each matrix's elements
     (``zero/projected_layout.py``): before the first step, on every stage."""
     import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
@@ -28,6 +30,7 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
         lr_scheduler=lambda opt: make_scheduler(opt, schedule),
         config=ds_config,
     )
+    write_grads_in_partition_order(engine.optimizer)
     # DeepSpeed copies zero_to_fp32.py / zero_to_torch.py into checkpoints/ on every ZeRO save (no
     # flag turns it off); our checkpoints hold whole fp32 tensors already, so they are only clutter.
     if isinstance(optimizer, ProjectedAdamW):

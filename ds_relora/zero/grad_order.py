@@ -1,0 +1,138 @@
+"""ZeRO-1/2 gradients kept in partition order, so that DeepSpeed's step uses them where they lie.
+
+DeepSpeed 0.19's ZeRO-1/2 optimizer (``stage_1_and_2.py``, contiguous gradients, no offload)
+copies each reduced gradient of this rank's partition into one buffer in the order backward
+produces them, which is roughly the reverse of the partition's. Its ``step`` therefore
+concatenates them into a new tensor of the whole partition (``self.flatten``) before the
+optimizer runs: 4 bytes per trainable param / N for a moment, 1.2 GiB per rank at two layers of
+the 7B shape on 2 ranks, more than a decoder layer's fp32 weights. Its step skips that copy when
+the gradient group carries ``flat_partition``, one view of the whole partition
+(``_get_preflattened_grad_partition``: DeepSpeed's own compact mode, bf16 with fp32 gradient
+accumulation, and DeepCompile build one).
+
+``write_grads_in_partition_order`` gives the plain mode the same: each parameter's gradient is
+copied to its own offset in partition order (the whole parameter, as DeepSpeed does, so a
+boundary parameter's foreign part lies before or after the partition), with zeros after a
+group's last parameter where the partition is padded. The group handed to ``step`` is then
+those same elements as one view. The sums are DeepSpeed's: only where the reduced values are
+copied to changes. Wherever a group's gradients are not exactly that layout (a parameter that
+got no gradient is a fresh zeros tensor of DeepSpeed's), DeepSpeed's own list is used and the
+step flattens as before."""
+
+from __future__ import annotations
+
+import torch
+
+# Buffers this rank allocated, by address: data_ptr -> bytes. Two suffice: with gradient
+# accumulation DeepSpeed keeps the first micro-step's gradients while the next buffer fills.
+KEPT_BUFFERS = 2
+
+
+def write_grads_in_partition_order(optimizer) -> bool:
+    """Install the partition-order layout on a DeepSpeed ZeRO-1/2 optimizer; False (nothing
+    changed) where DeepSpeed does not flatten plain contiguous gradients: optimizer offload,
+    its compact bf16/fp32 mode, round-robin padded groups, Muon, or another optimizer."""
+    if not _eligible(optimizer):
+        return False
+    offsets, pads, total = _layout(optimizer)
+    original_flat_partition = optimizer.get_flat_partition
+    ours: dict[int, int] = {}
+
+    def copy_grads_in_partition(param, group_idx=None):
+        grad = optimizer.get_gradient_for_reduction(param)
+        if optimizer.grads_in_partition is None:
+            buffer = torch.empty(total, dtype=optimizer.dtype, device=grad.device)
+            for start, count in pads:
+                buffer.narrow(0, start, count).zero_()
+            while len(ours) >= KEPT_BUFFERS:
+                ours.pop(next(iter(ours)))
+            ours[buffer.data_ptr()] = buffer.untyped_storage().nbytes()
+            optimizer.grads_in_partition = buffer
+        dest = optimizer.grads_in_partition.narrow(0, offsets[optimizer.get_param_id(param)], param.numel())
+        dest.copy_(grad.view(-1))
+        grad.data = dest.data.view_as(grad)
+
+    def get_flat_partition(tensor_list, first_offset, partition_size, dtype, device, param_group_idx,
+                           return_tensor_list=False):
+        pieces = original_flat_partition(tensor_list, first_offset, partition_size, dtype, device, param_group_idx,
+                                         return_tensor_list)
+        if not return_tensor_list:
+            return pieces
+        flat = _partition_view(optimizer.all_grad_tensors[param_group_idx], int(first_offset), int(partition_size), ours)
+        return pieces if flat is None else _views_of(flat, pieces, len(tensor_list))
+
+    optimizer.copy_grads_in_partition = copy_grads_in_partition
+    optimizer.get_flat_partition = get_flat_partition
+    return True
+
+
+def _eligible(optimizer) -> bool:
+    needed = ("copy_grads_in_partition", "get_flat_partition", "params_in_partition", "first_offset",
+              "partition_size", "all_grad_tensors", "grads_in_partition", "round_robin_bit16_padding")
+    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer" or not all(hasattr(optimizer, n) for n in needed):
+        return False
+    if optimizer.cpu_offload or not optimizer.contiguous_gradients:
+        return False
+    for i, params in enumerate(optimizer.params_in_partition):
+        if optimizer._use_compact_grad_partition_buffer(i) or any(optimizer.round_robin_bit16_padding[i]):
+            return False
+        if params and optimizer._is_muon_group(params):
+            return False
+    return True
+
+
+def _layout(optimizer) -> tuple[dict[int, int], list[tuple[int, int]], int]:
+    """Each param's offset in the buffer (by DeepSpeed's param id), group after group in
+    partition order, and where zeros stand in for a padded partition's tail."""
+    offsets, pads, end = {}, [], 0
+    for i, params in enumerate(optimizer.params_in_partition):
+        group_start = end
+        for p in params:
+            offsets[optimizer.get_param_id(p)] = end
+            end += p.numel()
+        short = int(optimizer.first_offset[i]) + int(optimizer.partition_size[i]) - (end - group_start)
+        if params and short > 0:
+            pads.append((end, short))
+            end += short
+    return offsets, pads, end
+
+
+def _partition_view(grads, first_offset: int, partition_size: int, ours: dict[int, int]):
+    """The partition as one view when ``grads`` lie back to back in one storage, in order, and
+    any padding after them is one of our buffers' zeros; else None."""
+    if not grads:
+        return None
+    first = grads[0]
+    storage = first.untyped_storage()
+    position = first.storage_offset()
+    for g in grads:
+        if not g.is_contiguous() or g.untyped_storage().data_ptr() != storage.data_ptr() \
+                or g.storage_offset() != position or g.dtype != first.dtype:
+            return None
+        position += g.numel()
+    start = first.storage_offset() + first_offset
+    end = start + partition_size
+    if end * first.element_size() > storage.nbytes():
+        return None
+    if end > position and ours.get(storage.data_ptr()) != storage.nbytes():
+        return None  # the tail would be someone else's memory, not our zeros
+    return first.as_strided((partition_size,), (1,), start)
+
+
+def _views_of(flat, pieces, n_params):
+    """DeepSpeed's list of pieces (one per param, then the padding) as views of ``flat``, checked
+    to be the very elements DeepSpeed listed; DeepSpeed's own list if any piece is not."""
+    from deepspeed.runtime.zero.stage_1_and_2 import GradPartitionBufferGroup  # noqa: PLC0415  (deepspeed takes seconds to import; only a built engine reaches here)
+
+    views, position = [], 0
+    for k, piece in enumerate(pieces):
+        view = flat.narrow(0, position, piece.numel()).view(piece.shape)
+        if k < n_params and (piece.data_ptr() != view.data_ptr() or piece.dtype != view.dtype):
+            return pieces
+        if k >= n_params:
+            view._zero_padding = True
+        views.append(view)
+        position += piece.numel()
+    if position != flat.numel():
+        return pieces
+    return GradPartitionBufferGroup(views, flat)
