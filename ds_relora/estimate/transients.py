@@ -58,17 +58,21 @@ def step_bytes(trainable: int, zero_stage: int, num_gpus: int, precision: str, l
     each sub-group's gradient partition into a new tensor and casts it to fp32
     (``stage3._prepare_fp32_grad_for_sub_group``: at most ``sub_group_size`` elements plus one
     param's partition; 4 bytes per element, plus the bf16 flat copy under bf16). ZeRO-1/2 keep the
-    gradients in partition order (``zero/grad_order.py``), so the step uses them where they lie:
-    nothing in fp32, the fp32 cast of the rank's bf16 partition (4 bytes per trainable param / N)
-    under bf16. ZeRO-0's optimizer steps the params' own gradients: nothing. The client AdamW is
-    fused (``train/engine.make_optimizer``), so the step itself adds no temporary."""
+    gradients in partition order (``zero/grad_order.py``), so the step uses them where they lie;
+    what remains is the gradient norm's fp64 copy of one param's piece at a time
+    (``get_grad_norm_direct``), and under bf16 the fp32 cast of the rank's partition (4 bytes per
+    trainable param / N). The gather of the updated weights after it goes a bucket at a time on
+    gloo (``zero/weight_gather.py``) and in place on NCCL: inside the config-sized buckets.
+    ZeRO-0's optimizer steps the params' own gradients: nothing. The client AdamW is fused
+    (``train/engine.make_optimizer``), so the step itself adds no temporary."""
     if zero_stage == 0:
         return 0
     elements = _ceil_div(trainable, num_gpus)
     if zero_stage == 3:
         elements = min(elements, SUB_GROUP_SIZE + _ceil_div(largest_param, num_gpus))
         return elements * (4 + (2 if precision == "bf16" else 0))
-    return elements * (4 if precision == "bf16" else 0)
+    norm = 8 * min(largest_param, elements)
+    return max(norm, 4 * elements if precision == "bf16" else 0)
 
 
 def projection_bytes(shape: Shape) -> int:

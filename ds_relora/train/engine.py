@@ -10,6 +10,7 @@ from ds_relora.methods.schedule import JaggedCosine, make_scheduler
 from ds_relora.zero.grad_order import write_grads_in_partition_order
 from ds_relora.zero.projected_adam import ProjectedAdamW
 from ds_relora.zero.projected_layout import attach_layout
+from ds_relora.zero.weight_gather import gather_weights_in_buckets_on_gloo
 
 
 def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -17,11 +18,13 @@ def build_engine(model, ds_config: dict, *, lr: float, betas=(0.9, 0.999), eps: 
     """``deepspeed.initialize`` with a client AdamW over the method's param ``groups`` (default:
     matrices decay, vectors do not) and the jagged LambdaLR (stepped by DeepSpeed once per
     successful optimizer step). ZeRO-1/2 gradients are kept in partition order, so that
-    DeepSpeed's step need not copy them (``zero/grad_order.py``). A projection method's groups (``proj_rank``) get the projected
-    optimizer instead, told right here where DeepSpeed put each matrix's elements
-    (``zero/projected_layout.py``): before the first step, on every stage."""
+    DeepSpeed's step need not copy them (``zero/grad_order.py``), and on gloo its gather of the
+    updated weights goes in buckets (``zero/weight_gather.py``). A projection method's groups
+    (``proj_rank``) get the projected optimizer instead, told right here where DeepSpeed put
+    each matrix's elements (``zero/projected_layout.py``): before the first step, on every stage."""
     import deepspeed  # noqa: PLC0415  (deepspeed takes seconds to import and patches torch; only code that builds an engine needs it)
 
+    gather_weights_in_buckets_on_gloo()
     groups = groups if groups is not None else default_param_groups(model, weight_decay)
     optimizer = make_optimizer(groups, ds_config, lr=lr, betas=betas, eps=eps)
     engine, _, _, scheduler = deepspeed.initialize(

@@ -1,12 +1,14 @@
-"""One rank of the partition-order gradient checks (tests/test_train_engine.py), on 2 ranks.
+"""One rank of the ZeRO-1/2 step checks (tests/test_train_engine.py), on 2 ranks.
 
 For each case (ZeRO stage, gradient accumulation, overlap_comm, bf16, a parameter that gets no
 gradient) two engines train the same model on the same batches: DeepSpeed as it is, and with
-``zero/grad_order.write_grads_in_partition_order``. Sizes are odd so that partitions cut through
+``zero/grad_order.write_grads_in_partition_order`` and ``zero/weight_gather`` (the weights
+gathered after each step in buckets on gloo). Sizes are odd so that partitions cut through
 parameters and the last rank's partition is padded. Reported per case: whether the layout was
 installed, the losses, the largest difference in module params, fp32 masters and Adam moments
 (all must be 0: the sums are the same), and how many times DeepSpeed's step concatenated the
-rank's gradient partition (``flatten``) with and without the layout. The parameter that gets no
+rank's gradient partition (``flatten``) with and without the layout, and the most elements one gather
+of the weights moved. The parameter that gets no
 gradient comes first in rank 0's partition: DeepSpeed lists a zeros tensor of its own for it,
 so that rank keeps DeepSpeed's copy, while rank 1 steps in place.
 
@@ -19,6 +21,7 @@ import torch
 from rank_tools import report_and_exit
 
 from ds_relora.worker import init_distributed
+from ds_relora.zero import weight_gather
 from ds_relora.zero.grad_order import write_grads_in_partition_order
 
 CASES = [
@@ -28,7 +31,7 @@ CASES = [
     {"stage": 2, "accum": 1, "overlap": False, "bf16": True, "unused": False},
     {"stage": 2, "accum": 1, "overlap": True, "bf16": False, "unused": True},
 ]
-STEPS, MICRO = 3, 2
+STEPS, MICRO, BUCKET = 3, 2, 500
 
 
 class Toy(torch.nn.Module):
@@ -47,15 +50,31 @@ class Toy(torch.nn.Module):
 
 
 def train(case: dict, layout: bool, rank: int):
-    import deepspeed  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
 
+    import deepspeed  # noqa: PLC0415
+    from deepspeed import comm  # noqa: PLC0415
+
+    callers = [importlib.import_module(name) for name in weight_gather.CALLERS]
+    originals = [m.all_gather_dp_groups for m in callers]
+    if layout:
+        weight_gather.gather_weights_in_buckets_on_gloo()
+    gathered = [0]
+    comm_originals = {name: getattr(comm, name) for name in ("all_gather_into_tensor", "all_gather")}
+    for name, original in comm_originals.items():
+
+        def recorded(out, *args, _original=original, **kwargs):
+            gathered[0] = max(gathered[0], sum(t.numel() for t in out) if isinstance(out, list) else out.numel())
+            return _original(out, *args, **kwargs)
+
+        setattr(comm, name, recorded)
     torch.manual_seed(0)
     model = Toy(case["unused"])
     config = {
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": case["accum"],
         "train_batch_size": MICRO * case["accum"] * 2,
         "zero_optimization": {"stage": case["stage"], "overlap_comm": case["overlap"], "contiguous_gradients": True,
-                              "reduce_bucket_size": 500, "allgather_bucket_size": 500},
+                              "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET},
         "bf16": {"enabled": case["bf16"]}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
     }
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
@@ -79,11 +98,15 @@ def train(case: dict, layout: bool, rank: int):
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    for module, original in zip(callers, originals):
+        module.all_gather_dp_groups = original
+    for name, original in comm_originals.items():
+        setattr(comm, name, original)
     params = [p.detach().float().clone() for p in engine.module.parameters()]
     masters = [t.detach().clone() for t in zero_opt.single_partition_of_fp32_groups]
     moments = [s[k].clone() for s in zero_opt.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
     padded = int(sum(zero_opt.partition_size)) * 2 > sum(p.numel() for p in model.parameters())
-    return installed, losses, params, masters, moments, flattens[0], padded
+    return installed, losses, params, masters, moments, flattens[0], padded, gathered[0]
 
 
 def largest_difference(a: list, b: list) -> float:
@@ -95,9 +118,9 @@ def main():
     rank = torch.distributed.get_rank()
     out = []
     for case in CASES:
-        _, losses_ds, params_ds, masters_ds, moments_ds, flattens_ds, _ = train(case, False, rank)
-        installed, losses, params, masters, moments, flattens, padded = train(case, True, rank)
-        out.append({**case, "installed": installed, "padded": padded, "losses_equal": losses == losses_ds,
+        _, losses_ds, params_ds, masters_ds, moments_ds, flattens_ds, _, gathered_ds = train(case, False, rank)
+        installed, losses, params, masters, moments, flattens, padded, gathered = train(case, True, rank)
+        out.append({**case, "installed": installed, "padded": padded, "gathered": gathered, "gathered_ds": gathered_ds, "losses_equal": losses == losses_ds,
                     "params": largest_difference(params, params_ds), "masters": largest_difference(masters, masters_ds),
                     "moments": largest_difference(moments, moments_ds), "flattens": flattens, "flattens_ds": flattens_ds})
     report_and_exit({"rank": rank, "cases": out})
