@@ -50,9 +50,10 @@ def test_zero12_steps_in_place_and_gathers_in_buckets_with_deepspeeds_sums():
     # tests/workers/grad_order_worker.py on 2 ranks: ZeRO-1 and -2 (overlap_comm, gradient
     # accumulation, bf16, a parameter with no gradient), DeepSpeed as it is against
     # zero/grad_order.py + zero/weight_gather.py. Same losses, params, masters and moments to the
-    # bit; the layout's step concatenates no gradient partition, except on a rank whose partition
-    # holds the parameter without a gradient (DeepSpeed's own zeros tensor for it), which keeps
-    # DeepSpeed's copy; the weights are gathered a bucket at a time, not the whole model at once.
+    # bit; the layout's step concatenates no gradient partition, except for a param group whose
+    # partition holds the parameter without a gradient (DeepSpeed's own zeros tensor for it),
+    # which keeps DeepSpeed's copy; the weights are gathered a bucket at a time, not the whole
+    # model at once.
     from harness.ranks import results, run_workers
 
     outs = results(run_workers(["tests/workers/grad_order_worker.py"], 2, timeout=300))
@@ -64,8 +65,8 @@ def test_zero12_steps_in_place_and_gathers_in_buckets_with_deepspeeds_sums():
             assert case["params"] == case["masters"] == case["moments"] == 0.0, case
             assert case["flattens_ds"] >= 3, "DeepSpeed alone flattens the partition at every step"
             assert case["gathered"] <= 500 < 4000 < case["gathered_ds"], case  # allgather_bucket_size; the model
-            if case["unused"] and r["rank"] == 0:
-                assert case["flattens"] == case["flattens_ds"], case
+            if case["unused"] and r["rank"] == 0:  # that group alone (vectors) keeps the copy
+                assert 0 < case["flattens"] < case["flattens_ds"], case
             else:
                 assert case["flattens"] == 0, case
     assert any(c["padded"] for c in outs[0]["cases"]), "the last rank's padded tail is exercised"

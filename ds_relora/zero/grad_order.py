@@ -11,9 +11,9 @@ the gradient group carries ``flat_partition``, one view of the whole partition
 accumulation, and DeepCompile build one).
 
 ``write_grads_in_partition_order`` gives the plain mode the same: each parameter's gradient is
-copied to its own offset in partition order (the whole parameter, as DeepSpeed does, so a
-boundary parameter's foreign part lies before or after the partition), with zeros after a
-group's last parameter where the partition is padded. The group handed to ``step`` is then
+copied to its own offset in its group's buffer, in partition order (the whole parameter, as
+DeepSpeed does, so a boundary parameter's foreign part lies before or after the partition),
+with zeros after a group's last parameter where the partition is padded. The group handed to ``step`` is then
 those same elements as one view. The sums are DeepSpeed's: only where the reduced values are
 copied to changes. Wherever a group's gradients are not exactly that layout (a parameter that
 got no gradient is a fresh zeros tensor of DeepSpeed's), DeepSpeed's own list is used and the
@@ -23,32 +23,45 @@ from __future__ import annotations
 
 import torch
 
-# Buffers this rank allocated, by address: data_ptr -> bytes. Two suffice: with gradient
-# accumulation DeepSpeed keeps the first micro-step's gradients while the next buffer fills.
-KEPT_BUFFERS = 2
+# Buffers this rank allocated, by address: data_ptr -> bytes, for the last two backward passes
+# (with gradient accumulation DeepSpeed keeps the first micro-step's gradients while the next
+# fill new buffers).
+KEPT_PASSES = 2
 
 
 def write_grads_in_partition_order(optimizer) -> bool:
     """Install the partition-order layout on a DeepSpeed ZeRO-1/2 optimizer; False (nothing
     changed) where DeepSpeed does not flatten plain contiguous gradients: optimizer offload,
-    its compact bf16/fp32 mode, round-robin padded groups, Muon, or another optimizer."""
+    its compact bf16/fp32 mode, round-robin padded groups, Muon, or another optimizer.
+
+    Each param group gets a buffer of its own (DeepSpeed's is one for all groups): the step
+    frees a group's gradients after stepping it, and with one shared buffer the groups stepped
+    first would stay alive until the last one is done."""
     if not _eligible(optimizer):
         return False
-    offsets, pads, total = _layout(optimizer)
+    offsets, pads, sizes = _layout(optimizer)
     original_flat_partition = optimizer.get_flat_partition
     ours: dict[int, int] = {}
+    buffers: dict[int, torch.Tensor] = {}
 
-    def copy_grads_in_partition(param, group_idx=None):
-        grad = optimizer.get_gradient_for_reduction(param)
-        if optimizer.grads_in_partition is None:
-            buffer = torch.empty(total, dtype=optimizer.dtype, device=grad.device)
-            for start, count in pads:
+    def buffer_for(group_idx: int, device) -> torch.Tensor:
+        if optimizer.grads_in_partition is None:  # a new backward (DeepSpeed drops it at each epilogue)
+            buffers.clear()
+        if group_idx not in buffers:
+            buffer = torch.empty(sizes[group_idx], dtype=optimizer.dtype, device=device)
+            for start, count in pads[group_idx]:
                 buffer.narrow(0, start, count).zero_()
-            while len(ours) >= KEPT_BUFFERS:
+            while len(ours) >= KEPT_PASSES * len(sizes):
                 ours.pop(next(iter(ours)))
             ours[buffer.data_ptr()] = buffer.untyped_storage().nbytes()
-            optimizer.grads_in_partition = buffer
-        dest = optimizer.grads_in_partition.narrow(0, offsets[optimizer.get_param_id(param)], param.numel())
+            buffers[group_idx] = buffer
+            optimizer.grads_in_partition = buffer  # only its None-ness is read elsewhere
+        return buffers[group_idx]
+
+    def copy_grads_in_partition(param, group_idx=None):
+        group_idx = optimizer._get_param_group_idx(param) if group_idx is None else group_idx
+        grad = optimizer.get_gradient_for_reduction(param)
+        dest = buffer_for(group_idx, grad.device).narrow(0, offsets[optimizer.get_param_id(param)], param.numel())
         dest.copy_(grad.view(-1))
         grad.data = dest.data.view_as(grad)
 
@@ -81,20 +94,19 @@ def _eligible(optimizer) -> bool:
     return True
 
 
-def _layout(optimizer) -> tuple[dict[int, int], list[tuple[int, int]], int]:
-    """Each param's offset in the buffer (by DeepSpeed's param id), group after group in
-    partition order, and where zeros stand in for a padded partition's tail."""
-    offsets, pads, end = {}, [], 0
+def _layout(optimizer) -> tuple[dict[int, int], list[list[tuple[int, int]]], list[int]]:
+    """Each param's offset in its group's buffer (by DeepSpeed's param id), in partition order;
+    per group, where zeros stand in for a padded partition's tail, and the buffer's size."""
+    offsets, pads, sizes = {}, [], []
     for i, params in enumerate(optimizer.params_in_partition):
-        group_start = end
+        end = 0
         for p in params:
             offsets[optimizer.get_param_id(p)] = end
             end += p.numel()
-        short = int(optimizer.first_offset[i]) + int(optimizer.partition_size[i]) - (end - group_start)
-        if params and short > 0:
-            pads.append((end, short))
-            end += short
-    return offsets, pads, end
+        short = int(optimizer.first_offset[i]) + int(optimizer.partition_size[i]) - end
+        pads.append([(end, short)] if params and short > 0 else [])
+        sizes.append(end + max(short, 0) if params else 0)
+    return offsets, pads, sizes
 
 
 def _partition_view(grads, first_offset: int, partition_size: int, ours: dict[int, int]):

@@ -4,7 +4,8 @@ For each case (ZeRO stage, gradient accumulation, overlap_comm, bf16, a paramete
 gradient) two engines train the same model on the same batches: DeepSpeed as it is, and with
 ``zero/grad_order.write_grads_in_partition_order`` and ``zero/weight_gather`` (the weights
 gathered after each step in buckets on gloo). Sizes are odd so that partitions cut through
-parameters and the last rank's partition is padded. Reported per case: whether the layout was
+parameters and the last rank's partition is padded; matrices and vectors are two param groups
+(each its own partition, and each its own gradient buffer with the layout). Reported per case: whether the layout was
 installed, the losses, the largest difference in module params, fp32 masters and Adam moments
 (all must be 0: the sums are the same), and how many times DeepSpeed's step concatenated the
 rank's gradient partition (``flatten``) with and without the layout, and the most elements one gather
@@ -77,7 +78,9 @@ def train(case: dict, layout: bool, rank: int):
                               "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET},
         "bf16": {"enabled": case["bf16"]}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
     }
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-2, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     installed = write_grads_in_partition_order(engine.optimizer) if layout else False
     flattens = [0]
