@@ -62,6 +62,7 @@ def test_zero12_steps_in_place_and_gathers_in_buckets_with_deepspeeds_sums():
         assert len(r["cases"]) == 5
         for case in r["cases"]:
             assert case["installed"] and case["losses_equal"], case
+            assert case["grad_buffers_alive_after_step"] == 0, case
             assert case["params"] == case["masters"] == case["moments"] == 0.0, case
             assert case["flattens_ds"] >= 3, "DeepSpeed alone flattens the partition at every step"
             assert case["gathered"] <= 500 < 4000 < case["gathered_ds"], case  # allgather_bucket_size; the model

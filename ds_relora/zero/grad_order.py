@@ -74,13 +74,22 @@ def write_grads_in_partition_order(optimizer) -> bool:
         flat = _partition_view(optimizer.all_grad_tensors[param_group_idx], int(first_offset), int(partition_size), ours)
         return pieces if flat is None else _views_of(flat, pieces, len(tensor_list))
 
+    original_release = optimizer._release_ipg_buffers
+
+    def release_ipg_buffers():
+        # The end of a backward, where DeepSpeed drops its own buffer: from here only the
+        # gradients' views keep each group's buffer, so the step frees it with them.
+        original_release()
+        buffers.clear()
+
     optimizer.copy_grads_in_partition = copy_grads_in_partition
     optimizer.get_flat_partition = get_flat_partition
+    optimizer._release_ipg_buffers = release_ipg_buffers
     return True
 
 
 def _eligible(optimizer) -> bool:
-    needed = ("copy_grads_in_partition", "get_flat_partition", "params_in_partition", "first_offset",
+    needed = ("copy_grads_in_partition", "get_flat_partition", "_release_ipg_buffers", "params_in_partition", "first_offset",
               "partition_size", "all_grad_tensors", "grads_in_partition", "round_robin_bit16_padding")
     if type(optimizer).__name__ != "DeepSpeedZeroOptimizer" or not all(hasattr(optimizer, n) for n in needed):
         return False

@@ -8,14 +8,17 @@ parameters and the last rank's partition is padded; matrices and vectors are two
 (each its own partition, and each its own gradient buffer with the layout). Reported per case: whether the layout was
 installed, the losses, the largest difference in module params, fp32 masters and Adam moments
 (all must be 0: the sums are the same), and how many times DeepSpeed's step concatenated the
-rank's gradient partition (``flatten``) with and without the layout, and the most elements one gather
-of the weights moved. The parameter that gets no
+rank's gradient partition (``flatten``) with and without the layout, the most elements one gather
+of the weights moved, and how many gradient buffers outlived the step (none may: a buffer held
+past its group's step is memory the step was meant to free). The parameter that gets no
 gradient comes first in rank 0's partition: DeepSpeed lists a zeros tensor of its own for it,
 so that rank keeps DeepSpeed's copy, while rank 1 steps in place.
 
 Prints one ``RESULT {json}`` line per rank."""
 
+import gc
 import sys
+import weakref
 
 import torch
 
@@ -95,12 +98,18 @@ def train(case: dict, layout: bool, rank: int):
         setattr(zero_opt, name, counted)
     gen = torch.Generator().manual_seed(1 + rank)
     losses = []
+    alive_after_step = 0
     for _ in range(STEPS * case["accum"]):
         ids = torch.randint(0, 53, (MICRO, 9), generator=gen)
         loss = engine(ids)
         engine.backward(loss)
+        storages = [weakref.ref(g.untyped_storage()) for pieces in zero_opt.averaged_gradients.values()
+                    for g in (pieces or []) if not getattr(g, "_zero_padding", False)]
+        assert storages or not engine.is_gradient_accumulation_boundary()
         engine.step()
         losses.append(loss.item())
+        gc.collect()
+        alive_after_step = max(alive_after_step, sum(ref() is not None for ref in storages))
     for module, original in zip(callers, originals):
         module.all_gather_dp_groups = original
     for name, original in comm_originals.items():
@@ -109,7 +118,7 @@ def train(case: dict, layout: bool, rank: int):
     masters = [t.detach().clone() for t in zero_opt.single_partition_of_fp32_groups]
     moments = [s[k].clone() for s in zero_opt.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
     padded = int(sum(zero_opt.partition_size)) * 2 > sum(p.numel() for p in model.parameters())
-    return installed, losses, params, masters, moments, flattens[0], padded, gathered[0]
+    return installed, losses, params, masters, moments, flattens[0], padded, gathered[0], alive_after_step
 
 
 def largest_difference(a: list, b: list) -> float:
@@ -121,9 +130,10 @@ def main():
     rank = torch.distributed.get_rank()
     out = []
     for case in CASES:
-        _, losses_ds, params_ds, masters_ds, moments_ds, flattens_ds, _, gathered_ds = train(case, False, rank)
-        installed, losses, params, masters, moments, flattens, padded, gathered = train(case, True, rank)
-        out.append({**case, "installed": installed, "padded": padded, "gathered": gathered, "gathered_ds": gathered_ds, "losses_equal": losses == losses_ds,
+        _, losses_ds, params_ds, masters_ds, moments_ds, flattens_ds, _, gathered_ds, _ = train(case, False, rank)
+        installed, losses, params, masters, moments, flattens, padded, gathered, alive = train(case, True, rank)
+        out.append({**case, "installed": installed, "padded": padded, "gathered": gathered, "gathered_ds": gathered_ds,
+                    "grad_buffers_alive_after_step": alive, "losses_equal": losses == losses_ds,
                     "params": largest_difference(params, params_ds), "masters": largest_difference(masters, masters_ds),
                     "moments": largest_difference(moments, moments_ds), "flattens": flattens, "flattens_ds": flattens_ds})
     report_and_exit({"rank": rank, "cases": out})
