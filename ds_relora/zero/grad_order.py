@@ -13,11 +13,13 @@ accumulation, and DeepCompile build one).
 ``write_grads_in_partition_order`` gives the plain mode the same: each parameter's gradient is
 copied to its own offset in its group's buffer, in partition order (the whole parameter, as
 DeepSpeed does, so a boundary parameter's foreign part lies before or after the partition),
-with zeros after a group's last parameter where the partition is padded. The group handed to ``step`` is then
-those same elements as one view. The sums are DeepSpeed's: only where the reduced values are
-copied to changes. Wherever a group's gradients are not exactly that layout (a parameter that
-got no gradient is a fresh zeros tensor of DeepSpeed's), DeepSpeed's own list is used and the
-step flattens as before."""
+with zeros after a group's last parameter where the partition is padded. The group handed to
+``step`` is then those same elements as one view. Each group has a buffer of its own, let go at
+the end of the backward as DeepSpeed lets go of its one, so the step frees each group's
+gradients once it has stepped that group. The sums are DeepSpeed's: only where the reduced
+values are copied to changes. Wherever a group's gradients are not exactly that layout (a
+parameter that got no gradient is a fresh zeros tensor of DeepSpeed's), DeepSpeed's own list is
+used and the step flattens as before."""
 
 from __future__ import annotations
 
