@@ -198,7 +198,7 @@ def _update_projectors(engine, layers, acts, rank: int, step: int) -> dict:
             return projector_from_gram(gram_matrix, rank, tall)
 
         # The owner turns G into its Gram matrix and frees G before the eigendecomposition.
-        new = reduce_apply_broadcast(lambda: alive.track(layer_gradient(pairs)), owner_of(index, world), decompose,
+        new = reduce_apply_broadcast(lambda: alive.make(lambda: layer_gradient(pairs)), owner_of(index, world), decompose,
                                      tuple(layer.galore_proj.shape), torch.float32, condense=gram)
         layer.galore_proj.copy_(new.to(layer.galore_proj.dtype))
 

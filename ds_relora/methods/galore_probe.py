@@ -4,10 +4,13 @@ each projector from it)."""
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import torch
 from torch import nn
+
+RELEASE_WAIT_S = 1.0
 
 
 class AliveCount:
@@ -17,6 +20,18 @@ class AliveCount:
 
     def __init__(self):
         self.alive = self.peak = 0
+
+    def make(self, build) -> torch.Tensor:
+        """``build()``'s tensor, tracked, made once the tensors tracked before it are gone (at
+        most ``RELEASE_WAIT_S`` later). A collective returns before its worker thread lets go of
+        the tensor it sent (gloo's keeps its work item, and with it the tensor, until it takes
+        the next one), so the previous G can outlive the call by a moment, longer on a loaded
+        machine; the next G is not made beside it. A G still referenced after the wait shows in
+        ``peak``."""
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while self.alive and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return self.track(build())
 
     def track(self, tensor: torch.Tensor) -> torch.Tensor:
         self.alive += 1
